@@ -1,0 +1,1 @@
+"""Export to ONNX, quantisation, TensorRT engines, runtimes and latency benchmarks."""

@@ -1,0 +1,1 @@
+"""LiDAR and radar point encoders into the BEV grid, and the multi-sensor BEV fuser."""

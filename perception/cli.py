@@ -1,0 +1,164 @@
+"""The `perception` command line.
+
+Each command's work lives in a plain function elsewhere; this file only parses arguments, imports the
+heavy modules lazily (so `--help` is fast) and turns our errors into one readable line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from perception.errors import PerceptionError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal BEV perception for autonomous driving.")
+data_app = typer.Typer(no_args_is_help=True, help="Create, check and convert nuScenes-format data.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
+) -> None:
+    _STATE["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"expected WIDTHxHEIGHT such as 1600x900, got {text!r}")
+    if w < 16 or h < 16:
+        raise typer.BadParameter(f"image size {text!r} is too small (at least 16x16)")
+    return w, h
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Dataroot to write (created if missing)."),
+    version: str = typer.Option("v1.0-mini", "--version", help="v1.0-mini or v1.0-trainval."),
+    scenes: int = typer.Option(10, "--scenes", min=1, help="Number of scenes."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+    image_size: str = typer.Option("1600x900", "--image-size", help="Camera image WIDTHxHEIGHT."),
+    samples_per_scene: int = typer.Option(20, "--samples-per-scene", min=2, help="Keyframes (2 Hz) per scene."),
+    lidar_sweeps: int = typer.Option(9, "--lidar-sweeps", min=0, max=9, help="LiDAR sweeps (20 Hz) before each keyframe."),
+    radar_sweeps: int = typer.Option(6, "--radar-sweeps", min=0, max=6, help="Radar sweeps (13 Hz) before each keyframe."),
+    camera_sweeps: int = typer.Option(0, "--camera-sweeps", min=0, max=5, help="Camera sweeps (12 Hz) before each keyframe."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes (0: one per core)."),
+) -> None:
+    """Write a synthetic dataset in the exact nuScenes v1.0 on-disk format."""
+    from perception.data.synth.generate import SynthConfig, generate
+
+    w, h = _parse_size(image_size)
+    cfg = SynthConfig(
+        version=version,
+        num_scenes=scenes,
+        seed=seed,
+        image_width=w,
+        image_height=h,
+        samples_per_scene=samples_per_scene,
+        lidar_sweeps=lidar_sweeps,
+        radar_sweeps=radar_sweeps,
+        camera_sweeps=camera_sweeps,
+    )
+    generate(out, cfg, workers=workers)
+
+
+@data_app.command("check")
+def data_check(
+    dataroot: Path = typer.Argument(..., help="nuScenes dataroot (real or synthetic)."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    max_files: Optional[int] = typer.Option(None, "--max-files", help="Read at most this many sensor files per channel (default: all)."),
+) -> None:
+    """Load a dataroot through the devkit, print a summary and every inconsistency found."""
+    from perception.data.check import check_dataroot
+
+    report = check_dataroot(dataroot, version, max_files_per_channel=max_files)
+    report.print()
+    if report.errors:
+        raise typer.Exit(code=1)
+
+
+@data_app.command("gt-submission")
+def data_gt_submission(
+    data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    split: str = typer.Option("mini_val", "--split", help="Split whose ground truth to write (e.g. mini_val, val)."),
+    out: Path = typer.Option(..., "--out", help="Submission JSON to write."),
+) -> None:
+    """Write a split's ground truth, as the data pipeline loads it, as a global-frame nuScenes submission."""
+    from perception.data.submission import gt_submission
+
+    gt_submission(data, version, split, out)
+
+
+@bench_app.command("data")
+def bench_data(
+    data: Path = typer.Option(..., "--data", help="nuScenes dataroot (1600x900 cameras for the stated figures)."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to read (default: all scenes)."),
+    workers: str = typer.Option("0,1,2", "--workers", help="Comma-separated DataLoader worker counts."),
+    samples: int = typer.Option(24, "--samples", min=1, help="Timed samples per measurement."),
+    lidar_sweeps: int = typer.Option(10, "--lidar-sweeps", min=1),
+    radar_sweeps: int = typer.Option(6, "--radar-sweeps", min=0),
+) -> None:
+    """Data pipeline samples/s beside the rate of only decoding the same 6 JPEGs."""
+    from perception.data.bench import format_results, run_data_bench
+
+    try:
+        counts = tuple(int(w) for w in workers.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--workers expects comma-separated integers, got {workers!r}")
+    results = run_data_bench(data, version, split, counts, samples, lidar_sweeps, radar_sweeps)
+    typer.echo(format_results(results))
+
+
+@app.command("demo")
+def demo(
+    data: Path = typer.Option(Path("datasets/synthetic-mini"), "--data", help="Synthetic dataroot (generated if missing)."),
+    work_dir: Path = typer.Option(Path("work_dirs/demo"), "--work-dir"),
+    minutes: float = typer.Option(12.0, "--minutes", help="Training time budget."),
+) -> None:
+    """The one-command demo on synthetic data."""
+    from perception.demo import run_demo
+
+    run_demo(data=data, work_dir=work_dir, minutes=minutes)
+
+
+@app.command("model-info")
+def model_info(
+    config: Path = typer.Option(..., "--config", help="Experiment YAML (e.g. configs/tiny.yaml)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY.PATH=VALUE config overrides."),
+) -> None:
+    """Print parameters and forward GFLOPs per module and in total for one synthetic sample."""
+    from perception.model_info import model_info_for_file
+
+    print(model_info_for_file(config, overrides or []).format_table())
+
+
+def main() -> None:
+    try:
+        app()
+    except PerceptionError as exc:
+        if _STATE["debug"]:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""nuScenes-format data: the synthetic generator, the multi-sensor pipeline, checks."""

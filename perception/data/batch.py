@@ -1,0 +1,77 @@
+"""The batch contract between the data pipeline and the model.
+
+Everything is in the keyframe's LIDAR_TOP frame (x right, y forward, z up; metres) unless the name says
+otherwise. Point clouds and boxes of a batch are concatenated along the first axis, with per-sample counts
+kept, so that empty point clouds and empty scenes are ordinary values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MODALITIES: tuple[str, ...] = ("camera", "lidar", "radar")
+
+
+@dataclass
+class Batch:
+    """A collated batch of B samples with C = 6 cameras.
+
+    Attributes:
+        images: (B, C, 3, H, W) uint8, RGB, after image augmentation.
+        cam2img: (B, C, 3, 3) float32, camera frame -> augmented pixel coordinates (intrinsics with the
+            image augmentation folded in: `img_aug @ K`).
+        cam2lidar: (B, C, 4, 4) float32, camera frame -> LIDAR_TOP frame (after BEV augmentation).
+        img_aug: (B, C, 3, 3) float32, the image augmentation alone (original pixels -> augmented pixels).
+        points_lidar: (sum N_b, 5) float32: x, y, z, intensity, dt (s, >= 0; 0 for the keyframe sweep).
+        num_points_lidar: (B,) int64, N_b.
+        points_radar: (sum M_b, 7) float32: x, y, z, rcs (dBsm), vx_comp, vy_comp (m/s, this frame), dt (s).
+        num_points_radar: (B,) int64, M_b.
+        boxes: (sum K_b, 9) float32, `Boxes3D` layout: x, y, z (centre), w, l, h, yaw, vx, vy.
+        labels: (sum K_b,) int64, index into DETECTION_CLASSES.
+        attributes: (sum K_b,) int64, index into ATTRIBUTES, -1 where the class has none.
+        num_boxes: (B,) int64, K_b.
+        map_masks: (B, len(MAP_CLASSES), H_bev, W_bev) float32 in {0, 1}, on the model's BEVGrid
+            (row i along +y, column j along +x).
+        scene_tags: (B, len(SCENE_TAGS)) float32 multi-hot.
+        modality_mask: (B, 3) bool, which of MODALITIES are present for each sample.
+        meta: B dicts with at least `sample_token`, `timestamp` (us), `lidar2ego` and `ego2global`
+            (4x4 float64 numpy arrays).
+    """
+
+    images: Tensor
+    cam2img: Tensor
+    cam2lidar: Tensor
+    img_aug: Tensor
+    points_lidar: Tensor
+    num_points_lidar: Tensor
+    points_radar: Tensor
+    num_points_radar: Tensor
+    boxes: Tensor
+    labels: Tensor
+    attributes: Tensor
+    num_boxes: Tensor
+    map_masks: Tensor
+    scene_tags: Tensor
+    modality_mask: Tensor
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """A copy with every tensor on `device` (meta stays on the host)."""
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            values[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
+        return Batch(**values)
+
+    def split_points(self, name: str) -> list[Tensor]:
+        """Per-sample views of `points_lidar` or `points_radar`."""
+        counts = getattr(self, f"num_{name}").tolist()
+        return list(torch.split(getattr(self, name), counts))

@@ -1,0 +1,107 @@
+"""Map files: the map expansion JSON (v1.3 layout that `NuScenesMap` loads) and the semantic-prior PNG.
+
+Polygons are written as simple polygons and dividers as straight 2-node lines, which the devkit's Shapely 2.0
+clipping handles (see shared/docs/nuscenes-format.md, pitfalls 7 and 8).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from perception.data.synth.generate import MAP_PNG, token
+
+PRIOR_RES = 0.1  # metres per pixel of the semantic prior (fixed by the devkit's MapMask)
+
+
+class _MapBuilder:
+    def __init__(self, seed: int, location: str):
+        self.seed, self.location = seed, location
+        self.n = 0
+        self.layers: dict[str, list] = {
+            k: []
+            for k in ("node", "line", "polygon", "drivable_area", "road_segment", "road_block", "lane", "ped_crossing", "walkway", "stop_line", "carpark_area", "road_divider", "lane_divider", "traffic_light", "lane_connector")
+        }
+
+    def tok(self, kind: str) -> str:
+        self.n += 1
+        return token(self.seed, "map", self.location, kind, self.n)
+
+    def nodes(self, pts: np.ndarray) -> list[str]:
+        out = []
+        for x, y in pts:
+            t = self.tok("node")
+            self.layers["node"].append({"token": t, "x": round(float(x), 4), "y": round(float(y), 4)})
+            out.append(t)
+        return out
+
+    def polygon(self, pts: np.ndarray) -> str:
+        t = self.tok("polygon")
+        self.layers["polygon"].append({"token": t, "exterior_node_tokens": self.nodes(pts), "holes": []})
+        return t
+
+    def line(self, pts: np.ndarray) -> tuple[str, list[str]]:
+        t = self.tok("line")
+        nodes = self.nodes(pts)
+        self.layers["line"].append({"token": t, "node_tokens": nodes})
+        return t, nodes
+
+    def add(self, layer: str, record: dict) -> str:
+        t = self.tok(layer)
+        self.layers[layer].append({"token": t, **record})
+        return t
+
+
+def write_maps(root: Path, location: str, scenes: list[dict], canvas: tuple[float, float], seed: int) -> str:
+    """Write `maps/expansion/<location>.json` and the semantic-prior PNG for the scenes on this map.
+
+    scenes: per scene, layer -> list of (P, 2) global polygons / (2, 2) segments (`generate._map_geometry`).
+    Returns the PNG's file name (relative to `maps/`).
+    """
+    mb = _MapBuilder(seed, location)
+    for geo in scenes:
+        da_polys = [mb.polygon(p) for p in geo["drivable_area"]]
+        da = mb.add("drivable_area", {"polygon_tokens": da_polys})
+        segs = []
+        for p, inter in zip(geo["road_segment"], geo["road_segment_is_intersection"]):
+            segs.append(mb.add("road_segment", {"polygon_token": mb.polygon(p), "is_intersection": inter, "drivable_area_token": da}))
+        for p in geo["lane"]:
+            from_line, _ = mb.line(p[[0, 3]])
+            to_line, _ = mb.line(p[[1, 2]])
+            mb.add("lane", {"polygon_token": mb.polygon(p), "lane_type": "CAR", "from_edge_line_token": from_line, "to_edge_line_token": to_line, "left_lane_divider_segments": [], "right_lane_divider_segments": []})
+        crossings = []
+        for p in geo["ped_crossing"]:
+            crossings.append(mb.add("ped_crossing", {"polygon_token": mb.polygon(p), "road_segment_token": segs[0]}))
+        for p in geo["walkway"]:
+            mb.add("walkway", {"polygon_token": mb.polygon(p)})
+        for p in geo["stop_line"]:
+            c = p.mean(0)
+            nearest = int(np.argmin([np.linalg.norm(q.mean(0) - c) for q in geo["ped_crossing"]]))
+            mb.add("stop_line", {"polygon_token": mb.polygon(p), "stop_line_type": "PED_CROSSING", "ped_crossing_tokens": [crossings[nearest]], "traffic_light_tokens": [], "road_block_token": ""})
+        for p in geo["carpark_area"]:
+            mb.add("carpark_area", {"polygon_token": mb.polygon(p), "orientation": round(float(geo["theta"] + math.pi / 2), 4), "road_block_token": ""})
+        for seg in geo["road_divider"]:
+            line_tok, _ = mb.line(seg)
+            mb.add("road_divider", {"line_token": line_tok, "road_segment_token": segs[0]})
+        for seg in geo["lane_divider"]:
+            line_tok, nodes = mb.line(seg)
+            mb.add("lane_divider", {"line_token": line_tok, "lane_divider_segments": [{"node_token": n, "segment_type": "DOUBLE_DASHED_WHITE"} for n in nodes]})
+    doc = {"version": "1.3", "canvas_edge": [float(canvas[0]), float(canvas[1])], **mb.layers, "arcline_path_3": {}, "connectivity": {}}
+    with open(root / "maps" / "expansion" / f"{location}.json", "w") as f:
+        json.dump(doc, f)
+
+    # Semantic prior: drivable area, 255 foreground; col = x / res, row = H - y / res.
+    w_px, h_px = int(math.ceil(canvas[0] / PRIOR_RES)), int(math.ceil(canvas[1] / PRIOR_RES))
+    prior = np.zeros((h_px, w_px), dtype=np.uint8)
+    shift = 2
+    for geo in scenes:
+        for p in geo["drivable_area"]:
+            px = np.stack([p[:, 0] / PRIOR_RES, h_px - p[:, 1] / PRIOR_RES], 1)
+            cv2.fillPoly(prior, [np.round(px * (1 << shift)).astype(np.int32)], 255, lineType=cv2.LINE_8, shift=shift)
+    name = MAP_PNG[location]
+    cv2.imwrite(str(root / "maps" / name), prior)
+    return name
