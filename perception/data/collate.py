@@ -1,0 +1,46 @@
+"""Collate `Sample`s into the `Batch` contract (perception/data/batch.py).
+
+Point clouds and boxes are concatenated along the first axis and their per-sample counts kept, so empty point
+clouds and scenes without boxes need no padding or special case. Map masks become float32 {0, 1}.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from perception.data.batch import Batch
+from perception.data.dataset import Sample
+
+
+def collate_samples(samples: Sequence[Sample]) -> Batch:
+    """B samples -> one Batch (see `Batch` for shapes). `modality_mask[b]` = (camera, lidar, radar) present:
+    cameras and LiDAR always are in a nuScenes sample; radar when the dataset loads radar sweeps (a sample with
+    zero radar returns still has the modality)."""
+    if not samples:
+        raise ValueError("collate_samples needs at least one sample")
+
+    def count(ts) -> torch.Tensor:
+        return torch.tensor([t.shape[0] for t in ts], dtype=torch.int64)
+
+    lidar = [s.points_lidar for s in samples]
+    radar = [s.points_radar for s in samples]
+    return Batch(
+        images=torch.stack([s.images for s in samples]),
+        cam2img=torch.stack([s.cam2img for s in samples]),
+        cam2lidar=torch.stack([s.cam2lidar for s in samples]),
+        img_aug=torch.stack([s.img_aug for s in samples]),
+        points_lidar=torch.cat(lidar, 0),
+        num_points_lidar=count(lidar),
+        points_radar=torch.cat(radar, 0),
+        num_points_radar=count(radar),
+        boxes=torch.cat([s.boxes_lidar.tensor for s in samples], 0),
+        labels=torch.cat([s.labels for s in samples], 0),
+        attributes=torch.cat([s.attributes for s in samples], 0),
+        num_boxes=torch.tensor([len(s.boxes_lidar) for s in samples], dtype=torch.int64),
+        map_masks=torch.stack([s.map_masks for s in samples]).to(torch.float32),
+        scene_tags=torch.stack([s.scene_tags for s in samples]),
+        modality_mask=torch.tensor([[True, True, s.has_radar] for s in samples], dtype=torch.bool),
+        meta=[s.meta for s in samples],
+    )

@@ -1,0 +1,582 @@
+"""`NuScenesDataset`: multi-sensor nuScenes samples (real or synthetic) in the keyframe's LIDAR_TOP frame.
+
+Construction reads the devkit tables once and builds a `SampleIndex`: a handful of numpy arrays (fixed-width
+string arrays for tokens and file paths, float arrays for calibration, boxes and sweep transforms, offsets
+into flat per-sweep and per-box arrays). The `NuScenes` object is dropped before `__init__` returns. A
+numpy array is one Python object, so DataLoader workers forked from the main process share the index's
+pages copy-on-write: reading it does not touch the reference counts of millions of small dicts and lists
+(which is what makes per-worker copies of the devkit tables grow, pytorch issue #13246). Map expansions are
+loaded lazily in the process that renders them (see `map_raster.py`).
+
+Everything an item holds is in the keyframe's LIDAR_TOP frame (x right, y forward, z up; metres), after the
+BEV augmentation `meta["lidar_aug"]` when training, unless its name says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from perception.data.loading import (
+    invert_rigid,
+    pose_matrix,
+    read_jpeg,
+    read_lidar_bin,
+    read_radar_pcd,
+)
+from perception.data.map_raster import MapRasterizer
+from perception.data.transforms import (
+    BEVAugConfig,
+    ImageAugConfig,
+    jpeg_reduction,
+    reduced_decode_matrix,
+    sample_bev_aug,
+    sample_image_aug,
+    transform_boxes,
+    transform_points,
+    transform_radar,
+    warp_image,
+)
+from perception.errors import ConfigError, DataError
+from perception.structures import (
+    ATTRIBUTES,
+    CAMERA_CHANNELS,
+    CLASS_RANGE_M,
+    DETECTION_CLASSES,
+    LIDAR_CHANNEL,
+    MAP_CLASSES,
+    RADAR_CHANNELS,
+    SCENE_TAGS,
+    BEVGrid,
+    Boxes3D,
+    parse_scene_tags,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """What one item holds and how it is made.
+
+    lidar_sweeps / radar_sweeps count the keyframe sweep too (the devkit's `nsweeps`); sweeps are followed
+    back through `prev` links within the scene. `min_distance` drops returns within |x| < d and |y| < d of the
+    sensor, as `from_file_multisweep` does. `bev_aug` None means no BEV augmentation; `train` False gives the
+    deterministic image transform and ignores `bev_aug` and ground-truth sampling.
+    """
+
+    grid: BEVGrid = field(default_factory=BEVGrid)
+    image: ImageAugConfig = field(default_factory=ImageAugConfig)
+    bev_aug: BEVAugConfig | None = None
+    train: bool = False
+    lidar_sweeps: int = 10
+    radar_sweeps: int = 6
+    min_distance: float = 1.0
+    load_map: bool = True
+    skip_bad_samples: bool = False
+    max_skip: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lidar_sweeps < 1:
+            raise ConfigError(f"DatasetConfig.lidar_sweeps must be >= 1 (it includes the keyframe), got {self.lidar_sweeps}")
+        if self.radar_sweeps < 0:
+            raise ConfigError(f"DatasetConfig.radar_sweeps must be >= 0, got {self.radar_sweeps}")
+
+
+@dataclass
+class SampleIndex:
+    """Everything needed to load the samples, as flat numpy arrays (S samples, C = 6 cameras).
+
+    Frames: `*2lidar` map into the keyframe's LIDAR_TOP frame; float64; metres.
+      tokens (S,) str; timestamps (S,) int64 us; scene_tags (S, len(SCENE_TAGS)) float32; locations (S,) str
+      (map name, "" when unknown); lidar2ego, ego2global (S, 4, 4);
+      cam_paths (S, C) str relative to dataroot; cam_wh (S, C, 2) int64; cam_intrinsics (S, C, 3, 3);
+      cam2lidar (S, C, 4, 4) (through the camera's own ego pose);
+      lidar_offsets (S + 1,) into lidar_paths (L,), lidar_sweep2lidar (L, 4, 4), lidar_dt (L,) s >= 0;
+      radar_offsets (S + 1,) into radar_paths (R,), radar_sweep2lidar (R, 4, 4), radar_dt (R,);
+      box_offsets (S + 1,) into boxes (B, 9) float32 `Boxes3D` layout in LIDAR_TOP, labels (B,) int64,
+      attributes (B,) int64 (-1: none), box_tokens (B,) str (sample_annotation token, "" when unknown).
+    """
+
+    dataroot: str
+    tokens: np.ndarray
+    timestamps: np.ndarray
+    scene_tags: np.ndarray
+    locations: np.ndarray
+    lidar2ego: np.ndarray
+    ego2global: np.ndarray
+    cam_paths: np.ndarray
+    cam_wh: np.ndarray
+    cam_intrinsics: np.ndarray
+    cam2lidar: np.ndarray
+    lidar_offsets: np.ndarray
+    lidar_paths: np.ndarray
+    lidar_sweep2lidar: np.ndarray
+    lidar_dt: np.ndarray
+    radar_offsets: np.ndarray
+    radar_paths: np.ndarray
+    radar_sweep2lidar: np.ndarray
+    radar_dt: np.ndarray
+    box_offsets: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    attributes: np.ndarray
+    box_tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def boxes_of(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b = self.box_offsets[i], self.box_offsets[i + 1]
+        return self.boxes[a:b], self.labels[a:b], self.attributes[a:b]
+
+    def subset(self, keep: np.ndarray) -> "SampleIndex":
+        """A new index over the samples where `keep` (S,) bool is True."""
+        keep = np.asarray(keep, bool)
+        per = {k: getattr(self, k)[keep] for k in (
+            "tokens", "timestamps", "scene_tags", "locations", "lidar2ego", "ego2global", "cam_paths", "cam_wh",
+            "cam_intrinsics", "cam2lidar")}
+        ragged = {}
+        for prefix, names in (("lidar", ("paths", "sweep2lidar", "dt")), ("radar", ("paths", "sweep2lidar", "dt")),
+                              ("box", ())):
+            off = getattr(self, f"{prefix}_offsets")
+            idx = np.concatenate([np.arange(off[i], off[i + 1]) for i in np.flatnonzero(keep)] + [np.zeros(0, int)])
+            counts = (off[1:] - off[:-1])[keep]
+            ragged[f"{prefix}_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            for n in names:
+                ragged[f"{prefix}_{n}"] = getattr(self, f"{prefix}_{n}")[idx]
+            if prefix == "box":
+                for n in ("boxes", "labels", "attributes", "box_tokens"):
+                    ragged[n] = getattr(self, n)[idx]
+        return SampleIndex(dataroot=self.dataroot, **per, **ragged)
+
+
+def _str_array(values: list[str]) -> np.ndarray:
+    return np.array(values if values else [""], dtype=str)[: len(values)]
+
+
+def split_scene_names(version: str, split: str | None, dataroot: str | Path) -> set[str] | None:
+    """Scene names of a split: the devkit's standard splits, else `<dataroot>/<version>/splits.json`.
+    None (split None or "all") means every scene."""
+    if split in (None, "all"):
+        return None
+    from nuscenes.utils.splits import create_splits_scenes
+
+    standard = create_splits_scenes()
+    if split in standard:
+        if split.startswith("mini") and not version.endswith("mini"):
+            raise ConfigError(f"split {split!r} needs a mini version, got {version!r}")
+        return set(standard[split])
+    path = Path(dataroot) / version / "splits.json"
+    if path.exists():
+        custom = json.loads(path.read_text())
+        if split in custom:
+            return set(custom[split])
+    raise ConfigError(f"unknown split {split!r} (not a devkit split and not in {path})")
+
+
+def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tuple[SampleIndex, list[tuple[str, str]]]:
+    """Walk the devkit tables once and return the compact index plus (sample token, reason) for every sample
+    whose records are bad (only when `cfg.skip_bad_samples`; otherwise the first DataError is raised).
+
+    Boxes are filtered as the devkit's detection evaluation filters ground truth: categories that map to no
+    detection class, boxes beyond the class range (xy distance from the LIDAR_TOP keyframe's ego pose, strict
+    <), boxes with num_lidar_pts + num_radar_pts == 0, and bicycles/motorcycles whose centre is in a
+    bicycle_rack box. Velocities are `nusc.box_velocity` (global, centred difference) rotated into LIDAR_TOP;
+    NaN (a single annotation or a gap) becomes 0.
+    """
+    from nuscenes.eval.detection.utils import category_to_detection_name
+    from nuscenes.utils.data_classes import Box
+    from nuscenes.utils.geometry_utils import points_in_box
+    from pyquaternion import Quaternion
+
+    attr_name = {a["token"]: a["name"] for a in nusc.attribute}
+    rows: dict[str, list] = {k: [] for k in (
+        "tokens", "timestamps", "scene_tags", "locations", "lidar2ego", "ego2global", "cam_paths", "cam_wh",
+        "cam_intrinsics", "cam2lidar", "lidar_count", "radar_count", "box_count")}
+    flat: dict[str, list] = {k: [] for k in (
+        "lidar_paths", "lidar_sweep2lidar", "lidar_dt", "radar_paths", "radar_sweep2lidar", "radar_dt",
+        "boxes", "labels", "attributes", "box_tokens")}
+    bad: list[tuple[str, str]] = []
+
+    scenes = [s for s in nusc.scene if split_scenes is None or s["name"] in split_scenes]
+    for scene in scenes:
+        location = nusc.get("log", scene["log_token"])["location"]
+        tags = parse_scene_tags(scene["description"])
+        token = scene["first_sample_token"]
+        while token:
+            sample = nusc.get("sample", token)
+            token = sample["next"]
+            try:
+                item = _index_sample(nusc, sample, cfg, attr_name, category_to_detection_name, Box, points_in_box,
+                                     Quaternion)
+            except DataError as exc:
+                if not cfg.skip_bad_samples:
+                    raise
+                log.warning("skipping sample: %s", exc)
+                bad.append((sample["token"], str(exc)))
+                continue
+            rows["tokens"].append(sample["token"])
+            rows["timestamps"].append(sample["timestamp"])
+            rows["scene_tags"].append(tags)
+            rows["locations"].append(location)
+            for k in ("lidar2ego", "ego2global", "cam_paths", "cam_wh", "cam_intrinsics", "cam2lidar"):
+                rows[k].append(item[k])
+            for prefix in ("lidar", "radar"):
+                rows[f"{prefix}_count"].append(len(item[f"{prefix}_paths"]))
+                for n in ("paths", "sweep2lidar", "dt"):
+                    flat[f"{prefix}_{n}"].extend(item[f"{prefix}_{n}"])
+            rows["box_count"].append(len(item["labels"]))
+            flat["boxes"].extend(item["boxes"])
+            flat["labels"].extend(item["labels"])
+            flat["attributes"].extend(item["attributes"])
+            flat["box_tokens"].extend(item["box_tokens"])
+
+    def offsets(counts):
+        return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+    S = len(rows["tokens"])
+    index = SampleIndex(
+        dataroot=str(nusc.dataroot),
+        tokens=_str_array(rows["tokens"]),
+        timestamps=np.asarray(rows["timestamps"], np.int64),
+        scene_tags=np.asarray(rows["scene_tags"], np.float32).reshape(S, len(SCENE_TAGS)),
+        locations=_str_array(rows["locations"]),
+        lidar2ego=np.asarray(rows["lidar2ego"], np.float64).reshape(S, 4, 4),
+        ego2global=np.asarray(rows["ego2global"], np.float64).reshape(S, 4, 4),
+        cam_paths=np.array(rows["cam_paths"], dtype=str).reshape(S, len(CAMERA_CHANNELS)),
+        cam_wh=np.asarray(rows["cam_wh"], np.int64).reshape(S, len(CAMERA_CHANNELS), 2),
+        cam_intrinsics=np.asarray(rows["cam_intrinsics"], np.float64).reshape(S, len(CAMERA_CHANNELS), 3, 3),
+        cam2lidar=np.asarray(rows["cam2lidar"], np.float64).reshape(S, len(CAMERA_CHANNELS), 4, 4),
+        lidar_offsets=offsets(rows["lidar_count"]),
+        lidar_paths=_str_array(flat["lidar_paths"]),
+        lidar_sweep2lidar=np.asarray(flat["lidar_sweep2lidar"], np.float64).reshape(-1, 4, 4),
+        lidar_dt=np.asarray(flat["lidar_dt"], np.float32),
+        radar_offsets=offsets(rows["radar_count"]),
+        radar_paths=_str_array(flat["radar_paths"]),
+        radar_sweep2lidar=np.asarray(flat["radar_sweep2lidar"], np.float64).reshape(-1, 4, 4),
+        radar_dt=np.asarray(flat["radar_dt"], np.float32),
+        box_offsets=offsets(rows["box_count"]),
+        boxes=np.asarray(flat["boxes"], np.float32).reshape(-1, Boxes3D.DIM),
+        labels=np.asarray(flat["labels"], np.int64),
+        attributes=np.asarray(flat["attributes"], np.int64),
+        box_tokens=_str_array(flat["box_tokens"]),
+    )
+    return index, bad
+
+
+def _index_sample(nusc, sample, cfg, attr_name, category_to_detection_name, Box, points_in_box, Quaternion) -> dict:
+    """One sample's rows of the index (see `build_index`). Raises DataError for bad calibration or poses."""
+    tok = sample["token"]
+
+    def sensor_pose(sd_token: str) -> tuple[np.ndarray, np.ndarray, dict]:
+        sd = nusc.get("sample_data", sd_token)
+        cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+        ep = nusc.get("ego_pose", sd["ego_pose_token"])
+        s2e = pose_matrix(cs["rotation"], cs["translation"], what=f"calibrated_sensor {cs['token']}",
+                          path=sd["filename"], token=tok)
+        e2g = pose_matrix(ep["rotation"], ep["translation"], what=f"ego_pose {ep['token']}",
+                          path=sd["filename"], token=tok)
+        return s2e, e2g, sd
+
+    if LIDAR_CHANNEL not in sample["data"]:
+        raise DataError(f"sample has no {LIDAR_CHANNEL} keyframe", token=tok)
+    lidar2ego, ego2global, lidar_sd = sensor_pose(sample["data"][LIDAR_CHANNEL])
+    global2lidar = invert_rigid(lidar2ego) @ invert_rigid(ego2global)
+    ref_time = lidar_sd["timestamp"]
+
+    out: dict[str, Any] = {"lidar2ego": lidar2ego, "ego2global": ego2global}
+    cam_paths, cam_wh, cam_K, cam2lidar = [], [], [], []
+    for ch in CAMERA_CHANNELS:
+        if ch not in sample["data"]:
+            raise DataError(f"sample has no {ch} keyframe", token=tok)
+        s2e, e2g, sd = sensor_pose(sample["data"][ch])
+        cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+        K = np.asarray(cs["camera_intrinsic"], np.float64)
+        if K.shape != (3, 3) or not np.isfinite(K).all():
+            raise DataError(f"calibrated_sensor {cs['token']}: camera_intrinsic is not a finite 3x3 matrix",
+                            path=sd["filename"], token=tok)
+        cam_paths.append(sd["filename"])
+        cam_wh.append((sd["width"], sd["height"]))
+        cam_K.append(K)
+        cam2lidar.append(global2lidar @ e2g @ s2e)
+    out.update(cam_paths=cam_paths, cam_wh=cam_wh, cam_intrinsics=cam_K, cam2lidar=cam2lidar)
+
+    for prefix, channels, nsweeps in (("lidar", (LIDAR_CHANNEL,), cfg.lidar_sweeps),
+                                      ("radar", RADAR_CHANNELS, cfg.radar_sweeps)):
+        paths, mats, dts = [], [], []
+        for ch in channels:
+            sd_token = sample["data"].get(ch, "")
+            for _ in range(nsweeps):
+                if not sd_token:
+                    break
+                s2e, e2g, sd = sensor_pose(sd_token)
+                paths.append(sd["filename"])
+                mats.append(global2lidar @ e2g @ s2e)
+                dts.append(1e-6 * (ref_time - sd["timestamp"]))
+                sd_token = sd["prev"]
+        out[f"{prefix}_paths"], out[f"{prefix}_sweep2lidar"], out[f"{prefix}_dt"] = paths, mats, dts
+
+    # Boxes, filtered like the detection evaluation's ground truth.
+    anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]
+    racks = [Box(a["translation"], a["size"], Quaternion(a["rotation"])) for a in anns
+             if a["category_name"] == "static_object.bicycle_rack"]
+    boxes, labels, attrs, box_tokens = [], [], [], []
+    ego_xy = ego2global[:2, 3]
+    for a in anns:
+        name = category_to_detection_name(a["category_name"])
+        if name is None:
+            continue
+        if len(a["attribute_tokens"]) > 1:
+            raise DataError(f"sample_annotation {a['token']} has more than one attribute", token=tok)
+        centre_g = np.asarray(a["translation"], np.float64)
+        if not np.hypot(*(centre_g[:2] - ego_xy)) < CLASS_RANGE_M[name]:
+            continue
+        if a["num_lidar_pts"] + a["num_radar_pts"] == 0:
+            continue
+        if name in ("bicycle", "motorcycle") and any(
+                points_in_box(r, centre_g[:, None]).any() for r in racks):
+            continue
+        R_box_g = pose_matrix(a["rotation"], a["translation"], what=f"sample_annotation {a['token']}",
+                              token=tok)
+        box2lidar = global2lidar @ R_box_g
+        yaw = np.arctan2(box2lidar[1, 0], box2lidar[0, 0])
+        vel_g = nusc.box_velocity(a["token"])
+        vel_g = np.where(np.isfinite(vel_g), vel_g, 0.0)
+        vel_l = global2lidar[:3, :3] @ np.array([vel_g[0], vel_g[1], 0.0])
+        w, l, h = a["size"]
+        boxes.append([*box2lidar[:3, 3], w, l, h, yaw, vel_l[0], vel_l[1]])
+        labels.append(DETECTION_CLASSES.index(name))
+        box_tokens.append(a["token"])
+        attrs.append(ATTRIBUTES.index(attr_name[a["attribute_tokens"][0]]) if a["attribute_tokens"] else -1)
+    out.update(boxes=boxes, labels=labels, attributes=attrs, box_tokens=box_tokens)
+    return out
+
+
+@dataclass
+class Sample:
+    """One item. Frame: the keyframe's LIDAR_TOP after `meta["lidar_aug"]` (x right, y forward, z up; m).
+
+    images: (6, 3, H, W) uint8 RGB, cameras in CAMERA_CHANNELS order.
+    cam2img: (6, 3, 3) float32, camera frame -> augmented pixels (`img_aug @ K`).
+    cam2lidar: (6, 4, 4) float32, camera frame -> this frame (a similarity when the BEV aug scales/flips).
+    img_aug: (6, 3, 3) float32, original pixels -> augmented pixels.
+    points_lidar: (N, 5) float32: x, y, z (m), intensity, dt (s, >= 0).
+    points_radar: (M, 7) float32: x, y, z (m), rcs (dBsm), vx_comp, vy_comp (m/s, this frame), dt (s).
+    boxes_lidar: Boxes3D (K boxes); labels: (K,) int64 into DETECTION_CLASSES; attributes: (K,) int64 into
+        ATTRIBUTES or -1.
+    map_masks: (len(MAP_CLASSES), H_bev, W_bev) uint8 in {0, 1} on the BEVGrid.
+    scene_tags: (len(SCENE_TAGS),) float32 multi-hot.
+    meta: sample_token, timestamp (us), lidar2ego, ego2global, lidar_aug ((4, 4) float64 numpy), location,
+        skipped (tokens skipped before this one with skip_bad_samples).
+    """
+
+    images: Tensor
+    cam2img: Tensor
+    cam2lidar: Tensor
+    img_aug: Tensor
+    points_lidar: Tensor
+    points_radar: Tensor
+    boxes_lidar: Boxes3D
+    labels: Tensor
+    attributes: Tensor
+    map_masks: Tensor
+    scene_tags: Tensor
+    meta: dict[str, Any]
+    has_radar: bool = True
+
+
+class NuScenesDataset(Dataset):
+    """Multi-sensor nuScenes samples. See the module docstring for the memory model and frames.
+
+    Args:
+        dataroot: the nuScenes dataroot.
+        version: e.g. "v1.0-mini", "v1.0-trainval".
+        split: a devkit split name ("mini_train", "mini_val", "train", "val", ...), a name in splits.json, or
+            None for every scene.
+        config: see `DatasetConfig`.
+        gt_sampler: optional `perception.data.gt_sampling.GTSampler`, used when `config.train`.
+        index: a prebuilt index (e.g. from `mmdet3d_info.read_mmdet3d_infos`) instead of reading the tables.
+    """
+
+    def __init__(self, dataroot: str | Path, version: str = "v1.0-mini", split: str | None = None, *,
+                 config: DatasetConfig | None = None, gt_sampler=None, index: SampleIndex | None = None):
+        self.config = config or DatasetConfig()
+        self.dataroot = str(dataroot)
+        self.version = version
+        self.split = split
+        self.gt_sampler = gt_sampler
+        self.bad_samples: list[tuple[str, str]] = []
+        if index is None:
+            from nuscenes import NuScenes
+
+            scenes = split_scene_names(version, split, dataroot)
+            if not (Path(dataroot) / version).is_dir():
+                raise DataError(f"no {version} tables under the dataroot", path=dataroot)
+            nusc = NuScenes(version=version, dataroot=self.dataroot, verbose=False)
+            index, self.bad_samples = build_index(nusc, scenes, self.config)
+            del nusc  # the index holds all that is needed; workers must not inherit the tables
+        self.index = index
+        self.map_rasterizer = MapRasterizer(self.dataroot, self.config.grid) if self.config.load_map else None
+        self.num_skipped = 0
+        self._epoch = 0
+        log.info("NuScenesDataset %s/%s: %d samples (%d bad skipped at indexing)", version, split, len(index),
+                 len(self.bad_samples))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def with_config(self, **changes) -> "NuScenesDataset":
+        """The same index with a changed config (no table reading)."""
+        return NuScenesDataset(self.dataroot, self.version, self.split, config=replace(self.config, **changes),
+                               gt_sampler=self.gt_sampler, index=self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary the augmentation draws between epochs (they are seeded by (seed, epoch, index))."""
+        self._epoch = int(epoch)
+
+    def __getitem__(self, i: int) -> Sample:
+        if not self.config.skip_bad_samples:
+            return self.load(i)
+        skipped = []
+        for attempt in range(self.config.max_skip + 1):
+            j = (i + attempt) % len(self)
+            try:
+                s = self.load(j)
+                s.meta["skipped"] = skipped
+                return s
+            except DataError as exc:
+                self.num_skipped += 1
+                skipped.append(str(self.index.tokens[j]))
+                log.warning("skipping bad sample (%d so far in this process): %s", self.num_skipped, exc)
+        raise DataError(f"{self.config.max_skip + 1} consecutive bad samples starting at index {i}",
+                        token=str(self.index.tokens[i]))
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def _path(self, rel: str) -> Path:
+        return Path(self.dataroot) / rel
+
+    def load_points_lidar(self, i: int) -> np.ndarray:
+        """(N, 5) float32 in the (unaugmented) keyframe LIDAR_TOP frame: x, y, z, intensity, dt; the K sweeps
+        motion-compensated through their ego poses, as `LidarPointCloud.from_file_multisweep`."""
+        idx, tok = self.index, str(self.index.tokens[i])
+        parts = []
+        for k in range(idx.lidar_offsets[i], idx.lidar_offsets[i + 1]):
+            raw = read_lidar_bin(self._path(idx.lidar_paths[k]), tok)
+            d = self.config.min_distance
+            raw = raw[~((np.abs(raw[:, 0]) < d) & (np.abs(raw[:, 1]) < d))]
+            pts = np.empty((len(raw), 5), np.float32)
+            pts[:, :4] = transform_points(raw[:, :4], idx.lidar_sweep2lidar[k])
+            pts[:, 4] = idx.lidar_dt[k]
+            parts.append(pts)
+        return np.concatenate(parts, 0) if parts else np.zeros((0, 5), np.float32)
+
+    def load_points_radar(self, i: int) -> np.ndarray:
+        """(M, 7) float32 in the keyframe LIDAR_TOP frame: x, y, z, rcs, vx_comp, vy_comp (rotated into this
+        frame), dt; from all radars and K sweeps each, devkit default filters."""
+        idx, tok = self.index, str(self.index.tokens[i])
+        parts = []
+        for k in range(idx.radar_offsets[i], idx.radar_offsets[i + 1]):
+            raw = read_radar_pcd(self._path(idx.radar_paths[k]), tok)
+            d = self.config.min_distance
+            raw = raw[~((np.abs(raw[:, 0]) < d) & (np.abs(raw[:, 1]) < d))]
+            pts = np.empty((len(raw), 7), np.float32)
+            pts[:, 0:3] = raw[:, 0:3]
+            pts[:, 3] = raw[:, 5]
+            pts[:, 4:6] = raw[:, 8:10]
+            pts[:, 6] = idx.radar_dt[k]
+            parts.append(transform_radar(pts, idx.radar_sweep2lidar[k]))
+        return np.concatenate(parts, 0) if parts else np.zeros((0, 7), np.float32)
+
+    def load_images(self, i: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Images after the image augmentation (rng None: evaluation transform).
+
+        Returns: images (6, 3, H, W) uint8, cam2img (6, 3, 3) float64, img_aug (6, 3, 3) float64.
+        """
+        idx, tok, cfg = self.index, str(self.index.tokens[i]), self.config.image
+        H, W = cfg.final_hw
+        images = np.empty((len(CAMERA_CHANNELS), 3, H, W), np.uint8)
+        cam2img = np.empty((len(CAMERA_CHANNELS), 3, 3))
+        img_aug = np.empty((len(CAMERA_CHANNELS), 3, 3))
+        for c in range(len(CAMERA_CHANNELS)):
+            wh = tuple(int(v) for v in idx.cam_wh[i, c])
+            path = self._path(idx.cam_paths[i, c])
+            if min(wh) > 0:
+                aug, resize = sample_image_aug(rng, wh, cfg)
+                f = jpeg_reduction(resize)
+                img = read_jpeg(path, tok, expected_wh=wh, reduce=f)
+            else:  # size not in the index (mmdet3d infos): decode fully, then draw the augmentation
+                f = 1
+                img = read_jpeg(path, tok)
+                aug, _ = sample_image_aug(rng, (img.shape[1], img.shape[0]), cfg)
+            out = warp_image(img, aug @ np.linalg.inv(reduced_decode_matrix(f)), cfg.final_hw)
+            images[c] = out.transpose(2, 0, 1)
+            img_aug[c] = aug
+            cam2img[c] = aug @ idx.cam_intrinsics[i, c]
+        return images, cam2img, img_aug
+
+    def _rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, self._epoch, i])
+
+    def load(self, i: int) -> Sample:
+        """Load and augment sample `i` (raises DataError on bad input; no skipping)."""
+        idx, cfg = self.index, self.config
+        tok = str(idx.tokens[i])
+        rng = self._rng(i) if cfg.train else None
+        images, cam2img, img_aug = self.load_images(i, rng)
+        points_lidar = self.load_points_lidar(i)
+        points_radar = self.load_points_radar(i)
+        boxes, labels, attrs = (a.copy() for a in idx.boxes_of(i))
+
+        if cfg.train and self.gt_sampler is not None:
+            points_lidar, boxes, labels, attrs = self.gt_sampler.paste(points_lidar, boxes, labels, attrs, rng)
+
+        lidar_aug = sample_bev_aug(rng, cfg.bev_aug) if (cfg.train and cfg.bev_aug is not None) else np.eye(4)
+        cam2lidar = idx.cam2lidar[i]
+        if not np.array_equal(lidar_aug, np.eye(4)):
+            points_lidar = transform_points(points_lidar, lidar_aug)
+            points_radar = transform_radar(points_radar, lidar_aug)
+            boxes = transform_boxes(boxes, lidar_aug)
+            cam2lidar = lidar_aug @ cam2lidar
+
+        lidar2global = idx.ego2global[i] @ idx.lidar2ego[i]
+        location = str(idx.locations[i])
+        grid = cfg.grid
+        if self.map_rasterizer is not None and location:
+            map_masks = self.map_rasterizer.render(location, lidar2global, lidar_aug, token=tok)
+        else:
+            map_masks = np.zeros((len(MAP_CLASSES), grid.height, grid.width), np.uint8)
+
+        meta = {
+            "sample_token": tok,
+            "timestamp": int(idx.timestamps[i]),
+            "lidar2ego": idx.lidar2ego[i].copy(),
+            "ego2global": idx.ego2global[i].copy(),
+            "lidar_aug": lidar_aug,
+            "location": location,
+        }
+        return Sample(
+            images=torch.from_numpy(images),
+            cam2img=torch.from_numpy(cam2img.astype(np.float32)),
+            cam2lidar=torch.from_numpy(cam2lidar.astype(np.float32)),
+            img_aug=torch.from_numpy(img_aug.astype(np.float32)),
+            points_lidar=torch.from_numpy(np.ascontiguousarray(points_lidar, np.float32)),
+            points_radar=torch.from_numpy(np.ascontiguousarray(points_radar, np.float32)),
+            boxes_lidar=Boxes3D(boxes),
+            labels=torch.from_numpy(np.asarray(labels, np.int64)),
+            attributes=torch.from_numpy(np.asarray(attrs, np.int64)),
+            map_masks=torch.from_numpy(np.ascontiguousarray(map_masks)),
+            scene_tags=torch.from_numpy(idx.scene_tags[i].copy()),
+            meta=meta,
+            has_radar=cfg.radar_sweeps > 0,
+        )

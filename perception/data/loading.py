@@ -1,0 +1,224 @@
+"""Readers for the nuScenes sensor files and calibration records, with checks that name the bad file.
+
+Every reader takes the sample token it works for, so that a `DataError` says which file of which sample was
+bad. Formats (see docs/nuscenes-format.md):
+  - LiDAR `.pcd.bin`: little-endian float32, N x 5 (x, y, z, intensity, ring), LIDAR_TOP sensor frame.
+  - Radar `.pcd`: an 11-line ASCII header and N packed 43-byte records, radar sensor frame (x forward, y left).
+  - Cameras: JPEG, undistorted pinhole images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pyquaternion import Quaternion
+
+from perception.errors import DataError
+
+# Tolerances for calibration checks: a unit quaternion and an orthonormal, right-handed rotation.
+QUATERNION_NORM_TOL = 1e-3
+ROTATION_ORTHO_TOL = 1e-3
+
+LIDAR_RECORD_FLOATS = 5
+
+# Radar record layout, in the devkit's field order (`RadarPointCloud.from_file`).
+RADAR_FIELDS: tuple[str, ...] = (
+    "x", "y", "z", "dyn_prop", "id", "rcs", "vx", "vy", "vx_comp", "vy_comp", "is_quality_valid",
+    "ambig_state", "x_rms", "y_rms", "invalid_state", "pdh0", "vx_rms", "vy_rms",
+)
+_RADAR_DTYPE = np.dtype(
+    [(name, code) for name, code in zip(
+        RADAR_FIELDS,
+        ("<f4", "<f4", "<f4", "i1", "<i2", "<f4", "<f4", "<f4", "<f4", "<f4",
+         "i1", "i1", "i1", "i1", "i1", "i1", "i1", "i1"),
+    )]
+)
+assert _RADAR_DTYPE.itemsize == 43
+
+
+def read_lidar_bin(path: str | Path, token: str | None = None) -> np.ndarray:
+    """Read one LiDAR sweep.
+
+    Returns: (N, 5) float32 in the LIDAR_TOP sensor frame of that sweep: x, y, z (m), intensity (0-255), ring.
+    An empty file is a valid sweep with N = 0.
+
+    Raises: DataError if the file is missing, its size is not a multiple of 20 bytes (truncated) or a value is
+    NaN/inf.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read LiDAR file ({exc.strerror or exc})", path=path, token=token) from None
+    record = 4 * LIDAR_RECORD_FLOATS
+    if len(raw) % record:
+        raise DataError(
+            f"LiDAR file is truncated: {len(raw)} bytes is not a multiple of {record} (N x 5 float32)",
+            path=path, token=token,
+        )
+    points = np.frombuffer(raw, dtype="<f4").reshape(-1, LIDAR_RECORD_FLOATS)
+    if points.size and not np.isfinite(points).all():
+        bad = int((~np.isfinite(points).all(axis=1)).sum())
+        raise DataError(f"LiDAR file has {bad} points with NaN or inf values", path=path, token=token)
+    return points.astype(np.float32)
+
+
+def read_radar_pcd(
+    path: str | Path,
+    token: str | None = None,
+    *,
+    invalid_states: tuple[int, ...] = (0,),
+    dynprop_states: tuple[int, ...] = tuple(range(7)),
+    ambig_states: tuple[int, ...] = (3,),
+) -> np.ndarray:
+    """Read one radar sweep, keeping the returns the devkit keeps by default (`RadarPointCloud.from_file`).
+
+    Returns: (M, 18) float32 in the radar sensor frame (x forward, y left), fields in `RADAR_FIELDS` order
+    (x, y, z m; rcs dBsm; velocities m/s). The nuScenes marker for an empty sweep (a single record with NaN
+    coordinates) gives M = 0.
+
+    Raises: DataError if the file is missing, the header is malformed, the body is shorter than the header
+    says (truncated) or a kept return has NaN/inf values.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read radar file ({exc.strerror or exc})", path=path, token=token) from None
+    header: list[str] = []
+    pos = 0
+    while len(header) < 11:
+        end = raw.find(b"\n", pos)
+        if end < 0:
+            raise DataError("radar file header is incomplete (fewer than 11 lines)", path=path, token=token)
+        header.append(raw[pos:end].strip().decode("ascii", errors="replace"))
+        pos = end + 1
+        if header[-1].startswith("DATA"):
+            break
+    if len(header) != 11 or not header[0].startswith("#") or not header[1].startswith("VERSION"):
+        raise DataError("radar file header is not the 11-line PCD v0.7 header", path=path, token=token)
+    fields = header[2].split()[1:]
+    if tuple(fields) != RADAR_FIELDS or header[10].split()[1:] != ["binary"]:
+        raise DataError(f"radar file has unexpected FIELDS/DATA lines: {header[2]!r}, {header[10]!r}",
+                        path=path, token=token)
+    try:
+        width = int(header[6].split()[1])
+        height = int(header[7].split()[1])
+    except (IndexError, ValueError):
+        raise DataError("radar file WIDTH/HEIGHT lines are malformed", path=path, token=token) from None
+    if height != 1 or width < 0:
+        raise DataError(f"radar file has WIDTH {width}, HEIGHT {height}; expected HEIGHT 1", path=path, token=token)
+    need = width * _RADAR_DTYPE.itemsize
+    body = raw[pos:]
+    if len(body) < need:
+        raise DataError(
+            f"radar file is truncated: {len(body)} body bytes, header promises {width} x 43 = {need}",
+            path=path, token=token,
+        )
+    rec = np.frombuffer(body[:need], dtype=_RADAR_DTYPE)
+    xyz = np.stack([rec["x"], rec["y"], rec["z"]], axis=1)
+    if width == 1 and np.isnan(xyz).all():
+        return np.zeros((0, len(RADAR_FIELDS)), np.float32)
+    keep = (
+        np.isin(rec["invalid_state"], invalid_states)
+        & np.isin(rec["dyn_prop"], dynprop_states)
+        & np.isin(rec["ambig_state"], ambig_states)
+    )
+    rec = rec[keep]
+    out = np.stack([rec[name].astype(np.float32) for name in RADAR_FIELDS], axis=1) if len(rec) else \
+        np.zeros((0, len(RADAR_FIELDS)), np.float32)
+    if out.size and not np.isfinite(out).all():
+        bad = int((~np.isfinite(out).all(axis=1)).sum())
+        raise DataError(f"radar file has {bad} returns with NaN or inf values", path=path, token=token)
+    return out
+
+
+def read_jpeg(
+    path: str | Path,
+    token: str | None = None,
+    *,
+    expected_wh: tuple[int, int] | None = None,
+    reduce: int = 1,
+) -> np.ndarray:
+    """Read one camera image.
+
+    Args:
+        expected_wh: (width, height) from `sample_data`; a mismatch is an error. Compared before reduction.
+        reduce: 1, 2, 4 or 8: let libjpeg decode at 1/reduce of the resolution (DCT-domain scaling, much
+            cheaper than a full decode followed by a resize).
+
+    Returns: (H / reduce, W / reduce, 3) uint8 RGB.
+
+    Raises: DataError if the file is missing, is not a complete JPEG (no SOI/EOI marker: truncated) or cannot be
+    decoded, or its size differs from `expected_wh`.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read image ({exc.strerror or exc})", path=path, token=token) from None
+    if not raw.startswith(b"\xff\xd8") or not raw.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise DataError("image is not a complete JPEG (missing start or end marker; truncated?)",
+                        path=path, token=token)
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+    bgr = cv2.imdecode(np.frombuffer(raw, np.uint8), flags)
+    if bgr is None:
+        raise DataError("image cannot be decoded as JPEG", path=path, token=token)
+    if expected_wh is not None:
+        w, h = expected_wh
+        want = (-(-h // reduce), -(-w // reduce))
+        if bgr.shape[:2] != want:
+            raise DataError(
+                f"image is {bgr.shape[1] * reduce}x{bgr.shape[0] * reduce} but sample_data says {w}x{h}",
+                path=path, token=token,
+            )
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def quaternion_to_matrix(q, *, what: str, path: str | Path | None = None, token: str | None = None) -> np.ndarray:
+    """(3, 3) float64 rotation from a [w, x, y, z] quaternion that must have unit norm.
+
+    Raises: DataError (naming `what`, e.g. "calibrated_sensor <token> rotation") for a non-unit or non-finite
+    quaternion: its matrix would not be orthonormal (pyquaternion would silently renormalise).
+    """
+    arr = np.asarray(q, dtype=np.float64)
+    if arr.shape != (4,) or not np.isfinite(arr).all():
+        raise DataError(f"{what}: expected a finite [w, x, y, z] quaternion, got {q!r}", path=path, token=token)
+    norm = float(np.linalg.norm(arr))
+    if abs(norm - 1.0) > QUATERNION_NORM_TOL:
+        raise DataError(f"{what}: rotation quaternion has norm {norm:.6f}, so its rotation is not orthonormal",
+                        path=path, token=token)
+    return Quaternion(arr / norm).rotation_matrix
+
+
+def check_rotation(R: np.ndarray, *, what: str, path: str | Path | None = None, token: str | None = None) -> None:
+    """Raise DataError unless R (3, 3) is orthonormal with determinant +1 (within ROTATION_ORTHO_TOL)."""
+    R = np.asarray(R, dtype=np.float64)
+    if R.shape != (3, 3) or not np.isfinite(R).all():
+        raise DataError(f"{what}: expected a finite 3x3 rotation, got shape {R.shape}", path=path, token=token)
+    err = float(np.abs(R @ R.T - np.eye(3)).max())
+    det = float(np.linalg.det(R))
+    if err > ROTATION_ORTHO_TOL or abs(det - 1.0) > ROTATION_ORTHO_TOL:
+        raise DataError(f"{what}: rotation is not orthonormal (max |R R^T - I| = {err:.2e}, det = {det:.4f})",
+                        path=path, token=token)
+
+
+def pose_matrix(rotation_wxyz, translation, *, what: str, path: str | Path | None = None,
+                token: str | None = None) -> np.ndarray:
+    """(4, 4) float64 homogeneous src->dst transform from a nuScenes rotation/translation record pair."""
+    T = np.eye(4)
+    T[:3, :3] = quaternion_to_matrix(rotation_wxyz, what=what, path=path, token=token)
+    t = np.asarray(translation, dtype=np.float64)
+    if t.shape != (3,) or not np.isfinite(t).all():
+        raise DataError(f"{what}: expected a finite 3-vector translation, got {translation!r}", path=path, token=token)
+    T[:3, 3] = t
+    return T
+
+
+def invert_rigid(T: np.ndarray) -> np.ndarray:
+    """Inverse of a (4, 4) rigid transform."""
+    out = np.eye(4)
+    R = T[:3, :3]
+    out[:3, :3] = R.T
+    out[:3, 3] = -R.T @ T[:3, 3]
+    return out
