@@ -1,0 +1,169 @@
+"""LiDAR encoder: pillar voxelisation (pre-processing, plain torch), PointPillars feature net, scatter to BEV,
+and a small 2D backbone.
+
+`PillarVoxelizer` runs outside the exportable core: it turns a concatenated point cloud with per-sample counts
+into padded pillars with a flat BEV index. `PillarEncoder` is exportable (Linear, BatchNorm, max, scatter-add,
+convs). The radar encoder (`fusion.radar`) reuses both with radar columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from perception.model.bev_pool import bev_flat_index, scatter_add_rows
+from perception.structures import BEVGrid
+
+# Columns of Batch.points_lidar: x, y, z, intensity, dt.
+LIDAR_FEATURE_COLUMNS: tuple[int, ...] = (0, 1, 2, 3, 4)
+# Decoration appended to each point: offset to its pillar's point mean (3) and to the pillar centre (2).
+NUM_DECORATIONS = 5
+
+
+@dataclass(frozen=True)
+class Pillars:
+    """Padded non-empty pillars of a batch.
+
+    Attributes:
+        features: (P, M, F + 5) float32: the selected point columns, then x, y, z minus the pillar's point
+            mean, then x, y minus the pillar centre (LIDAR_TOP, metres); zeros for padding slots.
+        point_mask: (P, M) float32, 1 for real points.
+        index: (P,) int64, ``b * H * W + row * W + col`` of each pillar on the grid.
+    """
+
+    features: Tensor
+    point_mask: Tensor
+    index: Tensor
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+class PillarVoxelizer:
+    """Groups points into pillars of the BEV grid (one pillar per BEV cell, points with z outside the grid dropped).
+
+    Args:
+        grid: the BEV grid.
+        feature_columns: which columns of the input points become point features (x, y, z must be 0, 1, 2
+            of the input whether or not they are selected).
+        max_points_per_pillar: M; extra points of a pillar are dropped (the first M in input order are kept).
+        max_pillars: per sample; when exceeded, the pillars with the most points are kept.
+    """
+
+    def __init__(self, *, grid: BEVGrid, feature_columns: tuple[int, ...], max_points_per_pillar: int, max_pillars: int):
+        self.grid = grid
+        self.feature_columns = feature_columns
+        self.max_points_per_pillar = max_points_per_pillar
+        self.max_pillars = max_pillars
+
+    @property
+    def num_features(self) -> int:
+        """F + 5: channels of `Pillars.features`."""
+        return len(self.feature_columns) + NUM_DECORATIONS
+
+    @torch.no_grad()
+    def __call__(self, points: Tensor, num_points: Tensor) -> Pillars:
+        """points: (sum N_b, F_in) float32 in LIDAR_TOP; num_points: (B,) int64 -> `Pillars`."""
+        device = points.device
+        grid = self.grid
+        cells = grid.height * grid.width
+        batch_size = int(num_points.shape[0])
+        m = self.max_points_per_pillar
+        batch_idx = torch.repeat_interleave(torch.arange(batch_size, device=device), num_points.to(device))
+        cell = bev_flat_index(points[:, 0], points[:, 1], points[:, 2], grid)
+        inside = cell < cells
+        points, key = points[inside], (batch_idx[inside] * cells + cell[inside])
+
+        order = torch.argsort(key, stable=True)
+        points, key = points[order], key[order]
+        pillar_key, point_pillar, counts = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(key.shape[0], device=device) - starts[point_pillar]
+
+        # Per-sample cap on pillars: keep the fullest.
+        pillar_batch = pillar_key // cells
+        counts_kept = counts.clamp(max=m)
+        by_fill = torch.argsort(pillar_batch * (m + 1) + (m - counts_kept), stable=True)
+        per_batch = torch.bincount(pillar_batch, minlength=batch_size)
+        batch_start = torch.cumsum(per_batch, 0) - per_batch
+        pillar_rank = torch.empty_like(by_fill)
+        pillar_rank[by_fill] = torch.arange(by_fill.shape[0], device=device)
+        pillar_rank = pillar_rank - batch_start[pillar_batch]
+        keep_pillar = pillar_rank < self.max_pillars
+        new_id = torch.cumsum(keep_pillar.long(), 0) - 1
+
+        keep_point = (rank < m) & keep_pillar[point_pillar]
+        points, rank, pillar_of_point = points[keep_point], rank[keep_point], new_id[point_pillar[keep_point]]
+        pillar_key, counts_kept = pillar_key[keep_pillar], counts_kept[keep_pillar]
+        num_pillars = int(pillar_key.shape[0])
+
+        xyz = points[:, :3]
+        mean = torch.zeros(num_pillars, 3, device=device).index_add_(0, pillar_of_point, xyz)
+        mean = mean / counts_kept.clamp(min=1)[:, None].to(mean.dtype)
+        flat = pillar_key % cells
+        centre = torch.stack([
+            grid.x_min + ((flat % grid.width).float() + 0.5) * grid.cell,
+            grid.y_min + ((flat // grid.width).float() + 0.5) * grid.cell,
+        ], -1)
+        decorated = torch.cat([
+            points[:, list(self.feature_columns)], xyz - mean[pillar_of_point], xyz[:, :2] - centre[pillar_of_point]
+        ], -1)
+        features = torch.zeros(num_pillars, m, self.num_features, device=device)
+        features[pillar_of_point, rank] = decorated
+        point_mask = torch.zeros(num_pillars, m, device=device)
+        point_mask[pillar_of_point, rank] = 1.0
+        return Pillars(features=features, point_mask=point_mask, index=pillar_key)
+
+
+class PillarEncoder(nn.Module):
+    """PointPillars: per-point Linear + BatchNorm + ReLU, max over the pillar's points, scattered to the BEV
+    grid, then a small 2D conv backbone.
+
+    Args:
+        voxelizer: pre-processing that makes this encoder's `Pillars` (not called in `forward`).
+        pfn_channels: pillar feature channels.
+        out_channels: channels of the BEV output.
+        backbone_layers: number of 3x3 conv + BN + ReLU layers after the scatter.
+    """
+
+    def __init__(self, *, voxelizer: PillarVoxelizer, pfn_channels: int, out_channels: int, backbone_layers: int):
+        super().__init__()
+        self.voxelizer = voxelizer
+        self.grid = voxelizer.grid
+        self.out_channels = out_channels
+        self.pfn = nn.Sequential(
+            nn.Linear(voxelizer.num_features, pfn_channels, bias=False), nn.BatchNorm1d(pfn_channels), nn.ReLU(inplace=True)
+        )
+        layers: list[nn.Module] = []
+        cin = pfn_channels
+        for _ in range(backbone_layers):
+            layers += [nn.Conv2d(cin, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+            cin = out_channels
+        if cin != out_channels:
+            layers += [nn.Conv2d(cin, out_channels, 1)]
+        self.backbone = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor, point_mask: Tensor, index: Tensor, batch_size: int) -> Tensor:
+        """features: (P, M, F) float; point_mask: (P, M) float; index: (P,) int64 (see `Pillars`).
+
+        Returns: (batch_size, out_channels, H, W) BEV features; zeros where there are no pillars.
+        """
+        p, m, f = features.shape
+        x = self.pfn[0](features.view(p * m, f))
+        x = self.pfn[2](self.pfn[1](x)).view(p, m, -1)
+        x = (x * point_mask[..., None]).amax(dim=1)  # (P, C); ReLU output >= 0 so masked zeros never win
+        cells = self.grid.height * self.grid.width
+        bev = scatter_add_rows(x, index, batch_size * cells)
+        bev = bev.view(batch_size, self.grid.height, self.grid.width, -1).permute(0, 3, 1, 2).contiguous()
+        return self.backbone(bev)
+
+
+class LidarEncoder(PillarEncoder):
+    """`PillarEncoder` over LiDAR points (x, y, z, intensity, dt)."""
+
+    @staticmethod
+    def make_voxelizer(grid: BEVGrid, *, max_points_per_pillar: int, max_pillars: int) -> PillarVoxelizer:
+        return PillarVoxelizer(grid=grid, feature_columns=LIDAR_FEATURE_COLUMNS,
+                               max_points_per_pillar=max_points_per_pillar, max_pillars=max_pillars)

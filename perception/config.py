@@ -1,0 +1,254 @@
+"""Typed, frozen experiment configuration, loaded from YAML with dotted ``key=value`` overrides.
+
+Every section is a pydantic v2 model with ``extra="forbid"``: an unknown or mistyped key fails at load time
+with a `ConfigError` naming the key's dotted path (``model.camera.backbone``). Derived values are computed
+once here (`GridConfig.build` gives the one `BEVGrid` that the voxelisers, view transform and heads share).
+
+Example::
+
+    cfg = load_config("configs/tiny.yaml", ["model.camera.freeze_blocks=2", "train.lr=1e-4"])
+    grid = cfg.grid.build()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from perception.errors import ConfigError
+from perception.structures import BEVGrid
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """What the data pipeline feeds the model."""
+
+    image_size: tuple[int, int] = Field((128, 352), description="(H, W) of the augmented camera images, pixels.")
+    lidar_sweeps: int = Field(9, ge=0, le=9, description="LiDAR sweeps before each keyframe that are merged in.")
+    radar_sweeps: int = Field(6, ge=0, le=6, description="Radar sweeps before each keyframe that are merged in.")
+
+    @model_validator(mode="after")
+    def _check_image_size(self) -> "DataConfig":
+        h, w = self.image_size
+        if h % 16 or w % 16 or h <= 0 or w <= 0:
+            raise ValueError(f"image_size {self.image_size} must be positive multiples of 16 (H, W)")
+        return self
+
+
+class GridConfig(_Section):
+    """The BEV grid in the LIDAR_TOP frame (metres); see `perception.structures.BEVGrid`."""
+
+    x_min: float = -51.2
+    x_max: float = 51.2
+    y_min: float = -51.2
+    y_max: float = 51.2
+    z_min: float = -5.0
+    z_max: float = 3.0
+    cell: float = 0.8
+
+    def build(self) -> BEVGrid:
+        """The one `BEVGrid` of the experiment. Raises `ConfigError` if it is inconsistent."""
+        try:
+            grid = BEVGrid(**self.model_dump())
+        except ValueError as exc:
+            raise ConfigError(f"grid: {exc}") from exc
+        if grid.height % 2 or grid.width % 2:
+            raise ConfigError(f"grid: the BEV decoder needs an even number of rows and columns, got {grid.shape}")
+        return grid
+
+
+class CameraConfig(_Section):
+    """The timm ViT camera backbone with a ViTDet-style simple feature pyramid."""
+
+    backbone: str = Field("vit_tiny_patch16_224", description="timm model name of a plain ViT (patch 16).")
+    blocks: Optional[int] = Field(None, ge=1, description="Number of transformer blocks (None: timm's default).")
+    pretrained: Optional[Path] = Field(None, description="Local timm/Hugging Face checkpoint (.pth, .bin, .safetensors, or a folder).")
+    out_channels: int = Field(64, ge=1, description="Channels of the stride-16 feature map given to the view transform.")
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    freeze_blocks: int = Field(0, ge=0, description="Freeze the patch embedding and the first N blocks.")
+    grad_checkpointing: bool = False
+
+
+class LiftSplatConfig(_Section):
+    """Lift-splat-shoot: per-pixel depth distribution times context, pooled into the BEV grid."""
+
+    kind: Literal["lift_splat"] = "lift_splat"
+    depth_min: float = Field(1.0, gt=0.0, description="Centre of the first depth bin, metres along the optical axis.")
+    depth_max: float = Field(60.0, gt=0.0, description="Depth bins cover [depth_min, depth_max).")
+    depth_step: float = Field(1.0, gt=0.0)
+    out_channels: int = Field(64, ge=1, description="Context channels splatted into the BEV grid.")
+
+    @property
+    def num_depth_bins(self) -> int:
+        return int(round((self.depth_max - self.depth_min) / self.depth_step))
+
+    @model_validator(mode="after")
+    def _check_bins(self) -> "LiftSplatConfig":
+        if self.num_depth_bins < 2:
+            raise ValueError("depth_max - depth_min must hold at least 2 depth_step bins")
+        return self
+
+
+class BEVSampleConfig(_Section):
+    """Simple-BEV: bilinear sampling of image features at projections of BEV voxel centres."""
+
+    kind: Literal["bev_sample"] = "bev_sample"
+    z_levels: int = Field(8, ge=1, description="Voxel layers between grid.z_min and grid.z_max.")
+    out_channels: int = Field(64, ge=1)
+
+
+ViewTransformConfig = Annotated[Union[LiftSplatConfig, BEVSampleConfig], Field(discriminator="kind")]
+
+
+class PillarConfig(_Section):
+    """A PointPillars-style encoder (LiDAR or radar) on the experiment's BEV grid."""
+
+    max_points_per_pillar: int = Field(20, ge=1)
+    max_pillars: int = Field(30000, ge=1, description="Per sample; extra pillars are dropped.")
+    pfn_channels: int = Field(64, ge=1, description="Pillar feature net output channels.")
+    out_channels: int = Field(64, ge=1, description="Channels after the small 2D BEV backbone.")
+    backbone_layers: int = Field(2, ge=0, description="3x3 conv layers of the small 2D backbone.")
+
+
+class FuserConfig(_Section):
+    out_channels: int = Field(64, ge=1)
+    modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Per-sample, per-modality drop probability in `loss()` (at least one is kept).")
+
+
+class DecoderConfig(_Section):
+    """SECOND-style two-stage 2D backbone plus FPN neck, back at the BEV grid's resolution."""
+
+    channels: tuple[int, int] = (64, 128)
+    layers: tuple[int, int] = (2, 2)
+    out_channels: int = Field(128, ge=1)
+
+
+class HeadsConfig(_Section):
+    det_channels: int = Field(64, ge=1)
+    map_channels: int = Field(64, ge=1)
+    scene_channels: int = Field(64, ge=1)
+    top_k: int = Field(100, ge=1, description="Peaks kept per sample before NMS.")
+    score_threshold: float = Field(0.1, ge=0.0, le=1.0)
+    max_detections: int = Field(100, ge=1, description="Boxes kept per sample after NMS.")
+
+
+class ModelConfig(_Section):
+    camera: CameraConfig = CameraConfig()
+    view_transform: ViewTransformConfig = LiftSplatConfig()
+    lidar: PillarConfig = PillarConfig()
+    radar: PillarConfig = PillarConfig(max_points_per_pillar=8, max_pillars=4000, pfn_channels=32, out_channels=32, backbone_layers=1)
+    fuser: FuserConfig = FuserConfig()
+    decoder: DecoderConfig = DecoderConfig()
+    heads: HeadsConfig = HeadsConfig()
+
+
+class LossConfig(_Section):
+    """Loss weights; 0 turns a term off (it is then not computed)."""
+
+    heatmap: float = Field(1.0, ge=0.0)
+    regression: float = Field(0.25, ge=0.0)
+    attribute: float = Field(0.2, ge=0.0)
+    map_focal: float = Field(1.0, ge=0.0)
+    map_dice: float = Field(1.0, ge=0.0)
+    scene: float = Field(0.2, ge=0.0)
+    depth: float = Field(0.0, ge=0.0, description="BEVDepth-style depth supervision from LiDAR (lift_splat only).")
+
+
+class TrainConfig(_Section):
+    """Optimisation settings (used by the trainer)."""
+
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    layer_decay: float = Field(0.75, gt=0.0, le=1.0, description="Layer-wise lr decay of the camera backbone.")
+    batch_size: int = Field(4, ge=1)
+    max_steps: int = Field(20000, ge=1)
+    warmup_steps: int = Field(500, ge=0)
+    grad_clip: float = Field(35.0, gt=0.0)
+    seed: int = 0
+
+
+class ExperimentConfig(_Section):
+    data: DataConfig = DataConfig()
+    grid: GridConfig = GridConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check_cross_section(self) -> "ExperimentConfig":
+        if self.loss.depth > 0 and not isinstance(self.model.view_transform, LiftSplatConfig):
+            raise ValueError("loss.depth > 0 needs model.view_transform.kind=lift_splat (bev_sample predicts no depth)")
+        return self
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(keys[:i])}: is not a section, cannot set {dotted}")
+        node = node.setdefault(key, {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"{'.'.join(keys[:-1])}: is not a section, cannot set {dotted}")
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `raw` with each ``a.b.c=value`` applied; values are parsed as YAML (``1e-4``, ``[1, 2]``, ``null``)."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse value {text!r}: {exc}") from exc
+        _set_dotted(out, key, value)
+    return out
+
+
+def _error_path(loc: tuple[Any, ...], raw: Any) -> str:
+    """Dotted key path for a pydantic error location, without the union tags pydantic inserts."""
+    parts: list[str] = []
+    node = raw
+    for item in loc:
+        if isinstance(node, dict) and item not in node and node.get("kind") == item:
+            continue  # discriminated-union tag, not a key
+        parts.append(str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts) or "<root>"
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a plain dict. Raises `ConfigError` naming every bad key path."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            path = _error_path(tuple(err["loc"]), raw)
+            got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err.get("input"), dict) else ""
+            lines.append(f"{path}: {err['msg']}{got}")
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load a YAML config file and apply dotted overrides."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return config_from_dict(apply_overrides(raw, overrides), source=str(path))

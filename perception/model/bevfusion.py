@@ -1,0 +1,210 @@
+"""The fused camera + LiDAR + radar BEV model.
+
+Three layers, kept apart:
+  - pre-processing (`BEVFusionModel.prepare`): uint8 images -> normalised floats, calibration -> view-transform
+    geometry, point clouds -> pillars. Plain torch, not exported.
+  - the core (`BEVFusionModel.forward`): tensors in, head output tensors out; this is what exports to ONNX.
+  - post-processing and training: `predict` (decoding, NMS) and `loss` (targets, losses).
+
+`forward` returns the same dict of tensors in training and eval mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fusion.fuser import BEVFuser, drop_modalities
+from fusion.lidar import LidarEncoder
+from fusion.radar import RadarEncoder
+from perception.config import LossConfig
+from perception.data.batch import Batch
+from perception.model.camera import CameraEncoder
+from perception.model.decoder import BEVDecoder
+from perception.model.heads import (
+    REGRESSION_WEIGHTS, BEVHeads, build_detection_targets, decode_detections, gather_regression,
+)
+from perception.model.losses import (
+    depth_loss, dice_loss, gaussian_focal_loss, masked_cross_entropy, sigmoid_focal_loss, weighted_l1,
+)
+from perception.model.view_transform import LiftSplat, ViewTransform
+from perception.structures import Boxes3D, BEVGrid
+
+
+@dataclass
+class CoreInputs:
+    """The tensors `BEVFusionModel.forward` takes, in its argument order (B samples, N = 6 cameras).
+
+    Attributes:
+        images: (B, N, 3, H, W) float32, normalised with the backbone's mean/std.
+        camera_geometry: the view transform's geometry: `LiftSplat` (B, N*D*h*w) int64 flat BEV index of each
+            frustum point (H*W = dropped); `BEVSample` (B, N, 4, 4) float32 lidar2img.
+        lidar_features, lidar_point_mask, lidar_pillar_index: `fusion.lidar.Pillars` of the LiDAR sweep(s).
+        radar_features, radar_point_mask, radar_pillar_index: `Pillars` of the radar points.
+        modality_mask: (B, 3) bool, camera / lidar / radar present.
+    """
+
+    images: Tensor
+    camera_geometry: Tensor
+    lidar_features: Tensor
+    lidar_point_mask: Tensor
+    lidar_pillar_index: Tensor
+    radar_features: Tensor
+    radar_point_mask: Tensor
+    radar_pillar_index: Tensor
+    modality_mask: Tensor
+
+    def as_args(self) -> tuple[Tensor, ...]:
+        return astuple(self)
+
+
+@dataclass
+class Prediction:
+    """What the model predicts for one sample.
+
+    Attributes:
+        boxes_lidar: boxes in the keyframe's LIDAR_TOP frame.
+        scores: (K,) float32 in [0, 1].
+        labels: (K,) int64 into DETECTION_CLASSES.
+        attributes: (K,) int64 into ATTRIBUTES, -1 for classes without attributes.
+        map_probs: (len(MAP_CLASSES), H, W) float32 in [0, 1] on the model's BEVGrid.
+        scene_probs: (len(SCENE_TAGS),) float32 in [0, 1].
+    """
+
+    boxes_lidar: Boxes3D
+    scores: Tensor
+    labels: Tensor
+    attributes: Tensor
+    map_probs: Tensor
+    scene_probs: Tensor
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Detection post-processing: peaks kept before NMS, score threshold, boxes kept after NMS (per sample)."""
+
+    top_k: int = 100
+    score_threshold: float = 0.1
+    max_detections: int = 100
+
+
+class BEVFusionModel(nn.Module):
+    """Camera + LiDAR + radar BEV perception with detection, map segmentation and scene-tag heads.
+
+    Args:
+        camera_encoder: images -> stride-16 features.
+        view_transform: image features -> camera BEV features on `grid`.
+        lidar_encoder, radar_encoder: pillars -> BEV features on `grid` (each carries its voxeliser).
+        fuser: masked fusion of the three BEV feature maps.
+        bev_decoder: 2D backbone + neck on the fused BEV.
+        heads: detection, map and scene heads.
+        grid: the BEV grid every part was built for.
+        loss_weights: weight of each loss term (0 = not computed).
+        decode: detection post-processing settings.
+        modality_dropout: per-sample modality drop probability applied in `loss` (0 = off).
+    """
+
+    def __init__(self, *, camera_encoder: CameraEncoder, view_transform: ViewTransform, lidar_encoder: LidarEncoder,
+                 radar_encoder: RadarEncoder, fuser: BEVFuser, bev_decoder: BEVDecoder, heads: BEVHeads, grid: BEVGrid,
+                 loss_weights: LossConfig, decode: DecodeSettings, modality_dropout: float = 0.0):
+        super().__init__()
+        for name, part in (("view_transform", view_transform), ("lidar_encoder", lidar_encoder), ("radar_encoder", radar_encoder)):
+            if part.grid != grid:
+                raise ValueError(f"BEVFusionModel: {name} was built for {part.grid}, not {grid}")
+        if loss_weights.depth > 0 and not isinstance(view_transform, LiftSplat):
+            raise ValueError("BEVFusionModel: depth supervision needs a LiftSplat view transform")
+        self.camera_encoder = camera_encoder
+        self.view_transform = view_transform
+        self.lidar_encoder = lidar_encoder
+        self.radar_encoder = radar_encoder
+        self.fuser = fuser
+        self.bev_decoder = bev_decoder
+        self.heads = heads
+        self.grid = grid
+        self.loss_weights = loss_weights
+        self.decode = decode
+        self.modality_dropout = modality_dropout
+        self.register_buffer("regression_weights", torch.tensor(REGRESSION_WEIGHTS), persistent=False)
+
+    # ------------------------------------------------------------------------------------ pre-processing
+
+    def prepare(self, batch: Batch, modality_mask: Tensor | None = None) -> CoreInputs:
+        """Pre-processing: a `Batch` -> `CoreInputs` on the batch's device. `modality_mask` (B, 3) bool
+        replaces the batch's (e.g. after modality dropout)."""
+        lidar = self.lidar_encoder.voxelizer(batch.points_lidar, batch.num_points_lidar)
+        radar = self.radar_encoder.voxelizer(batch.points_radar, batch.num_points_radar)
+        return CoreInputs(
+            images=self.camera_encoder.normalize(batch.images),
+            camera_geometry=self.view_transform.geometry(batch.cam2img, batch.cam2lidar),
+            lidar_features=lidar.features, lidar_point_mask=lidar.point_mask, lidar_pillar_index=lidar.index,
+            radar_features=radar.features, radar_point_mask=radar.point_mask, radar_pillar_index=radar.index,
+            modality_mask=batch.modality_mask if modality_mask is None else modality_mask,
+        )
+
+    # -------------------------------------------------------------------------------------------- core
+
+    def forward(self, images: Tensor, camera_geometry: Tensor, lidar_features: Tensor, lidar_point_mask: Tensor,
+                lidar_pillar_index: Tensor, radar_features: Tensor, radar_point_mask: Tensor,
+                radar_pillar_index: Tensor, modality_mask: Tensor) -> dict[str, Tensor]:
+        """The exportable core; arguments as in `CoreInputs`.
+
+        Returns (all float32, on the BEV grid where spatial):
+            heatmap (B, 10, H, W) logits; offset (B, 2, H, W); z (B, 1, H, W); log_size (B, 3, H, W);
+            rot (B, 2, H, W) sin/cos; velocity (B, 2, H, W); attribute (B, 8, H, W) logits;
+            map (B, 6, H, W) logits; scene (B, 6) logits; and, for `LiftSplat`, depth (B, N, D, h, w) probabilities.
+        """
+        batch_size = images.shape[0]
+        camera_bev, depth = self.view_transform(self.camera_encoder(images), camera_geometry)
+        lidar_bev = self.lidar_encoder(lidar_features, lidar_point_mask, lidar_pillar_index, batch_size)
+        radar_bev = self.radar_encoder(radar_features, radar_point_mask, radar_pillar_index, batch_size)
+        fused = self.fuser(camera_bev, lidar_bev, radar_bev, modality_mask)
+        out = self.heads(self.bev_decoder(fused))
+        if depth is not None:
+            out["depth"] = depth
+        return out
+
+    # --------------------------------------------------------------------------------------- training
+
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        """Weighted loss terms (scalars; sum them for the total). Applies modality dropout if configured."""
+        mask = drop_modalities(batch.modality_mask, self.modality_dropout) if self.modality_dropout > 0 else batch.modality_mask
+        out = self(*self.prepare(batch, mask).as_args())
+        w = self.loss_weights
+        targets = build_detection_targets(batch.boxes, batch.labels, batch.attributes, batch.num_boxes, self.grid,
+                                          num_classes=out["heatmap"].shape[1])
+        reg, attr_logits = gather_regression(out, targets.batch_index, targets.cell_index)
+        losses: dict[str, Tensor] = {}
+        if w.heatmap > 0:
+            losses["heatmap"] = w.heatmap * gaussian_focal_loss(out["heatmap"], targets.heatmap)
+        if w.regression > 0:
+            losses["regression"] = w.regression * weighted_l1(reg, targets.regression, self.regression_weights)
+        if w.attribute > 0:
+            losses["attribute"] = w.attribute * masked_cross_entropy(attr_logits, targets.attributes)
+        if w.map_focal > 0:
+            losses["map_focal"] = w.map_focal * sigmoid_focal_loss(out["map"], batch.map_masks)
+        if w.map_dice > 0:
+            losses["map_dice"] = w.map_dice * dice_loss(out["map"], batch.map_masks)
+        if w.scene > 0:
+            losses["scene"] = w.scene * nn.functional.binary_cross_entropy_with_logits(out["scene"], batch.scene_tags)
+        if w.depth > 0 and isinstance(self.view_transform, LiftSplat):
+            depth_bins = self.view_transform.depth_target(batch.points_lidar, batch.num_points_lidar, batch.cam2img, batch.cam2lidar)
+            losses["depth"] = w.depth * depth_loss(out["depth"], depth_bins)
+        return losses
+
+    # -------------------------------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[Prediction]:
+        """Per-sample predictions (call `eval()` first for inference-mode BatchNorm)."""
+        out = self(*self.prepare(batch).as_args())
+        detections = decode_detections(out, self.grid, top_k=self.decode.top_k, score_threshold=self.decode.score_threshold,
+                                       max_detections=self.decode.max_detections)
+        map_probs = out["map"].sigmoid()
+        scene_probs = out["scene"].sigmoid()
+        return [
+            Prediction(boxes_lidar=Boxes3D(d.boxes), scores=d.scores, labels=d.labels, attributes=d.attributes,
+                       map_probs=map_probs[i], scene_probs=scene_probs[i])
+            for i, d in enumerate(detections)
+        ]

@@ -1,0 +1,84 @@
+"""Builders: typed config -> built modules -> `BEVFusionModel`.
+
+One explicit builder per part; `build_model` is the builder of the shipped variants (tiny and base differ only
+in sizes and the timm name). The view transform is chosen by the type of ``cfg.model.view_transform``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fusion.fuser import BEVFuser
+from fusion.lidar import LidarEncoder
+from fusion.radar import RadarEncoder
+from perception.config import BEVSampleConfig, CameraConfig, ExperimentConfig, LiftSplatConfig, PillarConfig
+from perception.model.bevfusion import BEVFusionModel, DecodeSettings
+from perception.model.camera import CameraEncoder, SimpleFeaturePyramid, build_vit_backbone, load_backbone_checkpoint
+from perception.model.decoder import BEVDecoder
+from perception.model.heads import BEVHeads, CenterHead, MapHead, SceneHead
+from perception.model.view_transform import BEVSample, LiftSplat, ViewTransform
+from perception.structures import BEVGrid
+
+logger = logging.getLogger(__name__)
+
+
+def build_camera_encoder(cfg: CameraConfig, image_size: tuple[int, int]) -> CameraEncoder:
+    """ViT backbone (+ optional local checkpoint, frozen blocks, gradient checkpointing) and its pyramid neck."""
+    backbone = build_vit_backbone(cfg.backbone, image_size, blocks=cfg.blocks, drop_path_rate=cfg.drop_path_rate)
+    if cfg.pretrained is not None:
+        load_backbone_checkpoint(backbone, cfg.pretrained)
+    encoder = CameraEncoder(backbone=backbone, neck=SimpleFeaturePyramid(backbone.embed_dim, cfg.out_channels),
+                            out_channels=cfg.out_channels)
+    encoder.freeze_blocks(cfg.freeze_blocks)
+    encoder.set_grad_checkpointing(cfg.grad_checkpointing)
+    return encoder
+
+
+def build_view_transform(cfg: LiftSplatConfig | BEVSampleConfig, grid: BEVGrid, camera: CameraEncoder) -> ViewTransform:
+    if isinstance(cfg, LiftSplatConfig):
+        return LiftSplat(grid=grid, in_channels=camera.out_channels, out_channels=cfg.out_channels,
+                         image_size=camera.image_size, feature_stride=camera.feature_stride,
+                         depth_min=cfg.depth_min, depth_step=cfg.depth_step, num_bins=cfg.num_depth_bins)
+    return BEVSample(grid=grid, in_channels=camera.out_channels, out_channels=cfg.out_channels,
+                     image_size=camera.image_size, z_levels=cfg.z_levels)
+
+
+def build_lidar_encoder(cfg: PillarConfig, grid: BEVGrid) -> LidarEncoder:
+    voxelizer = LidarEncoder.make_voxelizer(grid, max_points_per_pillar=cfg.max_points_per_pillar, max_pillars=cfg.max_pillars)
+    return LidarEncoder(voxelizer=voxelizer, pfn_channels=cfg.pfn_channels, out_channels=cfg.out_channels,
+                        backbone_layers=cfg.backbone_layers)
+
+
+def build_radar_encoder(cfg: PillarConfig, grid: BEVGrid) -> RadarEncoder:
+    voxelizer = RadarEncoder.make_voxelizer(grid, max_points_per_pillar=cfg.max_points_per_pillar, max_pillars=cfg.max_pillars)
+    return RadarEncoder(voxelizer=voxelizer, pfn_channels=cfg.pfn_channels, out_channels=cfg.out_channels,
+                        backbone_layers=cfg.backbone_layers)
+
+
+def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
+    """The fused BEV model of `cfg` (random weights except a configured camera checkpoint)."""
+    grid = cfg.grid.build()
+    m = cfg.model
+    camera_encoder = build_camera_encoder(m.camera, cfg.data.image_size)
+    view_transform = build_view_transform(m.view_transform, grid, camera_encoder)
+    lidar_encoder = build_lidar_encoder(m.lidar, grid)
+    radar_encoder = build_radar_encoder(m.radar, grid)
+    fuser = BEVFuser(in_channels=(view_transform.out_channels, lidar_encoder.out_channels, radar_encoder.out_channels),
+                     out_channels=m.fuser.out_channels)
+    bev_decoder = BEVDecoder(in_channels=fuser.out_channels, channels=m.decoder.channels, layers=m.decoder.layers,
+                             out_channels=m.decoder.out_channels)
+    heads = BEVHeads(
+        detection=CenterHead(in_channels=bev_decoder.out_channels, hidden=m.heads.det_channels),
+        map_segmentation=MapHead(in_channels=bev_decoder.out_channels, hidden=m.heads.map_channels, feature_grid=grid, map_grid=grid),
+        scene=SceneHead(in_channels=bev_decoder.out_channels, hidden=m.heads.scene_channels),
+    )
+    model = BEVFusionModel(
+        camera_encoder=camera_encoder, view_transform=view_transform, lidar_encoder=lidar_encoder,
+        radar_encoder=radar_encoder, fuser=fuser, bev_decoder=bev_decoder, heads=heads, grid=grid,
+        loss_weights=cfg.loss,
+        decode=DecodeSettings(top_k=m.heads.top_k, score_threshold=m.heads.score_threshold, max_detections=m.heads.max_detections),
+        modality_dropout=m.fuser.modality_dropout,
+    )
+    logger.info("built %s with %s view transform: %.2fM parameters", m.camera.backbone, type(view_transform).__name__,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    return model

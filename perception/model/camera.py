@@ -1,0 +1,287 @@
+"""Camera encoder: a timm ViT backbone with a ViTDet-style simple feature pyramid, and its fine-tuning tools.
+
+What is here:
+  - `build_vit_backbone`: a timm ViT (any `vit_*` with patch 16) built for our image size, no classifier.
+  - `load_backbone_checkpoint`: loads a local timm / Hugging Face checkpoint (``weights_only=True``), resamples
+    the position embeddings to our patch grid, filters foreign keys and logs missing/unexpected ones.
+  - `SimpleFeaturePyramid`, `CameraEncoder`: stride-16 features for the view transform.
+  - `layer_decay_param_groups`: optimizer parameter groups with layer-wise lr decay over the ViT blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from perception.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Prefixes that wrappers put in front of the backbone's own keys (DDP, our encoder, mmdet/detectron2 exports).
+_WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "camera_encoder.backbone.", "encoder.")
+
+
+def build_vit_backbone(name: str, image_size: tuple[int, int], *, blocks: int | None = None,
+                       drop_path_rate: float = 0.0) -> VisionTransformer:
+    """A randomly initialised timm ViT for `image_size` (H, W), without classifier or pooling.
+
+    Raises `ConfigError` if `name` is not a timm model or not a plain ViT with 16-pixel patches.
+    """
+    kwargs: dict = {"img_size": image_size, "num_classes": 0, "global_pool": "", "drop_path_rate": drop_path_rate}
+    if blocks is not None:
+        kwargs["depth"] = blocks
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError) as exc:  # timm raises RuntimeError for unknown names
+        raise ConfigError(f"model.camera.backbone: cannot build timm model {name!r}: {exc}") from exc
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"model.camera.backbone: {name!r} is a {type(model).__name__}, expected a timm VisionTransformer")
+    if tuple(model.patch_embed.patch_size) != (16, 16):
+        raise ConfigError(f"model.camera.backbone: {name!r} has patch size {model.patch_embed.patch_size}, expected 16")
+    return model
+
+
+@dataclass
+class CheckpointReport:
+    """What happened when a checkpoint was loaded into a backbone (key names are the backbone's own)."""
+
+    path: Path
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatch: list[str] = field(default_factory=list)
+    resampled: list[str] = field(default_factory=list)
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Tensors of a local checkpoint: ``.safetensors``, a torch file (``.pth``/``.pt``/``.bin``, read with
+    ``weights_only=True``), or a Hugging Face model folder holding ``model.safetensors`` or ``pytorch_model.bin``.
+    Nested ``state_dict`` / ``model`` / ``state_dict_ema`` entries are unwrapped.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for candidate in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if (path / candidate).is_file():
+                path = path / candidate
+                break
+        else:
+            raise ConfigError(f"model.camera.pretrained: {path} holds no model.safetensors or pytorch_model.bin")
+    if not path.is_file():
+        raise ConfigError(f"model.camera.pretrained: {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors have many types; report them as bad input
+            raise ConfigError(f"model.camera.pretrained: cannot read {path} with weights_only=True: {exc}") from exc
+    for key in ("state_dict", "model", "state_dict_ema", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.camera.pretrained: {path} does not hold a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _strip_prefixes(state: dict[str, Tensor], own_keys: set[str]) -> dict[str, Tensor]:
+    for prefix in _WRAPPER_PREFIXES:
+        if not any(k in own_keys for k in state) and any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return state
+
+
+def load_backbone_checkpoint(backbone: VisionTransformer, path: Path) -> CheckpointReport:
+    """Load a local checkpoint into `backbone` in place and log a report.
+
+    Position embeddings made for another image size are resampled (bicubic, timm's `resample_abs_pos_embed`)
+    to the backbone's patch grid; a square source grid is assumed when the checkpoint does not say otherwise.
+    Keys of another shape are skipped and reported; classifier heads and extra blocks show as unexpected.
+    """
+    report = CheckpointReport(path=Path(path))
+    own = backbone.state_dict()
+    state = _strip_prefixes(read_state_dict(path), set(own))
+
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
+        old_tokens = state["pos_embed"].shape[1] - prefix
+        side = int(round(math.sqrt(old_tokens)))
+        if side * side != old_tokens:
+            raise ConfigError(f"model.camera.pretrained: {path}: pos_embed has {old_tokens} patch tokens, not a square grid")
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(backbone.patch_embed.grid_size), old_size=[side, side],
+            num_prefix_tokens=prefix,
+        )
+        report.resampled.append("pos_embed")
+
+    filtered: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            report.shape_mismatch.append(f"{key} {tuple(value.shape)} != {tuple(own[key].shape)}")
+        else:
+            filtered[key] = value
+    result = backbone.load_state_dict(filtered, strict=False)
+    report.missing = sorted(result.missing_keys)
+    report.unexpected = sorted(result.unexpected_keys)
+    logger.info(
+        "loaded %s: %d tensors, %d missing, %d unexpected, %d shape-mismatched, resampled %s",
+        path, len(filtered) - len(report.unexpected), len(report.missing), len(report.unexpected),
+        len(report.shape_mismatch), report.resampled or "nothing",
+    )
+    for name, keys in (("missing", report.missing), ("unexpected", report.unexpected), ("shape-mismatched", report.shape_mismatch)):
+        if keys:
+            logger.warning("%s keys (%d): %s", name, len(keys), ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+    return report
+
+
+def _conv_norm_act(cin: int, cout: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid from the last ViT map (stride 16), fused back to one stride-16 map.
+
+    Builds strides 8 (2x2 transposed conv), 16 (identity) and 32 (max-pool), each with a 1x1 + 3x3 conv, then
+    sums the three at stride 16 (stride 8 average-pooled, stride 32 bilinearly upsampled) and applies a 3x3 conv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(in_channels, in_channels // 2, 2, stride=2), nn.BatchNorm2d(in_channels // 2), nn.GELU()
+        )
+        self.down = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.lateral = nn.ModuleList([
+            nn.Sequential(_conv_norm_act(c, out_channels, 1), _conv_norm_act(out_channels, out_channels, 3))
+            for c in (in_channels // 2, in_channels, in_channels)
+        ])
+        self.out = _conv_norm_act(out_channels, out_channels, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C_in, h, w) stride-16 ViT map -> (B, C_out, h, w)."""
+        h, w = x.shape[-2:]
+        p8 = self.lateral[0](self.up(x))
+        p16 = self.lateral[1](x)
+        p32 = self.lateral[2](self.down(x))
+        fused = p16 + F.avg_pool2d(p8, 2) + F.interpolate(p32, size=(h, w), mode="bilinear", align_corners=False)
+        return self.out(fused)
+
+
+class CameraEncoder(nn.Module):
+    """Multi-camera image encoder: ViT backbone -> simple feature pyramid -> stride-16 features.
+
+    Args:
+        backbone: a timm `VisionTransformer` built for the image size the encoder will see.
+        neck: maps (B*N, embed_dim, H/16, W/16) to (B*N, out_channels, H/16, W/16).
+        out_channels: channels of `neck`'s output.
+    """
+
+    feature_stride = 16
+
+    def __init__(self, *, backbone: VisionTransformer, neck: nn.Module, out_channels: int):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.out_channels = out_channels
+        cfg = backbone.pretrained_cfg or {}
+        self.register_buffer("pixel_mean", torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float32).view(3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5)), dtype=torch.float32).view(3, 1, 1) * 255.0, persistent=False)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.backbone.patch_embed.img_size)  # type: ignore[return-value]
+
+    @property
+    def feature_size(self) -> tuple[int, int]:
+        """(h, w) of the output feature map."""
+        return tuple(self.backbone.patch_embed.grid_size)  # type: ignore[return-value]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.backbone.blocks)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """images: (..., 3, H, W) uint8 RGB -> (..., 3, H, W) float32 normalised with the backbone's mean/std."""
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images: (B, N, 3, H, W) float, normalised -> (B, N, C, H/16, W/16) float."""
+        b, n = images.shape[:2]
+        x = images.flatten(0, 1)
+        (feats,) = self.backbone.forward_intermediates(x, indices=[self.num_blocks - 1], norm=True, intermediates_only=True)
+        feats = self.neck(feats)
+        return feats.view(b, n, *feats.shape[1:])
+
+    def freeze_blocks(self, num_blocks: int) -> None:
+        """Stop gradients to the patch embedding, prefix tokens, position embedding and the first `num_blocks` blocks."""
+        if num_blocks <= 0:
+            return
+        if num_blocks > self.num_blocks:
+            raise ConfigError(f"model.camera.freeze_blocks: {num_blocks} exceeds the backbone's {self.num_blocks} blocks")
+        bb = self.backbone
+        frozen: list[nn.Module | nn.Parameter | None] = [bb.patch_embed, bb.cls_token, bb.reg_token, bb.pos_embed, *bb.blocks[:num_blocks]]
+        for item in frozen:
+            if isinstance(item, nn.Parameter):
+                item.requires_grad_(False)
+            elif isinstance(item, nn.Module):
+                item.requires_grad_(False)
+        logger.info("froze patch embedding and %d of %d ViT blocks", num_blocks, self.num_blocks)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    def layer_id(self, backbone_param_name: str) -> int:
+        """Depth of a backbone parameter for layer decay: 0 for embeddings, i + 1 for block i, L + 1 after."""
+        if backbone_param_name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed")):
+            return 0
+        if backbone_param_name.startswith("blocks."):
+            return int(backbone_param_name.split(".")[1]) + 1
+        return self.num_blocks + 1
+
+
+def layer_decay_param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float,
+                             camera_prefix: str = "camera_encoder.") -> list[dict]:
+    """Optimizer parameter groups with layer-wise lr decay over the camera ViT (BEiT/MAE recipe).
+
+    A backbone parameter at depth ``i`` (see `CameraEncoder.layer_id`, L blocks) gets
+    ``lr * layer_decay ** (L + 1 - i)``; everything outside the backbone gets `lr`. Biases, norms (1-D
+    parameters) and position/prefix tokens get no weight decay. Frozen parameters are left out.
+
+    Returns: a list of ``{"params", "lr", "weight_decay", "lr_scale", "name"}`` dicts for `torch.optim`.
+    """
+    encoder = model.get_submodule(camera_prefix.rstrip(".")) if camera_prefix else None
+    if encoder is not None and not isinstance(encoder, CameraEncoder):
+        raise TypeError(f"{camera_prefix!r} is a {type(encoder).__name__}, not a CameraEncoder")
+    backbone_prefix = camera_prefix + "backbone."
+    num_layers = encoder.num_blocks + 1 if encoder is not None else 0
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if encoder is not None and name.startswith(backbone_prefix):
+            sub = name[len(backbone_prefix):]
+            layer = encoder.layer_id(sub)
+            no_decay = param.ndim <= 1 or sub in ("cls_token", "reg_token", "pos_embed")
+        else:
+            layer = num_layers
+            no_decay = param.ndim <= 1
+        scale = layer_decay ** (num_layers - layer)
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale,
+                           "weight_decay": 0.0 if no_decay else weight_decay,
+                           "name": f"layer{layer}_{'no_decay' if no_decay else 'decay'}"}
+        groups[key]["params"].append(param)
+    return [groups[k] for k in sorted(groups)]

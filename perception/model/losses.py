@@ -1,0 +1,67 @@
+"""Loss functions. Each returns a scalar float tensor that stays attached to the graph even when there is
+nothing to supervise (empty scene, no LiDAR depth), so `backward` always works."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gaussian_focal_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, gamma: float = 4.0) -> Tensor:
+    """CenterNet focal loss on a Gaussian heatmap.
+
+    logits: (B, C, H, W) raw; target: (B, C, H, W) in [0, 1] with 1 at object centres.
+    Normalised by the number of centres (at least 1).
+    """
+    pred = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
+    pos = target.eq(1).to(pred.dtype)
+    neg_weight = (1 - target).pow(gamma)
+    pos_loss = -(pred.log() * (1 - pred).pow(alpha) * pos).sum()
+    neg_loss = -((1 - pred).log() * pred.pow(alpha) * neg_weight * (1 - pos)).sum()
+    return (pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
+
+
+def weighted_l1(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """pred, target: (K, D); weights: (D,). Sum of weighted |pred - target| over D, mean over K (0 when K = 0)."""
+    return ((pred - target).abs() * weights).sum() / max(pred.shape[0], 1)
+
+
+def masked_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -1) -> Tensor:
+    """logits: (K, A); target: (K,) int64 with `ignore_index` ignored. Mean over the kept rows (0 if none)."""
+    valid = target != ignore_index
+    loss = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+    return (loss * valid.to(loss.dtype)).sum() / valid.sum().clamp(min=1).to(loss.dtype)
+
+
+def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Multi-label focal loss (RetinaNet), mean over all elements. logits, target: same shape, target in {0, 1}."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    return (alpha_t * ce * (1 - p_t).pow(gamma)).mean()
+
+
+def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
+    """Soft Dice loss per (sample, class) map, averaged. logits, target: (B, C, H, W)."""
+    prob = logits.sigmoid().flatten(2)
+    target = target.flatten(2)
+    inter = (prob * target).sum(-1)
+    return (1 - (2 * inter + eps) / (prob.sum(-1) + target.sum(-1) + eps)).mean()
+
+
+def depth_loss(depth_probs: Tensor, depth_bins: Tensor) -> Tensor:
+    """BEVDepth depth loss: binary cross-entropy against one-hot bins at cells with a LiDAR depth.
+
+    depth_probs: (B, N, D, h, w) softmax over D; depth_bins: (B, N, h, w) int64, -1 where unsupervised.
+    Sum over D, mean over supervised cells (0 when there are none).
+    """
+    num_bins = depth_probs.shape[2]
+    probs = depth_probs.permute(0, 1, 3, 4, 2).reshape(-1, num_bins)
+    labels = depth_bins.reshape(-1)
+    valid = labels >= 0
+    onehot = F.one_hot(labels.clamp(min=0), num_bins).to(probs.dtype)
+    with torch.autocast(device_type=probs.device.type, enabled=False):
+        bce = F.binary_cross_entropy(probs.float().clamp(1e-6, 1 - 1e-6), onehot.float(), reduction="none").sum(-1)
+    return (bce * valid.to(bce.dtype)).sum() / valid.sum().clamp(min=1).to(bce.dtype)
