@@ -517,6 +517,10 @@ def _populate(rng, ego_u0, ego_speed, T, want_crowd, want_construction, park_pol
     # Roadside cones and barriers near the drive (beside the walkway edge).
     for _ in range(int(rng.integers(2, 4))):
         agents.append(_make_agent(rng, "movable_object.trafficcone", near_drive(ego_u0 - 5.0, u_end + 10.0), -7.45, 0.0, 0.0, None))
+    # Cones on the centre line ahead of the ego (a marked-off centre island): seen from the ego lane even when
+    # the outer lane's trucks hide the walkway.
+    for _ in range(int(rng.integers(2, 4))):
+        agents.append(_make_agent(rng, "movable_object.trafficcone", near_drive(ego_u0 + 5.0, u_end + 10.0), 0.0, 0.0, 0.0, None))
     bu = near_drive(ego_u0 - 5.0, u_end + 5.0)
     for k in range(int(rng.integers(2, 4))):
         agents.append(_make_agent(rng, "movable_object.barrier", bu + (2.7 * k if bu > 0 else -2.7 * k), -7.6, math.pi / 2, 0.0, None))
