@@ -91,7 +91,7 @@ class SynthConfig:
     image_width: int = 1600
     image_height: int = 900
     samples_per_scene: int = 20
-    lidar_sweeps: int = 9
+    lidar_sweeps: int = 6
     radar_sweeps: int = 6
     camera_sweeps: int = 0
 
