@@ -82,7 +82,7 @@ def test_non_finite_radar_points(ds, tmp_path):
     n = (len(body) - 1) // 43
     assert n >= 1
     recs = np.frombuffer(bytes(body[: n * 43]), np.uint8).reshape(n, 43).copy()
-    recs[:, 20:24] = np.frombuffer(np.float32(np.inf).tobytes(), np.uint8)  # rcs of every return
+    recs[:, 15:19] = np.frombuffer(np.float32(np.inf).tobytes(), np.uint8)  # rcs (bytes 15-18 of a record) of every return
     bad = tmp_path / "bad.pcd"
     bad.write_bytes(src[:k] + recs.tobytes() + bytes(body[n * 43:]))
     with pytest.raises(DataError, match="NaN or inf"):
@@ -108,12 +108,13 @@ def test_non_orthonormal_calibration(synth_root, tmp_path):
     table = root / "v1.0-mini" / "calibrated_sensor.json"
     records = json.loads(table.read_text())
     sensors = {s["token"]: s["channel"] for s in json.loads((root / "v1.0-mini" / "sensor.json").read_text())}
-    bad = next(r for r in records if sensors[r["sensor_token"]] == "CAM_FRONT")
-    bad["rotation"] = [v * 1.2 for v in bad["rotation"]]
+    bad = [r for r in records if sensors[r["sensor_token"]] == "CAM_FRONT"]  # one per scene
+    for r in bad:
+        r["rotation"] = [v * 1.2 for v in r["rotation"]]
     table.write_text(json.dumps(records))
     with pytest.raises(DataError, match="not orthonormal") as err:
         NuScenesDataset(root, "v1.0-mini", "mini_val", config=CFG)
-    assert bad["token"] in str(err.value) and "sample" in str(err.value)
+    assert any(r["token"] in str(err.value) for r in bad) and "sample" in str(err.value)
     skipping = NuScenesDataset(root, "v1.0-mini", "mini_val", config=dataclasses.replace(CFG, skip_bad_samples=True))
     assert len(skipping.bad_samples) > 0
     assert len(skipping) + len(skipping.bad_samples) == 6
