@@ -130,6 +130,71 @@ def bench_data(
     typer.echo(format_results(results))
 
 
+@app.command("train", context_settings={"allow_extra_args": False})
+def train_cmd(
+    config: Path = typer.Option(..., "--config", help="Experiment YAML (configs/tiny.yaml, configs/base.yaml)."),
+    data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    work_dir: Path = typer.Option(Path("work_dirs/run"), "--work-dir", help="Checkpoints, TensorBoard logs, resolved config."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Optimizer steps (default: train.max_steps)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs instead of --max-steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from WORK_DIR/checkpoints/last.pt."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Load model weights only (fine-tuning); reports missing/unexpected keys."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop after this much training time (checkpointing first)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY.PATH=VALUE config overrides, e.g. train.lr=1e-4."),
+) -> None:
+    """Train or fine-tune (single process, or `torchrun --nproc-per-node K -m perception train ...`)."""
+    from perception.config import load_config
+    from perception.training import RunSpec, train
+
+    if max_steps is not None and epochs is not None:
+        raise typer.BadParameter("give --max-steps or --epochs, not both")
+    cfg = load_config(config, overrides or [])
+    result = train(cfg, RunSpec(data=data, version=version, work_dir=work_dir, max_steps=max_steps, epochs=epochs,
+                                resume=resume, init_from=init_from, time_budget_s=None if minutes is None else minutes * 60,
+                                device=device))
+    typer.echo(f"step {result.step}: {result.last_checkpoint}" + (f", best {result.best_checkpoint}" if result.best_checkpoint else ""))
+
+
+def _parse_modalities(text: Optional[str]) -> Optional[tuple[bool, bool, bool]]:
+    if text is None:
+        return None
+    names = {t.strip() for t in text.split(",") if t.strip()}
+    unknown = names - {"camera", "lidar", "radar"}
+    if unknown or not names:
+        raise typer.BadParameter(f"--modalities takes a comma-separated subset of camera,lidar,radar, got {text!r}")
+    return ("camera" in names, "lidar" in names, "radar" in names)
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),
+    split: str = typer.Option(..., "--split", help="e.g. mini_val, val."),
+    out: Path = typer.Option(..., "--out", help="Folder for submission.json and metrics.json."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Training checkpoint (.pt) to evaluate."),
+    results: Optional[Path] = typer.Option(None, "--results", help="Evaluate an existing submission JSON instead."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    backend: str = typer.Option("torch", "--backend", help="torch (onnx and tensorrt: see deploy/)."),
+    modalities: Optional[str] = typer.Option(None, "--modalities", help="Evaluate with only these sensors, e.g. lidar or camera,radar."),
+    device: Optional[str] = typer.Option(None, "--device"),
+    batch_size: int = typer.Option(2, "--batch-size", min=1),
+    workers: int = typer.Option(2, "--workers", min=0),
+) -> None:
+    """Official nuScenes metrics (the devkit's DetectionEval), map segmentation IoU and scene-tag mAP."""
+    from perception.evaluation import evaluate_checkpoint, evaluate_results_file, format_metrics
+
+    if (checkpoint is None) == (results is None):
+        raise typer.BadParameter("give exactly one of --checkpoint and --results")
+    if results is not None:
+        metrics = evaluate_results_file(results, data, version, split, out)
+    else:
+        metrics = evaluate_checkpoint(checkpoint, data, version, split, out, backend=backend, device=device,
+                                      modalities=_parse_modalities(modalities), batch_size=batch_size, workers=workers)
+    typer.echo(format_metrics(metrics, title=f"{split} ({version})"))
+    typer.echo(f"wrote {out / 'metrics.json'}")
+
+
 @app.command("demo")
 def demo(
     data: Path = typer.Option(Path("datasets/synthetic-mini"), "--data", help="Synthetic dataroot (generated if missing)."),

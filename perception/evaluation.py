@@ -1,0 +1,378 @@
+"""Offline evaluation with the official nuScenes metrics, plus map segmentation and scene tags.
+
+Detection numbers come from the devkit's `DetectionEval` itself (detection_cvpr_2019). To keep evaluation
+within a 16-24 GB machine on v1.0-trainval, the devkit is handed a `LeanNuScenes`: the devkit's own class with
+only what `DetectionEval` reads (samples, annotations, and the LIDAR_TOP keyframes' sample_data and ego poses;
+the 2.6 M sweep records and their poses are dropped while loading). `tests/test_evaluation.py` checks that it
+gives the same metrics as the full `NuScenes`.
+
+Map segmentation IoU is accumulated per class at thresholds 0.35 ... 0.65 (BEVFusion's protocol: the reported
+mIoU is at the threshold that maximises the mean); scene tags get average precision per tag (sklearn-free).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from perception.errors import DataError, PerceptionError
+from perception.structures import DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS
+
+log = logging.getLogger(__name__)
+
+SEG_THRESHOLDS: tuple[float, ...] = (0.35, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65)
+METRIC_KEYS = ("nds", "map", "mate", "mase", "maoe", "mave", "maae", "per_class_ap", "seg_iou", "seg_miou", "scene_map")
+
+
+# ------------------------------------------------------------------------------------------- devkit
+
+
+def _load_lean_nuscenes(version: str, dataroot: str | Path):
+    """A `nuscenes.NuScenes` holding only what `DetectionEval` needs (see the module docstring)."""
+    from nuscenes.nuscenes import NuScenes
+
+    class LeanNuScenes(NuScenes):
+        def __init__(self, version: str, dataroot: str):
+            self.version = version
+            self.dataroot = dataroot
+            self.verbose = False
+            self.table_names = ["category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor",
+                                "ego_pose", "log", "scene", "sample", "sample_data", "sample_annotation", "map"]
+            for name in ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "log",
+                         "scene", "sample", "sample_annotation", "map"):
+                setattr(self, name, self._read(name))
+            sensors = {s["token"]: s["channel"] for s in self.sensor}
+            lidar_calibs = {c["token"] for c in self.calibrated_sensor if sensors.get(c["sensor_token"]) == "LIDAR_TOP"}
+            sample_data = self._read("sample_data")
+            self.sample_data = [sd for sd in sample_data if sd["is_key_frame"] and sd["calibrated_sensor_token"] in lidar_calibs]
+            del sample_data
+            gc.collect()
+            poses = {sd["ego_pose_token"] for sd in self.sample_data}
+            ego_pose = self._read("ego_pose")
+            self.ego_pose = [p for p in ego_pose if p["token"] in poses]
+            del ego_pose
+            gc.collect()
+            self._token2ind = {t: {r["token"]: i for i, r in enumerate(getattr(self, t))} for t in self.table_names}
+            for record in self.sample_annotation:
+                inst = self.get("instance", record["instance_token"])
+                record["category_name"] = self.get("category", inst["category_token"])["name"]
+            for record in self.sample:
+                record["data"] = {}
+                record["anns"] = []
+            for sd in self.sample_data:
+                self.get("sample", sd["sample_token"])["data"]["LIDAR_TOP"] = sd["token"]
+            for ann in self.sample_annotation:
+                self.get("sample", ann["sample_token"])["anns"].append(ann["token"])
+            missing = [s["token"] for s in self.sample if "LIDAR_TOP" not in s["data"]]
+            if missing:
+                raise DataError(f"{len(missing)} samples have no LIDAR_TOP keyframe, e.g. {missing[0]}", path=self.table_root)
+
+        def _read(self, name: str) -> list[dict]:
+            path = Path(self.table_root) / f"{name}.json"
+            try:
+                with open(path) as f:
+                    return json.load(f)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise DataError(f"cannot read table: {exc}", path=path) from None
+
+    return LeanNuScenes(version, str(dataroot))
+
+
+def detection_eval(dataroot: str | Path, version: str, split: str, submission: str | Path, out_dir: str | Path,
+                   nusc=None) -> dict:
+    """Run the devkit's `DetectionEval` (detection_cvpr_2019) on a submission file.
+
+    Returns the devkit's serialized metrics (keys nd_score, mean_ap, mean_dist_aps, tp_errors, label_tp_errors...).
+    `nusc`: an already loaded `NuScenes` (default: a `LeanNuScenes`).
+    """
+    from nuscenes.eval.common.config import config_factory
+    from nuscenes.eval.detection.evaluate import DetectionEval
+
+    if nusc is None:
+        nusc = _load_lean_nuscenes(version, dataroot)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ev = DetectionEval(nusc, config_factory("detection_cvpr_2019"), result_path=str(submission), eval_set=split,
+                           output_dir=str(out_dir / "detection"), verbose=False)
+    except AssertionError as exc:  # the devkit reports a bad submission with bare asserts
+        raise PerceptionError(f"{submission}: not a valid submission for split {split}: {exc}") from None
+    metrics, _ = ev.evaluate()
+    return metrics.serialize()
+
+
+def summarise_detection(devkit: dict) -> dict:
+    """The devkit's metrics -> our flat keys (nds, map, mATE..., per_class_ap, per_class_tp_errors)."""
+    tp = devkit["tp_errors"]
+    return {
+        "nds": float(devkit["nd_score"]),
+        "map": float(devkit["mean_ap"]),
+        "mate": float(tp["trans_err"]),
+        "mase": float(tp["scale_err"]),
+        "maoe": float(tp["orient_err"]),
+        "mave": float(tp["vel_err"]),
+        "maae": float(tp["attr_err"]),
+        "per_class_ap": {k: float(v) for k, v in devkit["mean_dist_aps"].items()},
+        "per_class_tp_errors": {k: {m: (None if np.isnan(v) else float(v)) for m, v in d.items()} for k, d in devkit["label_tp_errors"].items()},
+    }
+
+
+# ------------------------------------------------------------------------------------ seg and scenes
+
+
+@dataclass
+class SegmentationStats:
+    """Per-class intersection / union pixel counts at each threshold of `SEG_THRESHOLDS`."""
+
+    intersection: np.ndarray = field(default_factory=lambda: np.zeros((len(SEG_THRESHOLDS), len(MAP_CLASSES)), np.int64))
+    union: np.ndarray = field(default_factory=lambda: np.zeros((len(SEG_THRESHOLDS), len(MAP_CLASSES)), np.int64))
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """probs (C, H, W) float in [0, 1]; target (C, H, W) {0, 1}."""
+        t = target.bool()
+        for k, thr in enumerate(SEG_THRESHOLDS):
+            p = probs >= thr
+            self.intersection[k] += (p & t).flatten(1).sum(1).cpu().numpy()
+            self.union[k] += (p | t).flatten(1).sum(1).cpu().numpy()
+
+    def merge(self, other: "SegmentationStats") -> None:
+        self.intersection += other.intersection
+        self.union += other.union
+
+    def result(self) -> dict:
+        iou = self.intersection / np.maximum(self.union, 1)
+        best = int(np.argmax(iou.mean(axis=1)))
+        return {
+            "seg_iou": {c: float(iou[best, i]) for i, c in enumerate(MAP_CLASSES)},
+            "seg_miou": float(iou[best].mean()),
+            "seg_threshold": SEG_THRESHOLDS[best],
+        }
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Average precision of binary `labels` ranked by `scores` (None when there is no positive)."""
+    labels = np.asarray(labels, bool)
+    if not labels.any():
+        return None
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    hits = labels[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def scene_metrics(scores: np.ndarray, tags: np.ndarray) -> dict:
+    """scores, tags (S, len(SCENE_TAGS)) -> per-tag AP (tags with a positive) and their mean."""
+    per_tag = {}
+    for i, name in enumerate(SCENE_TAGS):
+        ap = average_precision(scores[:, i], tags[:, i] > 0.5) if len(scores) else None
+        if ap is not None:
+            per_tag[name] = ap
+    return {"scene_ap": per_tag, "scene_map": float(np.mean(list(per_tag.values()))) if per_tag else 0.0}
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+@dataclass
+class InferenceOutput:
+    """Everything an evaluation needs from one pass over a split (merged across ranks)."""
+
+    results: dict[str, list[dict]]
+    seg: SegmentationStats
+    scene_scores: list[np.ndarray]
+    scene_tags: list[np.ndarray]
+
+    def merge(self, other: "InferenceOutput") -> None:
+        self.results.update(other.results)
+        self.seg.merge(other.seg)
+        self.scene_scores += other.scene_scores
+        self.scene_tags += other.scene_tags
+
+
+def run_inference(model, loader: Iterable, device: torch.device, modality_mask: Sequence[bool] | None = None,
+                  progress: bool = True, desc: str = "eval") -> InferenceOutput:
+    """Predict every batch of `loader` and collect the submission entries (global frame), segmentation
+    counts and scene scores.
+
+    modality_mask: (camera, lidar, radar) to force for every sample (None: the batches' own).
+    """
+    from perception.data.submission import submission_entries
+
+    out = InferenceOutput({}, SegmentationStats(), [], [])
+    model.eval()
+    it = loader
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc=desc, unit="batch", leave=False)
+    for batch in it:
+        batch = batch.to(device)
+        if modality_mask is not None:
+            forced = torch.tensor(modality_mask, dtype=torch.bool, device=device).expand_as(batch.modality_mask)
+            batch.modality_mask = batch.modality_mask & forced
+        with torch.no_grad():
+            preds = model.predict(batch)
+        for b, (pred, meta) in enumerate(zip(preds, batch.meta)):
+            token = meta["sample_token"]
+            if "lidar_aug" in meta and not np.allclose(meta["lidar_aug"], np.eye(4)):
+                raise PerceptionError("run_inference: the evaluation loader must not apply BEV augmentation")
+            out.results[token] = submission_entries(
+                token, pred.boxes_lidar, pred.labels.cpu(), pred.scores.cpu(), pred.attributes.cpu(),
+                meta["lidar2ego"], meta["ego2global"])
+            out.seg.update(pred.map_probs, batch.map_masks[b])
+            out.scene_scores.append(pred.scene_probs.float().cpu().numpy())
+            out.scene_tags.append(batch.scene_tags[b].float().cpu().numpy())
+    return out
+
+
+def metrics_from(devkit: dict, seg: SegmentationStats, scene_scores: list[np.ndarray], scene_tags: list[np.ndarray]) -> dict:
+    metrics = summarise_detection(devkit)
+    metrics.update(seg.result())
+    if scene_scores:
+        metrics.update(scene_metrics(np.stack(scene_scores), np.stack(scene_tags)))
+    else:
+        metrics.update({"scene_ap": {}, "scene_map": None})
+    return metrics
+
+
+def format_metrics(metrics: dict, title: str = "") -> str:
+    """A readable table of the metrics."""
+    lines = [title] if title else []
+    lines.append(f"NDS {metrics['nds']:.4f}   mAP {metrics['map']:.4f}")
+    lines.append(f"mATE {metrics['mate']:.3f}  mASE {metrics['mase']:.3f}  mAOE {metrics['maoe']:.3f}  "
+                 f"mAVE {metrics['mave']:.3f}  mAAE {metrics['maae']:.3f}")
+    lines.append("")
+    lines.append(f"{'class':<22}{'AP':>8}{'ATE':>8}{'ASE':>8}{'AOE':>8}{'AVE':>8}{'AAE':>8}")
+    for name in DETECTION_CLASSES:
+        tp = metrics.get("per_class_tp_errors", {}).get(name, {})
+        cells = [tp.get(k) for k in ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")]
+        fmt = "".join(f"{v:>8.3f}" if v is not None else f"{'-':>8}" for v in cells)
+        lines.append(f"{name:<22}{metrics['per_class_ap'].get(name, 0.0):>8.3f}{fmt}")
+    if metrics.get("seg_iou"):
+        lines.append("")
+        lines.append(f"map segmentation mIoU {metrics['seg_miou']:.4f} (threshold {metrics['seg_threshold']:.2f})")
+        lines.append("  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["seg_iou"].items()))
+    if metrics.get("scene_map") is not None:
+        lines.append(f"scene tags mAP {metrics['scene_map']:.4f}  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.get("scene_ap", {}).items()))
+    return "\n".join(lines)
+
+
+def write_metrics(path: str | Path, metrics: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def evaluate_results_file(submission: str | Path, dataroot: str | Path, version: str, split: str, out: str | Path) -> dict:
+    """`perception eval --results`: score an existing submission (detection only) and write O/metrics.json."""
+    t0 = time.time()
+    out = Path(out)
+    devkit = detection_eval(dataroot, version, split, submission, out)
+    metrics = summarise_detection(devkit)
+    metrics.update({"seg_iou": {}, "seg_miou": None, "scene_map": None, "submission": str(submission)})
+    write_metrics(out / "metrics.json", metrics)
+    log.info("evaluated %s in %.1f s", submission, time.time() - t0)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- drivers
+
+
+def _shard_loader(dataset, batch_size: int, workers: int, rank: int, world: int):
+    from torch.utils.data import DataLoader
+
+    from perception.data.collate import collate_samples
+
+    indices = list(range(rank, len(dataset), world))
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, collate_fn=collate_samples)
+
+
+def gather_inference(out: InferenceOutput, dist_info) -> InferenceOutput | None:
+    """Merge every rank's `InferenceOutput` on rank 0 (None on the other ranks)."""
+    if dist_info is None or not dist_info.enabled:
+        return out
+    import torch.distributed as dist
+
+    gathered = [None] * dist_info.world_size if dist_info.is_main else None
+    dist.gather_object(out, gathered, dst=0)
+    if not dist_info.is_main:
+        return None
+    merged = gathered[0]
+    for other in gathered[1:]:
+        merged.merge(other)
+    return merged
+
+
+def evaluate_model(model, dataset, dataroot: str | Path, version: str, split: str, out_dir: str | Path, *,
+                   device: torch.device, dist_info=None, batch_size: int = 2, workers: int = 0,
+                   modality_mask: Sequence[bool] | None = None, progress: bool = True, nusc=None) -> dict | None:
+    """Predict a split, write `out_dir/submission.json` and `out_dir/metrics.json`, return the metrics
+    (rank 0; None on other ranks). Every sample of the split gets an entry ([] when nothing is detected)."""
+    from perception.data.submission import write_submission
+
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
+    loader = _shard_loader(dataset, batch_size, workers, rank, world)
+    out = gather_inference(run_inference(model, loader, device, modality_mask, progress=progress and rank == 0), dist_info)
+    if out is None:
+        return None
+    out_dir = Path(out_dir)
+    use = modality_mask if modality_mask is not None else (True, True, True)
+    expected = {str(t) for t in dataset.index.tokens}
+    missing = expected - set(out.results)
+    if missing:
+        raise PerceptionError(f"evaluation: {len(missing)} samples of {split} got no prediction (e.g. {next(iter(missing))})")
+    sub = write_submission(out_dir / "submission.json", out.results, use_camera=bool(use[0]), use_lidar=bool(use[1]),
+                           use_radar=bool(use[2]), use_map=False)
+    if sum(map(len, out.results.values())) == 0:
+        log.warning("no boxes predicted on %s: detection metrics are zero", split)
+        devkit = _empty_detection_metrics()
+    else:
+        devkit = detection_eval(dataroot, version, split, sub, out_dir, nusc=nusc)
+    metrics = metrics_from(devkit, out.seg, out.scene_scores, out.scene_tags)
+    metrics["modalities"] = {"camera": bool(use[0]), "lidar": bool(use[1]), "radar": bool(use[2])}
+    metrics["num_samples"] = len(out.results)
+    write_metrics(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _empty_detection_metrics() -> dict:
+    """The devkit's serialized metrics for a submission without any box (it refuses to evaluate one)."""
+    nan_tp = {k: 1.0 for k in ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")}
+    return {"nd_score": 0.0, "mean_ap": 0.0, "tp_errors": nan_tp, "mean_dist_aps": {c: 0.0 for c in DETECTION_CLASSES},
+            "label_tp_errors": {c: dict(nan_tp) for c in DETECTION_CLASSES}}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: str, split: str, out: str | Path, *,
+                        backend: str = "torch", device: str | None = None, modalities: Sequence[bool] | None = None,
+                        batch_size: int = 2, workers: int = 0, progress: bool = True) -> dict:
+    """`perception eval --checkpoint`: evaluate a training checkpoint (torch backend) on a split."""
+    from perception.config import config_from_dict
+    from perception.model.build import build_model
+    from perception.training import build_dataset, load_checkpoint, model_state_from, pick_device
+
+    if backend != "torch":
+        raise PerceptionError(f"--backend {backend}: only the torch backend is available in this build")
+    dev = pick_device(device)
+    ckpt = load_checkpoint(checkpoint, map_location=dev)
+    if "config" not in ckpt:
+        raise PerceptionError(f"{checkpoint}: not a training checkpoint of this stack (no 'config' key)")
+    cfg = config_from_dict(ckpt["config"], source=f"{checkpoint} config")
+    model = build_model(cfg).to(dev)
+    model.load_state_dict(model_state_from(ckpt))
+    dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=model.map_grid)
+    t0 = time.time()
+    metrics = evaluate_model(model, dataset, dataroot, version, split, out, device=dev, batch_size=batch_size,
+                             workers=workers, modality_mask=modalities, progress=progress)
+    log.info("evaluated %d samples of %s in %.1f s", len(dataset), split, time.time() - t0)
+    return metrics

@@ -1,0 +1,593 @@
+"""Training and fine-tuning: one process, or many under `torchrun` (PyTorch DDP).
+
+The loop is short on purpose (`Trainer.step`); everything around it is plain functions:
+  - data: `build_dataset` turns the experiment config into a `NuScenesDataset`; `EpochSampler` gives every
+    rank its share of a seeded per-epoch permutation, and can start mid-epoch (exact resume);
+  - optimisation: AdamW with layer-wise lr decay over the camera ViT, linear warm-up then cosine decay,
+    gradient clipping, gradient accumulation, AMP on GPU, optional EMA of the weights;
+  - checkpoints: `W/checkpoints/last.pt`, `best.pt` and `step_XXXXXXX.pt`, each written to a temp file and
+    renamed, with model, optimizer, scheduler, scaler, EMA, step and every RNG state;
+  - logging: a progress bar with loss and ETA, readable log lines, TensorBoard scalars in `W/tb`, the resolved
+    config in `W/config.yaml`; periodic validation with the official metrics (`perception.evaluation`).
+
+Distributed: `torchrun --nproc-per-node K -m perception train ...`. Each rank draws its own micro-batches of
+the global batch (batch_size x world size x accumulate_steps), seeds itself with seed + rank, and only rank 0
+logs, writes checkpoints and evaluates (validation predictions are gathered from every rank).
+BatchNorm statistics are per process, so K processes with batch b compute exactly what one process computes
+with batch b and K accumulation steps (`tests/test_training.py` checks this).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from perception.config import ExperimentConfig
+from perception.errors import ConfigError, PerceptionError
+
+log = logging.getLogger(__name__)
+
+
+# -------------------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when started by torchrun (RANK/WORLD_SIZE set); a no-op otherwise."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def default_splits(version: str) -> tuple[str, str]:
+    """(train split, validation split) of a nuScenes version."""
+    return ("mini_train", "mini_val") if version.endswith("mini") else ("train", "val")
+
+
+def build_dataset(cfg: ExperimentConfig, data: str | Path, version: str, split: str | None, *, train: bool,
+                  map_grid=None, index=None):
+    """The `NuScenesDataset` the experiment config describes (training augmentation when `train`).
+
+    Image resize limits in the config are relative to the scale that fits the camera width to
+    ``data.image_size``, so one config serves 1600x900 nuScenes and smaller synthetic images alike.
+    """
+    from perception.data.dataset import DatasetConfig, NuScenesDataset
+    from perception.data.transforms import BEVAugConfig, ImageAugConfig
+
+    d = cfg.data
+    grid = map_grid if map_grid is not None else cfg.grid.build()
+    # The dataset counts the keyframe sweep too (the devkit's nsweeps); the config counts the sweeps before it.
+    base = DatasetConfig(grid=grid, lidar_sweeps=d.lidar_sweeps + 1, radar_sweeps=d.radar_sweeps + 1,
+                         skip_bad_samples=d.skip_bad_samples, seed=cfg.train.seed)
+    ds = NuScenesDataset(data, version, split, config=base, index=index)
+    if len(ds) == 0:
+        raise PerceptionError(f"{data}: split {split!r} of {version} has no samples")
+    src_w = float(np.median(ds.index.cam_wh[..., 0]))
+    fit = d.image_size[1] / src_w
+    image = ImageAugConfig(final_hw=tuple(d.image_size), resize_lim=(fit * d.resize_lim[0], fit * d.resize_lim[1]),
+                           bot_pct_lim=tuple(d.bot_pct_lim), rot_lim_deg=tuple(d.rot_lim_deg), flip=d.image_flip)
+    bev = None
+    if train and d.bev_aug:
+        bev = BEVAugConfig(rot_lim_deg=tuple(d.bev_rot_lim_deg), scale_lim=tuple(d.bev_scale_lim),
+                           flip_x_prob=d.bev_flip_prob, flip_y_prob=d.bev_flip_prob, trans_std=tuple(d.bev_trans_std))
+    return ds.with_config(image=image, bev_aug=bev, train=train)
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of one epoch for one rank: a permutation seeded by (seed, epoch), cut into global batches of
+    ``micro_batch x world_size x accumulate`` samples; micro-batch ``a * world_size + rank`` of each global
+    batch goes to `rank` as its a-th accumulation step. Incomplete global batches are dropped.
+
+    `start_batch` skips that many global batches (resuming mid-epoch).
+    """
+
+    def __init__(self, num_samples: int, *, micro_batch: int, world_size: int = 1, rank: int = 0, accumulate: int = 1,
+                 seed: int = 0, epoch: int = 0, shuffle: bool = True, start_batch: int = 0):
+        self.n, self.mb, self.world, self.rank, self.acc = num_samples, micro_batch, world_size, rank, accumulate
+        self.seed, self.epoch, self.shuffle, self.start_batch = seed, epoch, shuffle, start_batch
+
+    @property
+    def global_batch(self) -> int:
+        return self.mb * self.world * self.acc
+
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start_batch) * self.mb * self.acc
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        for b in range(self.start_batch, self.batches_per_epoch()):
+            chunk = perm[b * self.global_batch:(b + 1) * self.global_batch]
+            for a in range(self.acc):
+                m = a * self.world + self.rank
+                yield from chunk[m * self.mb:(m + 1) * self.mb]
+
+
+def make_loader(dataset, sampler, batch_size: int, workers: int) -> DataLoader:
+    from perception.data.collate import collate_samples
+
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_samples,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+# --------------------------------------------------------------------------------------- optimisation
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float = 0.01):
+    """Linear warm-up from 1/warmup to 1 over `warmup` steps, then cosine down to `min_ratio` at `total`."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers (decay d per step, with warm-up)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = state["decay"], state["updates"]
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+class _LossWrapper(nn.Module):
+    """Lets DDP wrap `model.loss` (DDP synchronises gradients of what runs through its forward)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise PerceptionError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated or foreign file
+        raise PerceptionError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def model_state_from(ckpt: dict, prefer_ema: bool = True) -> dict:
+    if prefer_ema and ckpt.get("ema") is not None:
+        return ckpt["ema"]["shadow"]
+    return ckpt["model"]
+
+
+def init_from_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load model weights only (fine-tuning); returns and logs (missing, unexpected) keys. Keys whose shapes
+    differ (e.g. another head size) are skipped and reported as missing."""
+    ckpt = load_checkpoint(path)
+    state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    result = model.load_state_dict(usable, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys) + [k for k in state if k not in own]
+    log.info("init from %s: %d tensors loaded, %d missing%s, %d unexpected%s, %d with other shapes%s", path, len(usable),
+             len(missing), f" (e.g. {missing[:3]})" if missing else "", len(unexpected), f" (e.g. {unexpected[:3]})" if unexpected else "",
+             len(mismatched), f" (e.g. {mismatched[:3]})" if mismatched else "")
+    return missing, sorted(set(unexpected))
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What `perception train` was asked to do (besides the experiment config)."""
+
+    data: Path
+    version: str = "v1.0-mini"
+    work_dir: Path = Path("work_dirs/run")
+    max_steps: int | None = None
+    epochs: int | None = None
+    resume: bool = False
+    init_from: Path | None = None
+    time_budget_s: float | None = None  # stop (and checkpoint) after this much training time
+    device: str | None = None
+    progress: bool = True
+    train_split: str | None = None
+    val_split: str | None = None
+
+
+@dataclass
+class TrainResult:
+    step: int
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    history: list[dict]
+    stopped_early: bool
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, spec: RunSpec):
+        from perception.model.build import build_model
+        from perception.model.camera import layer_decay_param_groups
+
+        self.cfg, self.spec = cfg, spec
+        t = cfg.train
+        self.device = pick_device(spec.device)
+        self.dist = init_distributed(self.device)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed = t.seed + self.dist.rank
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self.work_dir = Path(spec.work_dir)
+        self.ckpt_dir = self.work_dir / "checkpoints"
+        train_split, val_split = default_splits(spec.version)
+        self.train_split = spec.train_split or train_split
+        self.val_split = spec.val_split or val_split
+
+        self.model = build_model(cfg).to(self.device)
+        if spec.init_from is not None:
+            init_from_checkpoint(self.model, spec.init_from)
+        self.train_set = build_dataset(cfg, spec.data, spec.version, self.train_split, train=True, map_grid=self.model.map_grid)
+        if t.gt_sampling:
+            self.train_set.gt_sampler = self._gt_sampler()
+        self.val_set = None  # built on first validation
+        self.micro_batch = t.batch_size
+        self.global_batch = t.batch_size * self.dist.world_size * t.accumulate_steps
+        self.batches_per_epoch = len(self.train_set) // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"train.batch_size: a global batch of {self.global_batch} samples is larger than the "
+                              f"{len(self.train_set)} samples of split {self.train_split}")
+        if spec.max_steps is not None:
+            self.total_steps = spec.max_steps
+        elif spec.epochs is not None:
+            self.total_steps = spec.epochs * self.batches_per_epoch
+        else:
+            self.total_steps = t.max_steps
+
+        groups = layer_decay_param_groups(self.model, lr=t.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, self.total_steps))
+        self.amp = t.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        wrapper = _LossWrapper(self.model)
+        if self.dist.enabled:
+            wrapper = nn.parallel.DistributedDataParallel(
+                wrapper, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True)
+        self.loss_module = wrapper
+        self.step = 0
+        self.best_nds = -1.0
+        self.history: list[dict] = []
+        self.writer = None
+        if self.dist.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            (self.work_dir / "config.yaml").write_text(_dump_config(cfg))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.work_dir / "tb"))
+        if spec.resume:
+            self._resume()
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    def _gt_sampler(self):
+        from perception.data.gt_sampling import GTDatabase, GTSampler
+
+        path = Path(self.spec.data) / f"gt_database_{self.spec.version}_{self.train_split}.pkl"
+        if path.is_file():
+            db = GTDatabase.load(path)
+        else:
+            db = GTDatabase.build(self.train_set.with_config(train=False, bev_aug=None))
+            if self.dist.is_main:
+                db.save(path)
+        return GTSampler(db)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "step": self.step,
+            "best_nds": self.best_nds,
+            "history": self.history,
+            "rng": rng_state(),
+            "config": self.cfg.model_dump(mode="json"),
+            "version": self.spec.version,
+        }
+
+    def save(self, name: str) -> Path:
+        path = self.ckpt_dir / name
+        if self.dist.is_main:
+            save_atomic(self.state_dict(), path)
+        return path
+
+    def _resume(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.is_file():
+            log.warning("--resume: no %s; starting from scratch", path)
+            return
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"])
+        self.step, self.best_nds, self.history = ckpt["step"], ckpt["best_nds"], ckpt["history"]
+        if self.dist.world_size == 1:
+            set_rng_state(ckpt["rng"])
+        else:  # rank 0's states were saved; every rank reseeds from its rank and the step
+            seed = self.cfg.train.seed + 7919 * self.step + self.dist.rank
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -------------------------------------------------------------------------------------- training
+
+    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+        t = self.cfg.train
+        self.train_set.set_epoch(epoch)
+        sampler = EpochSampler(len(self.train_set), micro_batch=self.micro_batch, world_size=self.dist.world_size,
+                               rank=self.dist.rank, accumulate=t.accumulate_steps, seed=t.seed, epoch=epoch,
+                               start_batch=start_batch)
+        return make_loader(self.train_set, sampler, self.micro_batch, t.num_workers)
+
+    def train_step(self, micro_batches: list) -> dict[str, float]:
+        """One optimizer step over `accumulate_steps` micro-batches; returns the mean loss terms."""
+        t = self.cfg.train
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.device, non_blocking=True)
+            sync = i == len(micro_batches) - 1
+            ctx = self.loss_module.no_sync() if (self.dist.enabled and not sync) else _nullcontext()
+            with ctx:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                    losses = self.loss_module(batch)
+                    total = sum(losses.values())
+                if not torch.isfinite(total):
+                    raise PerceptionError(f"non-finite loss at step {self.step}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                                          + f" (samples {[m['sample_token'] for m in batch.meta]})")
+                self.scaler.scale(total / len(micro_batches)).backward()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / len(micro_batches)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
+        self.step += 1
+        totals["total"] = sum(v for k, v in totals.items())
+        totals["grad_norm"] = float(grad_norm)
+        return totals
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.train
+        start_time = time.time()
+        stopped_early = False
+        bar = None
+        if self.dist.is_main and self.spec.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        log.info("training %d steps (%d per epoch, global batch %d on %d process(es), device %s) into %s",
+                 self.total_steps, self.batches_per_epoch, self.global_batch, self.dist.world_size, self.device, self.work_dir)
+        running: dict[str, float] = {}
+        while self.step < self.total_steps and not stopped_early:
+            epoch, start_batch = divmod(self.step, self.batches_per_epoch)
+            micro: list = []
+            for batch in self._loader(epoch, start_batch):
+                micro.append(batch)
+                if len(micro) < t.accumulate_steps:
+                    continue
+                losses = self.train_step(micro)
+                micro = []
+                for k, v in losses.items():
+                    running[k] = running.get(k, 0.0) + v
+                running["_n"] = running.get("_n", 0) + 1
+                if self.writer is not None:
+                    for k, v in losses.items():
+                        self.writer.add_scalar(f"train/{k}", v, self.step)
+                    self.writer.add_scalar("train/lr", self.optimizer.param_groups[-1]["lr"], self.step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses['total']:.3f}", hm=f"{losses.get('heatmap', 0):.3f}")
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    n = running.pop("_n")
+                    mean = {k: v / n for k, v in running.items()}
+                    running = {}
+                    self.history.append({"step": self.step, "time_s": time.time() - start_time, **mean})
+                    if self.dist.is_main:
+                        log.info("step %d/%d  %s  lr %.2e", self.step, self.total_steps,
+                                 "  ".join(f"{k} {v:.4f}" for k, v in mean.items() if k != "grad_norm"),
+                                 self.optimizer.param_groups[-1]["lr"])
+                over_budget = self.spec.time_budget_s is not None and time.time() - start_time > self.spec.time_budget_s
+                if t.val_every and self.step % t.val_every == 0 and self.step < self.total_steps and not over_budget:
+                    self.validate()
+                if self.step % t.checkpoint_every == 0:
+                    self.save("last.pt")
+                    self.save(f"step_{self.step:07d}.pt")
+                if self.step >= self.total_steps:
+                    break
+                if over_budget:
+                    log.info("time budget of %.0f s reached at step %d", self.spec.time_budget_s, self.step)
+                    stopped_early = True
+                    break
+        if bar is not None:
+            bar.close()
+        last = self.save("last.pt")
+        best = self.ckpt_dir / "best.pt"
+        if t.val_every:
+            self.validate()
+        if self.writer is not None:
+            self.writer.flush()
+        return TrainResult(self.step, last, best if best.is_file() else None, self.history, stopped_early)
+
+    # ------------------------------------------------------------------------------------ validation
+
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate: the EMA when enabled."""
+        if self.ema is None:
+            return self.model
+        from copy import deepcopy
+
+        m = deepcopy(self.model)
+        m.load_state_dict(self.ema.shadow)
+        return m
+
+    def validate(self) -> dict | None:
+        from perception.evaluation import evaluate_model
+
+        if self.val_set is None:
+            self.val_set = build_dataset(self.cfg, self.spec.data, self.spec.version, self.val_split, train=False,
+                                         map_grid=self.model.map_grid)
+        metrics = evaluate_model(self.eval_model(), self.val_set, self.spec.data, self.spec.version, self.val_split,
+                                 self.work_dir / "val" / f"step_{self.step:07d}", device=self.device, dist_info=self.dist,
+                                 batch_size=self.cfg.train.batch_size, workers=self.cfg.train.num_workers,
+                                 progress=self.spec.progress)
+        if metrics is None:  # non-zero ranks
+            return None
+        if self.writer is not None:
+            for k in ("nds", "map", "mate", "mase", "maoe", "mave", "maae", "seg_miou", "scene_map"):
+                if metrics.get(k) is not None:
+                    self.writer.add_scalar(f"val/{k}", metrics[k], self.step)
+        self.history.append({"step": self.step, "val_nds": metrics["nds"], "val_map": metrics["map"], "val_seg_miou": metrics["seg_miou"]})
+        log.info("validation at step %d: NDS %.4f mAP %.4f seg mIoU %.4f", self.step, metrics["nds"], metrics["map"], metrics["seg_miou"])
+        if metrics["nds"] > self.best_nds:
+            self.best_nds = metrics["nds"]
+            self.save("best.pt")
+        return metrics
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.dist.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _dump_config(cfg: ExperimentConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def train(cfg: ExperimentConfig, spec: RunSpec) -> TrainResult:
+    trainer = Trainer(cfg, spec)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
