@@ -133,6 +133,7 @@ class PillarEncoder(nn.Module):
         self.voxelizer = voxelizer
         self.grid = voxelizer.grid
         self.out_channels = out_channels
+        self.pfn_channels = pfn_channels
         self.pfn = nn.Sequential(
             nn.Linear(voxelizer.num_features, pfn_channels, bias=False), nn.BatchNorm1d(pfn_channels), nn.ReLU(inplace=True)
         )
@@ -148,11 +149,13 @@ class PillarEncoder(nn.Module):
     def forward(self, features: Tensor, point_mask: Tensor, index: Tensor, batch_size: int) -> Tensor:
         """features: (P, M, F) float; point_mask: (P, M) float; index: (P,) int64 (see `Pillars`).
 
-        Returns: (batch_size, out_channels, H, W) BEV features; zeros where there are no pillars.
+        `batch_size` is B (in the exported graph it comes from the images' shape). P = 0 (every cloud empty) is
+        valid: the scattered grid is then all zeros.
+
+        Returns: (batch_size, out_channels, H, W) float BEV features on the grid (row along +y, column along +x).
         """
         p, m, f = features.shape
-        x = self.pfn[0](features.view(p * m, f))
-        x = self.pfn[2](self.pfn[1](x)).view(p, m, -1)
+        x = self.pfn(features.reshape(p * m, f)).view(p, m, self.pfn_channels)
         x = (x * point_mask[..., None]).amax(dim=1)  # (P, C); ReLU output >= 0 so masked zeros never win
         cells = self.grid.height * self.grid.width
         bev = scatter_add_rows(x, index, batch_size * cells)

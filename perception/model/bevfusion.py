@@ -21,6 +21,7 @@ from fusion.lidar import LidarEncoder
 from fusion.radar import RadarEncoder
 from perception.config import LossConfig
 from perception.data.batch import Batch
+from perception.errors import ConfigError
 from perception.model.camera import CameraEncoder
 from perception.model.decoder import BEVDecoder
 from perception.model.heads import (
@@ -65,11 +66,12 @@ class Prediction:
     """What the model predicts for one sample.
 
     Attributes:
-        boxes_lidar: boxes in the keyframe's LIDAR_TOP frame.
+        boxes_lidar: K boxes in the keyframe's LIDAR_TOP frame (`Boxes3D` layout, metres, radians, m/s).
         scores: (K,) float32 in [0, 1].
         labels: (K,) int64 into DETECTION_CLASSES.
         attributes: (K,) int64 into ATTRIBUTES, -1 for classes without attributes.
-        map_probs: (len(MAP_CLASSES), H, W) float32 in [0, 1] on the model's BEVGrid.
+        map_probs: (len(MAP_CLASSES), H_map, W_map) float32 in [0, 1] on `BEVFusionModel.map_grid` (the BEV
+            grid unless ``model.heads.map_grid`` sets another), row i along +y, column j along +x.
         scene_probs: (len(SCENE_TAGS),) float32 in [0, 1].
     """
 
@@ -103,7 +105,8 @@ class BEVFusionModel(nn.Module):
         grid: the BEV grid every part was built for.
         loss_weights: weight of each loss term (0 = not computed).
         decode: detection post-processing settings.
-        modality_dropout: per-sample modality drop probability applied in `loss` (0 = off).
+        modality_dropout: per-sample, per-modality drop probability applied by `loss` in training mode (0 = off);
+            a sample always keeps one of the modalities it has.
     """
 
     def __init__(self, *, camera_encoder: CameraEncoder, view_transform: ViewTransform, lidar_encoder: LidarEncoder,
@@ -128,16 +131,31 @@ class BEVFusionModel(nn.Module):
         self.modality_dropout = modality_dropout
         self.register_buffer("regression_weights", torch.tensor(REGRESSION_WEIGHTS), persistent=False)
 
+    @property
+    def map_grid(self) -> BEVGrid:
+        """The grid of the map segmentation output (and of `Batch.map_masks`)."""
+        return self.heads.map_segmentation.map_grid
+
     # ------------------------------------------------------------------------------------ pre-processing
 
-    def prepare(self, batch: Batch, modality_mask: Tensor | None = None) -> CoreInputs:
-        """Pre-processing: a `Batch` -> `CoreInputs` on the batch's device. `modality_mask` (B, 3) bool
-        replaces the batch's (e.g. after modality dropout)."""
+    def prepare(self, batch: Batch, modality_mask: Tensor | None = None, camera_geometry: Tensor | None = None) -> CoreInputs:
+        """Pre-processing: a `Batch` -> `CoreInputs` on the batch's device (normalisation, voxelisation, rig
+        geometry; not part of the exported core).
+
+        Args:
+            batch: the data pipeline's batch.
+            modality_mask: (B, 3) bool replacing the batch's (e.g. after modality dropout).
+            camera_geometry: the view transform's geometry computed once for a fixed camera rig
+                (``model.view_transform.geometry(cam2img, cam2lidar)``, batch dimension B); None computes it
+                from the batch's calibration.
+        """
         lidar = self.lidar_encoder.voxelizer(batch.points_lidar, batch.num_points_lidar)
         radar = self.radar_encoder.voxelizer(batch.points_radar, batch.num_points_radar)
+        if camera_geometry is None:
+            camera_geometry = self.view_transform.geometry(batch.cam2img, batch.cam2lidar)
         return CoreInputs(
             images=self.camera_encoder.normalize(batch.images),
-            camera_geometry=self.view_transform.geometry(batch.cam2img, batch.cam2lidar),
+            camera_geometry=camera_geometry,
             lidar_features=lidar.features, lidar_point_mask=lidar.point_mask, lidar_pillar_index=lidar.index,
             radar_features=radar.features, radar_point_mask=radar.point_mask, radar_pillar_index=radar.index,
             modality_mask=batch.modality_mask if modality_mask is None else modality_mask,
@@ -168,8 +186,18 @@ class BEVFusionModel(nn.Module):
     # --------------------------------------------------------------------------------------- training
 
     def loss(self, batch: Batch) -> dict[str, Tensor]:
-        """Weighted loss terms (scalars; sum them for the total). Applies modality dropout if configured."""
-        mask = drop_modalities(batch.modality_mask, self.modality_dropout) if self.modality_dropout > 0 else batch.modality_mask
+        """Weighted loss terms: 0-dim float32 tensors, attached to the graph; sum them for the total.
+
+        Keys (a term whose weight is 0 is left out): ``heatmap`` (Gaussian focal), ``regression`` (L1 on offset,
+        z, log size, sin/cos yaw, velocity at the box centres), ``attribute`` (cross-entropy), ``map_focal`` and
+        ``map_dice`` (multi-label map segmentation), ``scene`` (BCE on scene tags), ``depth`` (BEVDepth-style, from
+        the LiDAR points projected into the images, for samples that have both; `LiftSplat` only). Empty scenes
+        and empty point clouds give finite values. In training mode, modality dropout
+        (``model.fuser.modality_dropout``) is applied to the batch's modality mask first.
+        """
+        mask = batch.modality_mask
+        if self.training and self.modality_dropout > 0:
+            mask = drop_modalities(mask, self.modality_dropout)
         out = self(*self.prepare(batch, mask).as_args())
         w = self.loss_weights
         targets = build_detection_targets(batch.boxes, batch.labels, batch.attributes, batch.num_boxes, self.grid,
@@ -182,6 +210,11 @@ class BEVFusionModel(nn.Module):
             losses["regression"] = w.regression * weighted_l1(reg, targets.regression, self.regression_weights)
         if w.attribute > 0:
             losses["attribute"] = w.attribute * masked_cross_entropy(attr_logits, targets.attributes)
+        if (w.map_focal > 0 or w.map_dice > 0) and batch.map_masks.shape != out["map"].shape:
+            raise ConfigError(
+                f"model.heads.map_grid: the batch's map_masks are {tuple(batch.map_masks.shape)} but the map head "
+                f"predicts {tuple(out['map'].shape)} on {self.map_grid}; rasterise the maps on the map head's grid"
+            )
         if w.map_focal > 0:
             losses["map_focal"] = w.map_focal * sigmoid_focal_loss(out["map"], batch.map_masks)
         if w.map_dice > 0:
@@ -190,6 +223,9 @@ class BEVFusionModel(nn.Module):
             losses["scene"] = w.scene * nn.functional.binary_cross_entropy_with_logits(out["scene"], batch.scene_tags)
         if w.depth > 0 and isinstance(self.view_transform, LiftSplat):
             depth_bins = self.view_transform.depth_target(batch.points_lidar, batch.num_points_lidar, batch.cam2img, batch.cam2lidar)
+            # Only samples whose images and LiDAR are real (the batch's own mask; dropout only hides them from the fuser).
+            real = (batch.modality_mask[:, 0] & batch.modality_mask[:, 1])[:, None, None, None]
+            depth_bins = torch.where(real, depth_bins, torch.full_like(depth_bins, -1))
             losses["depth"] = w.depth * depth_loss(out["depth"], depth_bins)
         return losses
 
@@ -197,7 +233,8 @@ class BEVFusionModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> list[Prediction]:
-        """Per-sample predictions (call `eval()` first for inference-mode BatchNorm)."""
+        """Per-sample predictions: decoded boxes (top-k, score threshold, per-class circle NMS), map and scene-tag
+        probabilities. Call `eval()` first, or BatchNorm uses the batch's statistics."""
         out = self(*self.prepare(batch).as_args())
         detections = decode_detections(out, self.grid, top_k=self.decode.top_k, score_threshold=self.decode.score_threshold,
                                        max_detections=self.decode.max_detections)

@@ -67,9 +67,11 @@ def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
                      out_channels=m.fuser.out_channels)
     bev_decoder = BEVDecoder(in_channels=fuser.out_channels, channels=m.decoder.channels, layers=m.decoder.layers,
                              out_channels=m.decoder.out_channels)
+    map_grid = grid if m.heads.map_grid is None else m.heads.map_grid.build("model.heads.map_grid", even=False)
     heads = BEVHeads(
         detection=CenterHead(in_channels=bev_decoder.out_channels, hidden=m.heads.det_channels),
-        map_segmentation=MapHead(in_channels=bev_decoder.out_channels, hidden=m.heads.map_channels, feature_grid=grid, map_grid=grid),
+        map_segmentation=MapHead(in_channels=bev_decoder.out_channels, hidden=m.heads.map_channels, feature_grid=grid,
+                                 map_grid=map_grid),
         scene=SceneHead(in_channels=bev_decoder.out_channels, hidden=m.heads.scene_channels),
     )
     model = BEVFusionModel(

@@ -10,6 +10,7 @@ What is here:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -52,13 +53,38 @@ def build_vit_backbone(name: str, image_size: tuple[int, int], *, blocks: int | 
 
 @dataclass
 class CheckpointReport:
-    """What happened when a checkpoint was loaded into a backbone (key names are the backbone's own)."""
+    """What happened when a checkpoint was loaded into a backbone (key names are the backbone's own).
+
+    Attributes:
+        path: the weights file that was read.
+        loaded: keys copied into the backbone.
+        missing: backbone keys the checkpoint did not provide (they keep their random initialisation).
+        unexpected: checkpoint keys the backbone does not have (classifier heads, blocks beyond `blocks`).
+        shape_mismatch: ``"key (checkpoint shape) != (backbone shape)"`` for keys skipped for their shape.
+        resampled: keys resampled to the backbone's patch grid (``pos_embed``), with the grids.
+        normalization: (mean, std) in [0, 1] units taken from the checkpoint's ``config.json``, or None.
+    """
 
     path: Path
+    loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
     resampled: list[str] = field(default_factory=list)
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+
+def _weights_file(path: Path) -> Path:
+    """The weights file of `path`: the file itself, or the weights inside a Hugging Face model folder."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if (path / candidate).is_file():
+                return path / candidate
+        raise ConfigError(f"model.camera.pretrained: {path} holds no model.safetensors or pytorch_model.bin")
+    if not path.is_file():
+        raise ConfigError(f"model.camera.pretrained: {path} does not exist")
+    return path
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -66,20 +92,15 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     ``weights_only=True``), or a Hugging Face model folder holding ``model.safetensors`` or ``pytorch_model.bin``.
     Nested ``state_dict`` / ``model`` / ``state_dict_ema`` entries are unwrapped.
     """
-    path = Path(path)
-    if path.is_dir():
-        for candidate in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-            if (path / candidate).is_file():
-                path = path / candidate
-                break
-        else:
-            raise ConfigError(f"model.camera.pretrained: {path} holds no model.safetensors or pytorch_model.bin")
-    if not path.is_file():
-        raise ConfigError(f"model.camera.pretrained: {path} does not exist")
+    path = _weights_file(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except SafetensorError as exc:
+            raise ConfigError(f"model.camera.pretrained: cannot read {path}: {exc}") from exc
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -94,6 +115,24 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
 
 
+def read_hf_config(path: Path) -> dict:
+    """The ``pretrained_cfg`` of the timm / Hugging Face ``config.json`` beside the weights (or in the folder),
+    with ``model_args`` merged in under the key ``model_args``; {} when there is none."""
+    weights = _weights_file(path)
+    config_file = weights.parent / "config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.camera.pretrained: cannot read {config_file}: {exc}") from exc
+    if not isinstance(raw, dict):
+        return {}
+    cfg = dict(raw.get("pretrained_cfg") or {})
+    cfg["model_args"] = dict(raw.get("model_args") or {})
+    return cfg
+
+
 def _strip_prefixes(state: dict[str, Tensor], own_keys: set[str]) -> dict[str, Tensor]:
     for prefix in _WRAPPER_PREFIXES:
         if not any(k in own_keys for k in state) and any(k.startswith(prefix) for k in state):
@@ -101,28 +140,56 @@ def _strip_prefixes(state: dict[str, Tensor], own_keys: set[str]) -> dict[str, T
     return state
 
 
-def load_backbone_checkpoint(backbone: VisionTransformer, path: Path) -> CheckpointReport:
-    """Load a local checkpoint into `backbone` in place and log a report.
+def _source_patch_grid(num_tokens: int, hf_config: dict, patch_size: int, target: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of the patch grid a checkpoint's position embedding was made for.
 
-    Position embeddings made for another image size are resampled (bicubic, timm's `resample_abs_pos_embed`)
-    to the backbone's patch grid; a square source grid is assumed when the checkpoint does not say otherwise.
-    Keys of another shape are skipped and reported; classifier heads and extra blocks show as unexpected.
+    In order: the image size recorded in the checkpoint's ``config.json`` (``model_args.img_size`` or
+    ``input_size``); a square grid when `num_tokens` is a perfect square (every timm ImageNet checkpoint);
+    otherwise the factorisation whose aspect ratio is closest to the `target` grid's.
     """
-    report = CheckpointReport(path=Path(path))
+    size = hf_config.get("model_args", {}).get("img_size") or hf_config.get("input_size")
+    if size is not None:
+        size = [size, size] if isinstance(size, int) else list(size)[-2:]
+        rows, cols = size[0] // patch_size, size[1] // patch_size
+        if rows * cols == num_tokens:
+            return rows, cols
+    side = math.isqrt(num_tokens)
+    if side * side == num_tokens:
+        return side, side
+    pairs = [(r, num_tokens // r) for r in range(1, num_tokens + 1) if num_tokens % r == 0]
+    aspect = target[0] / target[1]
+    return min(pairs, key=lambda rc: abs(math.log(rc[0] / rc[1] / aspect)))
+
+
+def load_backbone_checkpoint(backbone: VisionTransformer, path: Path) -> CheckpointReport:
+    """Load a local checkpoint into `backbone` in place; log and return a `CheckpointReport`.
+
+    Accepts what timm writes (``torch.save(model.state_dict())`` as ``.pth``, ``safetensors`` files,
+    `timm.models.save_for_hf` folders with ``config.json``) and the same wrapped in ``state_dict``/``model``
+    entries or ``module.``/``backbone.`` prefixes. Torch files are read with ``weights_only=True``.
+
+    Position embeddings made for another image size are resampled (bicubic, timm's `resample_abs_pos_embed`) to
+    the backbone's patch grid (the source grid: see `_source_patch_grid`). Keys of another shape are skipped and
+    reported; classifier heads and blocks beyond the backbone's depth show as unexpected. When ``config.json``
+    gives the checkpoint's pixel mean/std, they replace the backbone's ``pretrained_cfg`` mean/std, so that
+    `CameraEncoder` normalises images as the weights expect.
+
+    Raises `ConfigError` if the file cannot be read or none of its tensors belongs to the backbone.
+    """
+    report = CheckpointReport(path=_weights_file(path))
     own = backbone.state_dict()
     state = _strip_prefixes(read_state_dict(path), set(own))
+    hf_config = read_hf_config(path)
 
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         prefix = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
         old_tokens = state["pos_embed"].shape[1] - prefix
-        side = int(round(math.sqrt(old_tokens)))
-        if side * side != old_tokens:
-            raise ConfigError(f"model.camera.pretrained: {path}: pos_embed has {old_tokens} patch tokens, not a square grid")
+        new_grid = tuple(backbone.patch_embed.grid_size)
+        old_grid = _source_patch_grid(old_tokens, hf_config, backbone.patch_embed.patch_size[0], new_grid)
         state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=list(backbone.patch_embed.grid_size), old_size=[side, side],
-            num_prefix_tokens=prefix,
+            state["pos_embed"], new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=prefix,
         )
-        report.resampled.append("pos_embed")
+        report.resampled.append(f"pos_embed {old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]}")
 
     filtered: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -130,12 +197,22 @@ def load_backbone_checkpoint(backbone: VisionTransformer, path: Path) -> Checkpo
             report.shape_mismatch.append(f"{key} {tuple(value.shape)} != {tuple(own[key].shape)}")
         else:
             filtered[key] = value
+    if not any(k in own for k in filtered):
+        raise ConfigError(
+            f"model.camera.pretrained: none of the {len(state)} tensors of {report.path} belongs to a timm "
+            f"{type(backbone).__name__} (first keys: {', '.join(list(state)[:3])})"
+        )
     result = backbone.load_state_dict(filtered, strict=False)
     report.missing = sorted(result.missing_keys)
     report.unexpected = sorted(result.unexpected_keys)
+    report.loaded = sorted(k for k in filtered if k in own)
+    if "mean" in hf_config and "std" in hf_config:
+        report.normalization = (tuple(hf_config["mean"]), tuple(hf_config["std"]))
+        backbone.pretrained_cfg = {**(backbone.pretrained_cfg or {}), "mean": report.normalization[0],
+                                   "std": report.normalization[1]}
     logger.info(
         "loaded %s: %d tensors, %d missing, %d unexpected, %d shape-mismatched, resampled %s",
-        path, len(filtered) - len(report.unexpected), len(report.missing), len(report.unexpected),
+        report.path, len(report.loaded), len(report.missing), len(report.unexpected),
         len(report.shape_mismatch), report.resampled or "nothing",
     )
     for name, keys in (("missing", report.missing), ("unexpected", report.unexpected), ("shape-mismatched", report.shape_mismatch)):

@@ -86,6 +86,7 @@ def make_synthetic_batch(
     lidar_points_per_sample: Sequence[int | None] | None = None,
     radar_points_per_box: int = 3,
     modality_mask: Sequence[bool] | torch.Tensor = (True, True, True),
+    map_grid: BEVGrid | None = None,
     seed: int = 0,
 ) -> Batch:
     """A random `Batch` with a plausible camera rig.
@@ -100,6 +101,7 @@ def make_synthetic_batch(
         lidar_points_per_sample: per sample, None for the default cloud or 0 for an empty cloud.
         radar_points_per_box: radar returns per box (at its centre with its velocity) plus as many clutter points.
         modality_mask: (3,) for all samples or (B, 3) bool.
+        map_grid: grid of the random map masks (None: `grid`).
         seed: RNG seed; the same seed gives the same batch.
     """
     rng = np.random.default_rng(seed)
@@ -142,7 +144,7 @@ def make_synthetic_batch(
         radar = np.asarray(rows, np.float32).reshape(-1, 7)
         radar_all.append(radar), num_radar.append(len(radar))
 
-    h_bev, w_bev = grid.shape
+    h_bev, w_bev = (grid if map_grid is None else map_grid).shape
     map_masks = torch.zeros(batch_size, len(MAP_CLASSES), h_bev, w_bev)
     for b in range(batch_size):
         for c in range(len(MAP_CLASSES)):

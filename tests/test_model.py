@@ -1,0 +1,520 @@
+"""The fused BEV model: contract tests for both shipped configs on small random batches, camera checkpoints,
+fine-tuning tools, the view transforms' geometry, targets and decoding, overfitting one sample, ONNX export
+of the tensor core, and `perception model-info`.
+
+Everything runs on CPU with reduced image sizes, grids and depths (config overrides), and without the dataset
+fixture: batches come from `perception.model.synthetic.make_synthetic_batch`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
+
+from fusion.fuser import drop_modalities
+from fusion.lidar import LidarEncoder
+from perception.config import ExperimentConfig, load_config
+from perception.errors import ConfigError
+from perception.model.bev_pool import bev_flat_index
+from perception.model.bevfusion import BEVFusionModel, Prediction
+from perception.model.build import build_model
+from perception.model.camera import build_vit_backbone, layer_decay_param_groups, load_backbone_checkpoint
+from perception.model.heads import build_detection_targets, circle_nms, decode_detections
+from perception.model.synthetic import camera_rig, make_synthetic_batch
+from perception.model.view_transform import BEVSample, LiftSplat
+from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid, Boxes3D
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_IMAGE = (64, 176)  # (H, W): a 4 x 11 patch grid
+# Small variants of the shipped configs: 2 ViT blocks, 64x176 images, a 32 x 32 BEV grid, no modality dropout
+# (so that which branches get gradients is deterministic).
+SMALL = {
+    "tiny": ["data.image_size=[64, 176]", "model.camera.blocks=2", "model.fuser.modality_dropout=0",
+             "grid.x_min=-12.8", "grid.x_max=12.8", "grid.y_min=-12.8", "grid.y_max=12.8"],
+    "base": ["data.image_size=[64, 176]", "model.camera.blocks=2", "model.fuser.modality_dropout=0",
+             "grid.x_min=-9.6", "grid.x_max=9.6", "grid.y_min=-9.6", "grid.y_max=9.6", "model.lidar.max_pillars=2000"],
+}
+SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)]  # the 7 non-empty modality subsets
+
+
+def small_config(name: str, *extra: str) -> ExperimentConfig:
+    return load_config(ROOT / "configs" / f"{name}.yaml", [*SMALL[name], *extra])
+
+
+@pytest.fixture(scope="module")
+def small_models() -> dict[str, tuple[ExperimentConfig, BEVFusionModel]]:
+    torch.manual_seed(0)
+    out = {}
+    for name in SMALL:
+        cfg = small_config(name)
+        out[name] = (cfg, build_model(cfg))
+    return out
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------------ contract
+
+
+@pytest.mark.parametrize("subset", SUBSETS, ids=lambda s: "+".join(("camera", "lidar", "radar")[i] for i in s))
+@pytest.mark.parametrize("name", ["tiny", "base"])
+def test_forward_backward_for_every_modality_subset(small_models, name, subset):
+    cfg, model = small_models[name]
+    present = [i in subset for i in range(3)]
+    batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=cfg.grid.build(),
+                                 boxes_per_sample=[3, 1], modality_mask=present, seed=len(subset))
+    model.train()
+    model.zero_grad(set_to_none=True)
+    losses = model.loss(batch)
+    assert set(losses) == {"heatmap", "regression", "attribute", "map_focal", "map_dice", "scene", "depth"}
+    for key, value in losses.items():
+        assert value.ndim == 0 and torch.isfinite(value), key
+    sum(losses.values()).backward()
+
+    # Gradients reach a branch exactly when its modality is present.
+    backbone_grad = _grad_norm(model.camera_encoder.backbone)
+    assert (backbone_grad > 0) == present[0]
+    assert model.camera_encoder.backbone.patch_embed.proj.weight.grad is not None
+    assert (_grad_norm(model.lidar_encoder) > 0) == present[1]
+    assert (_grad_norm(model.radar_encoder) > 0) == present[2]
+    assert _grad_norm(model.heads) > 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "base"])
+def test_empty_scene_and_empty_point_clouds(small_models, name):
+    cfg, model = small_models[name]
+    grid = cfg.grid.build()
+    # Sample 0: no boxes and no LiDAR points; sample 1: boxes but an empty LiDAR cloud. Then a batch
+    # whose every cloud is empty (no pillars at all).
+    for counts in ([0, 2], [0, 0]):
+        batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=grid, boxes_per_sample=counts,
+                                     lidar_points_per_sample=[0, 0], seed=3)
+        assert batch.points_lidar.shape == (0, 5)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        losses = model.loss(batch)
+        assert all(torch.isfinite(v) for v in losses.values())
+        sum(losses.values()).backward()
+        assert _grad_norm(model.camera_encoder.backbone) > 0
+
+        model.eval()
+        predictions = model.predict(batch)
+        assert len(predictions) == 2 and all(isinstance(p, Prediction) for p in predictions)
+        for p in predictions:
+            assert p.boxes_lidar.tensor.shape[1] == Boxes3D.DIM
+            assert p.scores.shape == p.labels.shape == p.attributes.shape == (len(p.boxes_lidar),)
+            assert p.map_probs.shape == (len(MAP_CLASSES), *grid.shape)
+            assert p.scene_probs.shape == (len(SCENE_TAGS),)
+        model.train()
+
+
+def test_precomputed_rig_geometry_gives_the_same_outputs(small_models):
+    cfg, model = small_models["tiny"]
+    batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=cfg.grid.build(), seed=4)
+    cam2img, cam2lidar, _ = camera_rig(cfg.data.image_size)
+    fixed = model.view_transform.geometry(cam2img[None].expand(2, -1, -1, -1), cam2lidar[None].expand(2, -1, -1, -1))
+    model.eval()
+    with torch.no_grad():
+        a = model(*model.prepare(batch).as_args())
+        b = model(*model.prepare(batch, camera_geometry=fixed).as_args())
+    model.train()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_map_head_on_its_own_grid():
+    cfg = small_config("tiny", "model.heads.map_grid={x_min: -10.0, x_max: 10.0, y_min: -10.0, y_max: 10.0, cell: 0.5}")
+    model = build_model(cfg)
+    map_grid = cfg.model.heads.map_grid.build("model.heads.map_grid", even=False)
+    assert model.map_grid == map_grid and map_grid.shape == (40, 40)
+    batch = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=cfg.grid.build(), map_grid=map_grid)
+    losses = model.loss(batch)
+    sum(losses.values()).backward()
+    model.eval()
+    assert model.predict(batch)[0].map_probs.shape == (len(MAP_CLASSES), 40, 40)
+    wrong = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=cfg.grid.build())
+    model.train()
+    with pytest.raises(ConfigError, match="model.heads.map_grid"):
+        model.loss(wrong)
+
+
+def test_modality_dropout_keeps_one_present_modality():
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, True, True], [False, False, True]]).repeat(250, 1)
+    dropped = drop_modalities(mask, 0.9, generator=torch.Generator().manual_seed(0))
+    assert not (dropped & ~mask).any()  # never adds a modality
+    assert dropped.any(1).all()  # every sample keeps one
+    assert (dropped != mask).any()
+    assert torch.equal(drop_modalities(mask, 0.0), mask)
+
+
+def test_modality_dropout_only_in_training(monkeypatch):
+    cfg = small_config("tiny", "model.fuser.modality_dropout=0.5")
+    model = build_model(cfg)
+    batch = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=cfg.grid.build())
+    calls = []
+    import perception.model.bevfusion as bevfusion
+
+    monkeypatch.setattr(bevfusion, "drop_modalities", lambda mask, prob: calls.append(prob) or mask)
+    model.train()
+    model.loss(batch)
+    model.eval()
+    with torch.no_grad():
+        model.loss(batch)
+    assert calls == [0.5]
+
+
+# ------------------------------------------------------------------------------------ camera weights
+
+
+def _timm_vit(name: str, **kwargs) -> torch.nn.Module:
+    """A randomly initialised timm model as timm builds it (classifier head included)."""
+    torch.manual_seed(1)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["tiny", "base"])
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_timm_checkpoint_of_the_same_architecture_loads_without_missing_keys(tmp_path, name, fmt):
+    cfg = small_config(name)
+    source = _timm_vit(cfg.model.camera.backbone, img_size=SMALL_IMAGE, depth=2)
+    state = source.state_dict()
+    path = tmp_path / f"vit.{fmt}"
+    if fmt == "pth":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    backbone = build_vit_backbone(cfg.model.camera.backbone, SMALL_IMAGE, blocks=2)
+    report = load_backbone_checkpoint(backbone, path)
+    assert report.missing == []
+    assert report.unexpected == ["head.bias", "head.weight"]
+    assert report.resampled == [] and report.shape_mismatch == []
+    for key, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, state[key], msg=key)
+
+
+def test_checkpoint_through_the_config_and_with_wrappers(tmp_path):
+    source = _timm_vit("vit_tiny_patch16_224", img_size=SMALL_IMAGE, depth=2)
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, path)
+    model = build_model(small_config("tiny", f"model.camera.pretrained={path}"))
+    torch.testing.assert_close(model.camera_encoder.backbone.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+
+
+def test_checkpoint_made_at_another_image_size_gets_interpolated_position_embeddings(tmp_path):
+    source = _timm_vit("vit_tiny_patch16_224")  # 224 x 224: 14 x 14 patches, 12 blocks
+    torch.save(source.state_dict(), tmp_path / "vit224.pth")
+    backbone = build_vit_backbone("vit_tiny_patch16_224", SMALL_IMAGE, blocks=2)
+    report = load_backbone_checkpoint(backbone, tmp_path / "vit224.pth")
+    assert report.missing == []
+    assert report.resampled == ["pos_embed 14x14 -> 4x11"]
+    assert "blocks.11.mlp.fc2.weight" in report.unexpected  # blocks beyond the configured depth
+    expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=[4, 11], old_size=[14, 14], num_prefix_tokens=1)
+    torch.testing.assert_close(backbone.pos_embed.detach(), expected)
+    torch.testing.assert_close(backbone.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    # The resampled backbone runs at our size.
+    assert backbone.forward_features(torch.zeros(1, 3, *SMALL_IMAGE)).shape == (1, 1 + 4 * 11, 192)
+
+
+def test_hugging_face_folder_with_non_square_size_and_its_normalisation(tmp_path):
+    from timm.models import save_for_hf
+
+    source = _timm_vit("vit_tiny_patch16_224", img_size=(96, 160), depth=2)  # 6 x 10 patches
+    source.pretrained_cfg = {**source.pretrained_cfg, "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
+    save_for_hf(source, str(tmp_path / "hf"), safe_serialization=True)
+    cfg = small_config("tiny", f"model.camera.pretrained={tmp_path / 'hf'}")
+    backbone = build_vit_backbone("vit_tiny_patch16_224", SMALL_IMAGE, blocks=2)
+    report = load_backbone_checkpoint(backbone, cfg.model.camera.pretrained)
+    assert report.missing == [] and report.resampled == ["pos_embed 6x10 -> 4x11"]
+    assert report.normalization == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    encoder = build_model(cfg).camera_encoder
+    torch.testing.assert_close(encoder.pixel_mean.flatten(), torch.tensor([0.1, 0.2, 0.3]) * 255)
+
+
+def test_foreign_or_missing_checkpoint_is_a_config_error(tmp_path):
+    backbone = build_vit_backbone("vit_tiny_patch16_224", SMALL_IMAGE, blocks=2)
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "resnet.pth")
+    with pytest.raises(ConfigError, match="none of the 1 tensors"):
+        load_backbone_checkpoint(backbone, tmp_path / "resnet.pth")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_backbone_checkpoint(backbone, tmp_path / "nope.pth")
+    with pytest.raises(ConfigError, match="model.camera.backbone"):
+        build_vit_backbone("resnet18", SMALL_IMAGE)
+
+
+# --------------------------------------------------------------------------------- fine-tuning tools
+
+
+def test_freeze_blocks_stops_gradients_to_the_first_blocks():
+    cfg = small_config("tiny", "model.camera.freeze_blocks=1")
+    model = build_model(cfg)
+    batch = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=cfg.grid.build())
+    sum(model.loss(batch).values()).backward()
+    bb = model.camera_encoder.backbone
+    for module in (bb.patch_embed, bb.blocks[0]):
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+    assert bb.pos_embed.grad is None
+    assert all(p.grad is not None for p in bb.blocks[1].parameters())
+    with pytest.raises(ConfigError, match="freeze_blocks"):
+        build_model(small_config("tiny", "model.camera.freeze_blocks=3"))
+
+
+def test_layer_decay_param_groups():
+    model = build_model(small_config("tiny", "model.camera.freeze_blocks=1"))
+    groups = layer_decay_param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(by_param) == len(trainable) == sum(len(g["params"]) for g in groups)
+    bb = model.camera_encoder.backbone
+    # 2 blocks: block i at depth i + 1 gets 0.5 ** (3 - (i + 1)); the final norm and non-backbone parts get 1.
+    assert by_param[id(bb.blocks[1].attn.qkv.weight)]["lr"] == pytest.approx(0.5)
+    assert by_param[id(bb.norm.weight)]["lr"] == pytest.approx(1.0)
+    assert by_param[id(model.heads.detection.shared[0].weight)]["lr"] == pytest.approx(1.0)
+    assert by_param[id(bb.blocks[1].attn.qkv.bias)]["weight_decay"] == 0.0
+    assert by_param[id(bb.blocks[1].attn.qkv.weight)]["weight_decay"] == 0.05
+    assert id(bb.blocks[0].attn.qkv.weight) not in by_param  # frozen
+    torch.optim.AdamW(groups)  # the groups are valid optimizer input
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = small_config("tiny")
+    model = build_model(cfg)
+    batch = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=cfg.grid.build())
+    grads = []
+    for enable in (False, True):
+        model.camera_encoder.set_grad_checkpointing(enable)
+        model.zero_grad(set_to_none=True)
+        sum(model.loss(batch).values()).backward()
+        grads.append(model.camera_encoder.backbone.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ------------------------------------------------------------------------------ geometry and pooling
+
+
+def _point_at_feature_cell_centre(cam2img, cam2lidar, cam: int, row: int, col: int, depth: float, stride: int = 16):
+    """LIDAR_TOP point (3,) seen by camera `cam` at the centre of feature cell (row, col), `depth` m away."""
+    u, v = col * stride + (stride - 1) / 2, row * stride + (stride - 1) / 2
+    k = cam2img[cam]
+    x_cam = torch.tensor([(u - k[0, 2]) / k[0, 0] * depth, (v - k[1, 2]) / k[1, 1] * depth, depth])
+    return cam2lidar[cam, :3, :3] @ x_cam + cam2lidar[cam, :3, 3]
+
+
+def test_lift_splat_geometry_depth_target_and_bev_sample_agree():
+    grid = BEVGrid()  # +-51.2 m at 0.8 m
+    cam2img, cam2lidar, _ = camera_rig(SMALL_IMAGE)
+    lift = LiftSplat(grid=grid, in_channels=8, out_channels=8, image_size=SMALL_IMAGE, feature_stride=16,
+                     depth_min=1.0, depth_step=2.0, num_bins=30)
+    cam, row, col, depth_bin = 0, 2, 5, 10  # CAM_FRONT, 21 m away
+    point = _point_at_feature_cell_centre(cam2img, cam2lidar, cam, row, col, 1.0 + 2.0 * depth_bin)
+    assert point[1] > 20  # in front of the car (+y)
+
+    # Lift-splat: the frustum point of that (camera, bin, cell) falls into the point's BEV cell.
+    index = lift.geometry(cam2img[None], cam2lidar[None]).view(6, 30, 4, 11)
+    assert int(index[cam, depth_bin, row, col]) == int(bev_flat_index(point[0], point[1], point[2], grid))
+
+    # BEVDepth labels: one LiDAR point gives one label, at that cell and bin, in that camera only.
+    target = lift.depth_target(point[None], torch.tensor([1]), cam2img[None], cam2lidar[None])
+    assert target.shape == (1, 6, 4, 11)
+    assert int(target[0, cam, row, col]) == depth_bin
+    assert int((target >= 0).sum()) == 1
+
+    # Simple-BEV: lidar2img maps the point back to the cell's pixel centre.
+    sample = BEVSample(grid=grid, in_channels=8, out_channels=8, image_size=SMALL_IMAGE, z_levels=4)
+    lidar2img = sample.geometry(cam2img[None], cam2lidar[None])[0, cam]
+    uvw = lidar2img @ torch.cat([point, torch.ones(1)])
+    torch.testing.assert_close(uvw[:2] / uvw[2], torch.tensor([col * 16 + 7.5, row * 16 + 7.5]), atol=1e-3, rtol=0)
+
+
+def test_lift_splat_pools_all_depth_mass_inside_the_grid():
+    grid = BEVGrid()
+    cam2img, cam2lidar, _ = camera_rig(SMALL_IMAGE)
+    lift = LiftSplat(grid=grid, in_channels=8, out_channels=4, image_size=SMALL_IMAGE, feature_stride=16,
+                     depth_min=1.0, depth_step=2.0, num_bins=30).eval()
+    features = torch.randn(1, 6, 8, 4, 11)
+    geometry = lift.geometry(cam2img[None], cam2lidar[None])
+    bev, depth = lift(features, geometry)
+    assert bev.shape == (1, 4, *grid.shape) and depth.shape == (1, 6, 30, 4, 11)
+    torch.testing.assert_close(depth.sum(2), torch.ones(1, 6, 4, 11))
+    # The BEV sum equals the sum of depth x context over the frustum points that land on the grid.
+    x = lift.depth_net(features.flatten(0, 1))
+    volume = x[:, :30].softmax(1)[:, :, None] * x[:, 30:][:, None]  # (6, D, C, h, w)
+    inside = (geometry.view(6, 30, 4, 11) < grid.height * grid.width)[:, :, None]
+    torch.testing.assert_close(bev.sum((2, 3)), (volume * inside).sum((0, 1, 3, 4))[None], rtol=1e-4, atol=1e-4)
+
+
+def test_pillar_voxelizer():
+    grid = BEVGrid(x_min=-4, x_max=4, y_min=-4, y_max=4, cell=1.0)
+    vox = LidarEncoder.make_voxelizer(grid, max_points_per_pillar=2, max_pillars=1)
+    points = torch.tensor([
+        [0.5, 0.5, 0.0, 1.0, 0.0],  # cell (row 4, col 4) x 3
+        [0.6, 0.4, 0.1, 2.0, 0.0],
+        [0.7, 0.3, 0.2, 3.0, 0.0],
+        [-3.5, 2.5, 0.0, 4.0, 0.0],  # cell (6, 0) x 1
+        [0.5, 0.5, 9.0, 5.0, 0.0],  # above z_max: dropped
+        [1.5, 1.5, 0.0, 6.0, 0.0],  # sample 1: cell (5, 5)
+    ])
+    pillars = vox(points, torch.tensor([5, 1]))
+    cells = grid.height * grid.width
+    assert pillars.index.tolist() == [4 * 8 + 4, cells + 5 * 8 + 5]  # sample 0 keeps only its fullest pillar
+    assert pillars.point_mask.tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    assert pillars.features.shape == (2, 2, vox.num_features)
+    torch.testing.assert_close(pillars.features[0, :, 3], torch.tensor([1.0, 2.0]))  # intensity, input order
+    torch.testing.assert_close(pillars.features[1, 0, -2:], torch.tensor([0.0, 0.0]))  # offset to pillar centre
+    empty = vox(torch.zeros(0, 5), torch.tensor([0, 0]))
+    assert len(empty) == 0 and empty.features.shape == (0, 2, vox.num_features)
+
+
+# ------------------------------------------------------------------------------- targets and decoding
+
+
+def test_targets_decode_back_to_the_boxes():
+    grid = BEVGrid(x_min=-16, x_max=16, y_min=-16, y_max=16, cell=0.8)
+    boxes = torch.tensor([
+        [3.3, -5.1, -0.9, 1.9, 4.6, 1.7, 0.7, 2.0, -1.0],  # car
+        [-7.9, 8.2, -1.0, 0.7, 0.7, 1.8, -2.5, 0.5, 0.3],  # pedestrian
+        [10.1, 10.1, -1.3, 0.4, 0.4, 1.1, 3.0, 0.0, 0.0],  # traffic cone
+    ])
+    labels = torch.tensor([DETECTION_CLASSES.index(c) for c in ("car", "pedestrian", "traffic_cone")])
+    attributes = torch.tensor([ATTRIBUTES.index("vehicle.moving"), ATTRIBUTES.index("pedestrian.standing"), -1])
+    t = build_detection_targets(boxes, labels, attributes, torch.tensor([3]), grid)
+    assert t.heatmap.shape == (1, len(DETECTION_CLASSES), *grid.shape)
+    assert int((t.heatmap == 1).sum()) == 3
+
+    # Head outputs that reproduce the targets exactly.
+    h, w = grid.shape
+    outputs = {"heatmap": torch.where(t.heatmap == 1, 5.0, -10.0)}
+    dense = torch.zeros(1, 10, h * w)
+    dense[0, :, t.cell_index] = t.regression.T
+    dense = dense.view(1, 10, h, w)
+    for key, (a, b) in {"offset": (0, 2), "z": (2, 3), "log_size": (3, 6), "rot": (6, 8), "velocity": (8, 10)}.items():
+        outputs[key] = dense[:, a:b]
+    attr = torch.zeros(1, len(ATTRIBUTES), h * w)
+    attr[0, attributes[:2], t.cell_index[:2]] = 5.0
+    outputs["attribute"] = attr.view(1, -1, h, w)
+
+    (det,) = decode_detections(outputs, grid, top_k=50, score_threshold=0.3, max_detections=10)
+    order = torch.argsort(det.labels)
+    torch.testing.assert_close(det.boxes[order], boxes, atol=1e-4, rtol=0)
+    assert det.labels[order].tolist() == labels.tolist()
+    assert det.attributes[order].tolist() == attributes.tolist()
+
+    empty = decode_detections({k: v.clone() for k, v in outputs.items()} | {"heatmap": outputs["heatmap"] - 20}, grid,
+                              top_k=50, score_threshold=0.3, max_detections=10)
+    assert empty[0].boxes.shape == (0, 9)
+
+
+def test_circle_nms_is_per_class_with_class_radii():
+    car, ped = DETECTION_CLASSES.index("car"), DETECTION_CLASSES.index("pedestrian")
+    centres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [20.0, 0.0], [20.5, 0.0]])
+    labels = torch.tensor([car, car, ped, ped, ped])
+    scores = torch.tensor([0.5, 0.9, 0.8, 0.7, 0.6])
+    radius = torch.tensor([{"car": 4.0, "pedestrian": 0.175}.get(c, 1.0) for c in DETECTION_CLASSES])
+    keep = circle_nms(centres, scores, labels, radius)
+    assert keep.tolist() == [1, 2, 3, 4]  # the weaker car within 4 m goes; pedestrians 0.5 m apart stay
+
+
+# -------------------------------------------------------------------------------------------- overfit
+
+
+def test_tiny_model_overfits_one_sample():
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        "data.image_size=[64, 176]", "model.camera.blocks=2", "model.fuser.modality_dropout=0",
+        "grid.x_min=-25.6", "grid.x_max=25.6", "grid.y_min=-25.6", "grid.y_max=25.6",  # 64 x 64 cells of 0.8 m
+    ])
+    model = build_model(cfg)
+    batch = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=cfg.grid.build(), boxes_per_sample=4, seed=1)
+    gt = batch.boxes
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+
+    def matched() -> bool:
+        model.eval()
+        (p,) = model.predict(batch)
+        model.train()
+        confident = p.scores >= 0.3
+        boxes, labels = p.boxes_lidar.tensor[confident], p.labels[confident]
+        for box, label in zip(gt, batch.labels):
+            same = labels == label
+            if not same.any() or float(torch.linalg.norm(boxes[same, :2] - box[:2], dim=1).min()) > 0.5:
+                return False
+        return True
+
+    first = last = None
+    ok = False
+    for step in range(200):
+        losses = model.loss(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        last = float(losses["heatmap"].detach())
+        first = first if first is not None else last
+        if last < first / 10 and step % 10 == 9 and matched():
+            ok = True
+            break
+    assert last < first / 10, (first, last)
+    assert ok, f"boxes not within 0.5 m after {step + 1} steps (heatmap loss {first:.2f} -> {last:.3f})"
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
+
+
+@pytest.mark.parametrize("kind", ["lift_splat", "bev_sample"])
+def test_onnx_export_of_the_core_matches_torch(tmp_path, kind):
+    ort = pytest.importorskip("onnxruntime")
+    from perception.model.export import CORE_INPUT_NAMES, export_core_onnx
+
+    extra = [] if kind == "lift_splat" else ["model.view_transform={kind: bev_sample, z_levels: 4, out_channels: 32}", "loss.depth=0"]
+    cfg = small_config("tiny", *extra)
+    model = build_model(cfg).eval()
+    grid = cfg.grid.build()
+    example = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=grid, seed=0)
+    names = export_core_onnx(model, model.prepare(example), tmp_path / "core.onnx", opset=17)
+    assert names[:7] == ("heatmap", "offset", "z", "log_size", "rot", "velocity", "attribute")
+    assert ("depth" in names) == (kind == "lift_splat")
+
+    session = ort.InferenceSession(str(tmp_path / "core.onnx"), providers=["CPUExecutionProvider"])
+    # Another batch size, pillar counts and an empty LiDAR cloud than the export example.
+    batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=grid, seed=5, boxes_per_sample=6,
+                                 lidar_points_per_sample=[0, None], modality_mask=[[True, False, True], [True, True, True]])
+    inputs = model.prepare(batch)
+    with torch.no_grad():
+        expected = model(*inputs.as_args())
+    got = session.run(None, {n: t.numpy() for n, t in zip(CORE_INPUT_NAMES, inputs.as_args())})
+    for name, value in zip(names, got):
+        np.testing.assert_allclose(value, expected[name].numpy(), rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------- model-info
+
+
+@pytest.mark.parametrize("name", ["tiny", "base"])
+def test_model_info_cli(name):
+    result = subprocess.run([sys.executable, "-m", "perception", "model-info", "--config", f"configs/{name}.yaml"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    table = lines[2 : next(i for i, line in enumerate(lines) if line.startswith("total")) + 1]
+    rows = {line.split()[0]: line.split()[1:] for line in table if not line.startswith("-")}
+    assert set(rows) == {"camera_encoder", "view_transform", "lidar_encoder", "radar_encoder", "fuser", "bev_decoder", "heads", "total"}
+    params, _, gflops = (float(v) for v in rows["total"])
+    assert math.isclose(params, sum(float(r[0]) for k, r in rows.items() if k != "total"), abs_tol=0.01)
+    assert gflops > 1.0 and float(rows["camera_encoder"][2]) > 0
+    if name == "tiny":
+        # ViT-Tiny (D = 192), 4 blocks, 8 x 22 tokens, 6 images: patch embedding + per block 12 N D^2 (linear
+        # layers) + 2 N^2 D (attention) multiply-adds. The pyramid neck comes on top, so this is a lower bound
+        # that fails if attention is not counted (CPU fused attention needs its own FLOP formula).
+        n, d = 8 * 22, 192
+        vit = 6 * (n * 16 * 16 * 3 * d + 4 * (12 * n * d * d + 2 * n * n * d)) * 2 / 1e9
+        assert float(rows["camera_encoder"][2]) >= vit
