@@ -32,6 +32,16 @@ class DataConfig(_Section):
     image_size: tuple[int, int] = Field((128, 352), description="(H, W) of the augmented camera images, pixels.")
     lidar_sweeps: int = Field(9, ge=0, le=9, description="LiDAR sweeps before each keyframe that are merged in.")
     radar_sweeps: int = Field(6, ge=0, le=6, description="Radar sweeps before each keyframe that are merged in.")
+    resize_lim: tuple[float, float] = Field((0.94, 1.1), description="Training image resize range, relative to the scale that fits the camera width to image_size (evaluation: the middle).")
+    bot_pct_lim: tuple[float, float] = Field((0.0, 0.0), description="Fraction of the resized image height cut from the bottom (range).")
+    rot_lim_deg: tuple[float, float] = Field((-5.4, 5.4), description="Training image rotation range, degrees.")
+    image_flip: bool = Field(True, description="Random horizontal image flips in training.")
+    bev_aug: bool = Field(True, description="Global BEV augmentation (rotation, scale, flips, translation) in training.")
+    bev_rot_lim_deg: tuple[float, float] = (-22.5, 22.5)
+    bev_scale_lim: tuple[float, float] = (0.9, 1.1)
+    bev_flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Probability of each of the x and y BEV flips.")
+    bev_trans_std: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    skip_bad_samples: bool = Field(False, description="Log, count and skip unreadable samples instead of failing.")
 
     @model_validator(mode="after")
     def _check_image_size(self) -> "DataConfig":
@@ -52,14 +62,21 @@ class GridConfig(_Section):
     z_max: float = 3.0
     cell: float = 0.8
 
-    def build(self) -> BEVGrid:
-        """The one `BEVGrid` of the experiment. Raises `ConfigError` if it is inconsistent."""
+    def build(self, path: str = "grid", *, even: bool = True) -> BEVGrid:
+        """The `BEVGrid` of this section (``grid``: the one BEV grid of the experiment).
+
+        Args:
+            path: the section's dotted config path, for error messages.
+            even: require an even number of rows and columns (the BEV decoder's stride-2 stage needs it).
+
+        Raises `ConfigError` naming `path` if the grid is inconsistent.
+        """
         try:
             grid = BEVGrid(**self.model_dump())
         except ValueError as exc:
-            raise ConfigError(f"grid: {exc}") from exc
-        if grid.height % 2 or grid.width % 2:
-            raise ConfigError(f"grid: the BEV decoder needs an even number of rows and columns, got {grid.shape}")
+            raise ConfigError(f"{path}: {exc}") from exc
+        if even and (grid.height % 2 or grid.width % 2):
+            raise ConfigError(f"{path}: the BEV decoder needs an even number of rows and columns, got {grid.shape}")
         return grid
 
 
@@ -136,6 +153,9 @@ class HeadsConfig(_Section):
     top_k: int = Field(100, ge=1, description="Peaks kept per sample before NMS.")
     score_threshold: float = Field(0.1, ge=0.0, le=1.0)
     max_detections: int = Field(100, ge=1, description="Boxes kept per sample after NMS.")
+    map_grid: Optional[GridConfig] = Field(
+        None, description="Grid of the map segmentation output, bilinearly sampled from the BEV features (None: "
+                          "the BEV grid). The data pipeline must rasterise `map_masks` on the same grid.")
 
 
 class ModelConfig(_Section):
@@ -171,6 +191,15 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(500, ge=0)
     grad_clip: float = Field(35.0, gt=0.0)
     seed: int = 0
+    accumulate_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    amp: bool = Field(True, description="Mixed precision on GPU (bf16 where supported, else fp16 with loss scaling).")
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the weights (0: off); evaluation uses the EMA.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (last.pt and step_N.pt).")
+    val_every: int = Field(0, ge=0, description="Steps between validations on the val split, plus one at the end (0: none).")
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (exact resume on CPU).")
+    gt_sampling: bool = Field(False, description="Paste ground-truth objects' LiDAR points from a train-split database.")
 
 
 class ExperimentConfig(_Section):
