@@ -335,6 +335,8 @@ class Trainer:
         if self.batches_per_epoch == 0:
             raise ConfigError(f"train.batch_size: a global batch of {self.global_batch} samples is larger than the "
                               f"{len(self.train_set)} samples of split {self.train_split}")
+        # With only a time budget, the schedule's length is estimated from the measured step rate (`fit`).
+        self.adaptive_length = spec.time_budget_s is not None and spec.max_steps is None and spec.epochs is None
         if spec.max_steps is not None:
             self.total_steps = spec.max_steps
         elif spec.epochs is not None:
@@ -344,7 +346,7 @@ class Trainer:
 
         groups = layer_decay_param_groups(self.model, lr=t.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_lambda(t.warmup_steps, self.total_steps)(step))
         self.amp = t.amp and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
@@ -389,6 +391,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "step": self.step,
+            "total_steps": self.total_steps,
             "best_nds": self.best_nds,
             "history": self.history,
             "rng": rng_state(),
@@ -415,6 +418,8 @@ class Trainer:
         if self.ema and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
         self.step, self.best_nds, self.history = ckpt["step"], ckpt["best_nds"], ckpt["history"]
+        if self.adaptive_length:
+            self.total_steps = ckpt.get("total_steps", self.total_steps)
         if self.dist.world_size == 1:
             set_rng_state(ckpt["rng"])
         else:  # rank 0's states were saved; every rank reseeds from its rank and the step
@@ -494,6 +499,10 @@ class Trainer:
                     for k, v in losses.items():
                         self.writer.add_scalar(f"train/{k}", v, self.step)
                     self.writer.add_scalar("train/lr", self.optimizer.param_groups[-1]["lr"], self.step)
+                if self.adaptive_length:
+                    self._estimate_length(start_time)
+                    if bar is not None:
+                        bar.total = self.total_steps
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses['total']:.3f}", hm=f"{losses.get('heatmap', 0):.3f}")
@@ -527,6 +536,19 @@ class Trainer:
         if self.writer is not None:
             self.writer.flush()
         return TrainResult(self.step, last, best if best.is_file() else None, self.history, stopped_early)
+
+    def _estimate_length(self, start_time: float) -> None:
+        """Time-budget runs: set the schedule's length from the step rate (after 10 steps, then every 25),
+        leaving 3% of the budget as margin; never more than train.max_steps."""
+        now = time.time()
+        if self.step == 3:
+            self._rate_mark = (self.step, now)  # skip the first steps (worker start, allocator warm-up)
+        mark = getattr(self, "_rate_mark", None)
+        if mark is None or self.step < 10 or (self.step - 10) % 25:
+            return
+        rate = (now - mark[1]) / max(1, self.step - mark[0])
+        remaining = 0.97 * self.spec.time_budget_s - (now - start_time)
+        self.total_steps = int(min(self.cfg.train.max_steps, self.step + max(0.0, remaining) / rate))
 
     # ------------------------------------------------------------------------------------ validation
 
