@@ -1,0 +1,146 @@
+"""Training: DDP equivalence, exact resume after SIGKILL, the demo end to end (small and fast settings)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from perception.config import load_config
+from perception.training import EpochSampler, RunSpec, Trainer, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+# Small and deterministic: 64x176 images, a 64x64 BEV grid, no workers, no modality dropout (it draws per rank).
+FAST = ["data.image_size=[64,176]", "grid.cell=1.6", "data.lidar_sweeps=1", "data.radar_sweeps=1",
+        "train.num_workers=0", "train.batch_size=1", "train.warmup_steps=2", "train.log_every=1",
+        "model.fuser.modality_dropout=0.0", "train.deterministic=true"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_epoch_sampler_shards_global_batches():
+    single = list(EpochSampler(10, micro_batch=1, accumulate=2, seed=3, epoch=1))
+    ranks = [list(EpochSampler(10, micro_batch=1, world_size=2, rank=r, seed=3, epoch=1)) for r in range(2)]
+    # step s: one process takes [a, b] as accumulation steps; rank 0 takes a, rank 1 takes b
+    assert single[0::2] == ranks[0] and single[1::2] == ranks[1]
+    assert sorted(single) == sorted(ranks[0] + ranks[1]) and len(set(single)) == 10
+    resumed = list(EpochSampler(10, micro_batch=1, accumulate=2, seed=3, epoch=1, start_batch=2))
+    assert resumed == single[4:]
+
+
+def _ddp_worker(rank: int, world: int, port: int, data: str, work_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = load_config(TINY, FAST)
+    trainer = Trainer(cfg, RunSpec(data=Path(data), work_dir=Path(work_dir), max_steps=3, device="cpu", progress=False))
+    trainer.fit()
+    torch.save({k: p.detach() for k, p in trainer.model.named_parameters()}, Path(out) / f"rank{rank}.pt")
+    trainer.close()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(synth_root, tmp_path):
+    port = _free_port()
+    mp.start_processes(_ddp_worker, args=(2, port, str(synth_root), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
+    # One process, the same global batch of 2 as two accumulation steps of 1 (BatchNorm statistics are per
+    # micro-batch in both). Tolerance rtol 1e-4, atol 1e-5: float32 sums in another order (gloo's all-reduce).
+    # Without gradient synchronisation rank 0 would have followed its own samples only and differ far more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(TINY, FAST + ["train.accumulate_steps=2"])
+        single = Trainer(cfg, RunSpec(data=synth_root, work_dir=tmp_path / "single", max_steps=3, device="cpu", progress=False))
+        single.fit()
+        single.close()
+    finally:
+        torch.set_num_threads(threads)
+    # parameters only: BatchNorm running statistics are per rank (and updated per micro-batch in one process)
+    ref = {k: p.detach() for k, p in single.model.named_parameters()}
+    assert ref.keys() == r0.keys()
+    for k, v in ref.items():
+        torch.testing.assert_close(r0[k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert single.step == 3
+
+
+def _train_cmd(data: Path, work_dir: Path, steps: int, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "perception", "train", "--config", str(TINY), "--data", str(data), "--work-dir",
+           str(work_dir), "--max-steps", str(steps), "--device", "cpu"]
+    if resume:
+        cmd.append("--resume")
+    return cmd + FAST + ["train.checkpoint_every=2", "data.bev_aug=true"]
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(synth_root, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    subprocess.run(_train_cmd(synth_root, tmp_path / "full", 5), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(synth_root, tmp_path / "killed", 5), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoints" / "step_0000002.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists()
+    killed_at = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["step"]
+    assert killed_at < 5, "the run finished before it was killed"
+    # no temp file is mistaken for a checkpoint, and last.pt is complete
+    subprocess.run(_train_cmd(synth_root, tmp_path / "killed", 5, resume=True), check=True, env=env, capture_output=True)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 5
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), f"resumed weights differ in {k}"
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+
+
+def test_init_from_reports_missing_and_unexpected(tmp_path, caplog):
+    from perception.model.build import build_model
+    from perception.training import init_from_checkpoint
+
+    cfg = load_config(TINY, FAST)
+    model = build_model(cfg)
+    state = model.state_dict()
+    dropped = next(k for k in state if k.startswith("heads.scene"))
+    state.pop(dropped)
+    state["extra.weight"] = torch.zeros(1)
+    torch.save({"model": state}, tmp_path / "w.pt")
+    with caplog.at_level("INFO"):
+        missing, unexpected = init_from_checkpoint(build_model(cfg), tmp_path / "w.pt")
+    assert dropped in missing and unexpected == ["extra.weight"]
+    assert any("missing" in r.message for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_demo_writes_checkpoint_metrics_submission_and_report(synth_root, tmp_path):
+    from perception.demo import run_demo
+
+    work = tmp_path / "demo"
+    metrics = run_demo(synth_root, work, minutes=0.15, overrides=FAST[:-1], progress=False)
+    for rel in ("checkpoints/last.pt", "eval/metrics.json", "eval/submission.json", "report.md",
+                "eval/lidar_only/metrics.json", "eval/camera_only/metrics.json", "eval/radar_only/metrics.json",
+                "bev_sample.png", "learning_curve.png", "config.yaml"):
+        assert (work / rel).is_file(), rel
+    assert 0.0 <= metrics["nds"] <= 1.0 and metrics["num_samples"] == 6
+    assert "| lidar_only |" in (work / "report.md").read_text()
+    assert any((work / "tb").iterdir())
