@@ -195,6 +195,47 @@ def eval_cmd(
     typer.echo(f"wrote {out / 'metrics.json'}")
 
 
+@app.command("viz")
+def viz_cmd(
+    data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),
+    out: Path = typer.Option(..., "--out", help="Folder for the pictures."),
+    sample: Optional[str] = typer.Option(None, "--sample", help="Sample token."),
+    scene: Optional[str] = typer.Option(None, "--scene", help="Scene name (every sample of it)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Draw this model's predictions too."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    video: bool = typer.Option(False, "--video", help="Also write an MP4 of the samples (2 fps)."),
+    show: bool = typer.Option(False, "--show", help="Open the Open3D viewer (needs open3d and a display)."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Six-camera mosaic with projected boxes, BEV with points, boxes, velocities and maps, scene tags; .ply for Open3D."""
+    from perception.viz import visualise
+
+    files = visualise(data, out, version=version, sample_token=sample, scene=scene, checkpoint=checkpoint, video=video,
+                      device=device, show=show)
+    typer.echo(f"wrote {len(files)} files to {out}")
+
+
+@app.command("robustness")
+def robustness_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Training checkpoint (.pt)."),
+    data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),
+    split: str = typer.Option(..., "--split", help="e.g. mini_val, val."),
+    out: Path = typer.Option(..., "--out", help="Folder for robustness.md/.json/.png and per-condition metrics."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    conditions: Optional[str] = typer.Option(None, "--conditions", help="Comma-separated subset of the conditions (default: all)."),
+    device: Optional[str] = typer.Option(None, "--device"),
+    batch_size: int = typer.Option(2, "--batch-size", min=1),
+    workers: int = typer.Option(2, "--workers", min=0),
+) -> None:
+    """Evaluate one model under sensor failures and corruptions; NDS, mAP, seg mIoU and resilience ratio each."""
+    from perception.robustness import format_robustness, run_robustness
+
+    names = [c.strip() for c in conditions.split(",")] if conditions else None
+    results = run_robustness(checkpoint, data, version, split, out, conditions=names, device=device,
+                             batch_size=batch_size, workers=workers)
+    typer.echo(format_robustness(results, checkpoint, split))
+
+
 @app.command("demo")
 def demo(
     data: Path = typer.Option(Path("datasets/synthetic-mini"), "--data", help="Synthetic dataroot (generated if missing)."),

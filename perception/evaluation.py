@@ -16,7 +16,7 @@ import gc
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -198,11 +198,13 @@ class InferenceOutput:
 
 
 def run_inference(model, loader: Iterable, device: torch.device, modality_mask: Sequence[bool] | None = None,
-                  progress: bool = True, desc: str = "eval") -> InferenceOutput:
+                  progress: bool = True, desc: str = "eval", batch_transform=None) -> InferenceOutput:
     """Predict every batch of `loader` and collect the submission entries (global frame), segmentation
     counts and scene scores.
 
     modality_mask: (camera, lidar, radar) to force for every sample (None: the batches' own).
+    batch_transform: optional `Batch -> Batch` applied before prediction (sensor corruptions); targets
+        (map masks, scene tags) and the submission's frames are taken from the untransformed batch.
     """
     from perception.data.submission import submission_entries
 
@@ -215,11 +217,12 @@ def run_inference(model, loader: Iterable, device: torch.device, modality_mask: 
         it = tqdm(loader, desc=desc, unit="batch", leave=False)
     for batch in it:
         batch = batch.to(device)
+        inputs = batch if batch_transform is None else batch_transform(batch)
         if modality_mask is not None:
-            forced = torch.tensor(modality_mask, dtype=torch.bool, device=device).expand_as(batch.modality_mask)
-            batch.modality_mask = batch.modality_mask & forced
+            forced = torch.tensor(modality_mask, dtype=torch.bool, device=device).expand_as(inputs.modality_mask)
+            inputs = replace(inputs, modality_mask=inputs.modality_mask & forced)
         with torch.no_grad():
-            preds = model.predict(batch)
+            preds = model.predict(inputs)
         for b, (pred, meta) in enumerate(zip(preds, batch.meta)):
             token = meta["sample_token"]
             if "lidar_aug" in meta and not np.allclose(meta["lidar_aug"], np.eye(4)):
@@ -316,14 +319,16 @@ def gather_inference(out: InferenceOutput, dist_info) -> InferenceOutput | None:
 
 def evaluate_model(model, dataset, dataroot: str | Path, version: str, split: str, out_dir: str | Path, *,
                    device: torch.device, dist_info=None, batch_size: int = 2, workers: int = 0,
-                   modality_mask: Sequence[bool] | None = None, progress: bool = True, nusc=None) -> dict | None:
+                   modality_mask: Sequence[bool] | None = None, progress: bool = True, nusc=None,
+                   batch_transform=None) -> dict | None:
     """Predict a split, write `out_dir/submission.json` and `out_dir/metrics.json`, return the metrics
     (rank 0; None on other ranks). Every sample of the split gets an entry ([] when nothing is detected)."""
     from perception.data.submission import write_submission
 
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
     loader = _shard_loader(dataset, batch_size, workers, rank, world)
-    out = gather_inference(run_inference(model, loader, device, modality_mask, progress=progress and rank == 0), dist_info)
+    out = gather_inference(run_inference(model, loader, device, modality_mask, progress=progress and rank == 0,
+                                         batch_transform=batch_transform), dist_info)
     if out is None:
         return None
     out_dir = Path(out_dir)
