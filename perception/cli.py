@@ -142,6 +142,7 @@ def train_cmd(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Load model weights only (fine-tuning); reports missing/unexpected keys."),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop after this much training time (checkpointing first)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
+    skip_bad_samples: bool = typer.Option(False, "--skip-bad-samples", help="Log, count and skip unreadable samples (listed in WORK_DIR/skipped_samples.json) instead of failing."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY.PATH=VALUE config overrides, e.g. train.lr=1e-4."),
 ) -> None:
     """Train or fine-tune (single process, or `torchrun --nproc-per-node K -m perception train ...`)."""
@@ -150,7 +151,7 @@ def train_cmd(
 
     if max_steps is not None and epochs is not None:
         raise typer.BadParameter("give --max-steps or --epochs, not both")
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, (overrides or []) + (["data.skip_bad_samples=true"] if skip_bad_samples else []))
     result = train(cfg, RunSpec(data=data, version=version, work_dir=work_dir, max_steps=max_steps, epochs=epochs,
                                 resume=resume, init_from=init_from, time_budget_s=None if minutes is None else minutes * 60,
                                 device=device))

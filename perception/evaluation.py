@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -86,6 +87,85 @@ def _load_lean_nuscenes(version: str, dataroot: str | Path):
     return LeanNuScenes(version, str(dataroot))
 
 
+MAX_BOXES_PER_SAMPLE = 500  # the devkit's limit (detection_cvpr_2019)
+
+
+def split_sample_tokens(dataroot: str | Path, version: str, split: str) -> set[str]:
+    """Sample tokens of a split, read from the scene and sample tables (no devkit load)."""
+    from perception.data.dataset import split_scene_names
+
+    names = split_scene_names(version, split, dataroot)
+    table = Path(dataroot) / version
+    try:
+        scenes = json.loads((table / "scene.json").read_text())
+        samples = json.loads((table / "sample.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read the scene/sample tables: {exc}", path=table) from None
+    keep = {s["token"] for s in scenes if names is None or s["name"] in names}
+    return {s["token"] for s in samples if s["scene_token"] in keep}
+
+
+def validate_submission(path: str | Path, expected_tokens: set[str]) -> dict:
+    """Load a nuScenes detection submission and check it before any metric is computed.
+
+    Rejects (PerceptionError naming the file, sample and box): unreadable JSON, missing meta keys, samples of
+    the split that are missing or samples that are not in it, unknown class or attribute names, an attribute
+    that the class cannot have, non-finite numbers, non-positive sizes, scores outside [0, 1], and more than
+    500 boxes in a sample. Returns the parsed submission.
+    """
+    from perception.structures import ATTRIBUTES, CLASS_ATTRIBUTES
+
+    path = Path(path)
+    try:
+        sub = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PerceptionError(f"{path}: submission is not readable JSON ({exc})") from None
+    if not isinstance(sub, dict) or not isinstance(sub.get("meta"), dict) or not isinstance(sub.get("results"), dict):
+        raise PerceptionError(f"{path}: a submission is {{'meta': {{...}}, 'results': {{sample_token: [boxes]}}}}")
+    missing_meta = [k for k in ("use_camera", "use_lidar", "use_radar", "use_map", "use_external") if k not in sub["meta"]]
+    if missing_meta:
+        raise PerceptionError(f"{path}: meta lacks {missing_meta}")
+    results = sub["results"]
+    missing = expected_tokens - set(results)
+    extra = set(results) - expected_tokens
+    if missing:
+        raise PerceptionError(f"{path}: {len(missing)} sample(s) of the split have no entry (use [] for no boxes), e.g. {sorted(missing)[0]}")
+    if extra:
+        raise PerceptionError(f"{path}: {len(extra)} sample(s) are not in the split, e.g. {sorted(extra)[0]}")
+
+    def bad(token: str, k: int, what: str) -> PerceptionError:
+        return PerceptionError(f"{path}: sample {token}, box {k}: {what}")
+
+    for token, boxes in results.items():
+        if not isinstance(boxes, list):
+            raise PerceptionError(f"{path}: sample {token}: expected a list of boxes")
+        if len(boxes) > MAX_BOXES_PER_SAMPLE:
+            raise PerceptionError(f"{path}: sample {token} has {len(boxes)} boxes; at most {MAX_BOXES_PER_SAMPLE} are allowed")
+        for k, b in enumerate(boxes):
+            if not isinstance(b, dict):
+                raise bad(token, k, "not an object")
+            for key, n in (("translation", 3), ("size", 3), ("rotation", 4), ("velocity", 2)):
+                v = b.get(key)
+                if not isinstance(v, list) or len(v) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                    raise bad(token, k, f"{key} must be {n} numbers, got {v!r}")
+                if not all(math.isfinite(x) for x in v):
+                    raise bad(token, k, f"{key} has a non-finite value: {v}")
+            if min(b["size"]) <= 0:
+                raise bad(token, k, f"size must be positive, got {b['size']}")
+            name = b.get("detection_name")
+            if name not in DETECTION_CLASSES:
+                raise bad(token, k, f"unknown detection_name {name!r} (expected one of {', '.join(DETECTION_CLASSES)})")
+            score = b.get("detection_score")
+            if not isinstance(score, (int, float)) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
+                raise bad(token, k, f"detection_score must be a number in [0, 1], got {score!r}")
+            attr = b.get("attribute_name", "")
+            if attr and (attr not in ATTRIBUTES or attr not in CLASS_ATTRIBUTES.get(name, ())):
+                raise bad(token, k, f"attribute_name {attr!r} is not valid for {name}")
+            if b.get("sample_token") != token:
+                raise bad(token, k, f"sample_token {b.get('sample_token')!r} differs from its key")
+    return sub
+
+
 def detection_eval(dataroot: str | Path, version: str, split: str, submission: str | Path, out_dir: str | Path,
                    nusc=None) -> dict:
     """Run the devkit's `DetectionEval` (detection_cvpr_2019) on a submission file.
@@ -96,6 +176,7 @@ def detection_eval(dataroot: str | Path, version: str, split: str, submission: s
     from nuscenes.eval.common.config import config_factory
     from nuscenes.eval.detection.evaluate import DetectionEval
 
+    validate_submission(submission, split_sample_tokens(dataroot, version, split))
     if nusc is None:
         nusc = _load_lean_nuscenes(version, dataroot)
     out_dir = Path(out_dir)

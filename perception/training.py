@@ -19,6 +19,7 @@ with batch b and K accumulation steps (`tests/test_training.py` checks this).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -228,25 +229,83 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_FORMAT = "perception-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+    """Write a checkpoint: the payload serialised with torch.save, wrapped with a format version and its
+    SHA-256, written to a temp file in the same folder, fsynced, then renamed over `path`. On any failure
+    (disk full, ...) the temp file is removed and `path` keeps its previous content."""
+    import hashlib
+    import io
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    wrapped = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+               "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(wrapped, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise PerceptionError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous one is kept") from None
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Read a checkpoint written by `save_atomic` (checking format version and checksum), or a plain
+    `torch.save`d dict (older files, other tools). Raises PerceptionError naming the file for a missing,
+    truncated or corrupt file."""
+    import hashlib
+    import io
+
     path = Path(path)
     if not path.is_file():
         raise PerceptionError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated or foreign file
-        raise PerceptionError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated or foreign file: pickle, zip and torch errors of many types
+        raise PerceptionError(f"{path}: checkpoint is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise PerceptionError(f"{path}: not a checkpoint (a {type(obj).__name__}, expected a dict)")
+    if obj.get("format") != CHECKPOINT_FORMAT:
+        return obj
+    if obj.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise PerceptionError(f"{path}: checkpoint format version {obj['format_version']} is newer than this "
+                              f"code reads ({CHECKPOINT_VERSION}); upgrade perception-stack")
+    payload = obj.get("payload", b"")
+    if hashlib.sha256(payload).hexdigest() != obj.get("sha256"):
+        raise PerceptionError(f"{path}: checkpoint is corrupt (SHA-256 of its payload does not match)")
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise PerceptionError(f"{path}: checkpoint payload unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def newest_valid_checkpoint(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] | None:
+    """`last.pt` if it reads, else the valid checkpoint with the highest step (step_*.pt, best.pt); None if
+    there is none. Every unreadable file is logged."""
+    candidates = [ckpt_dir / "last.pt"] + sorted(ckpt_dir.glob("step_*.pt"), reverse=True) + [ckpt_dir / "best.pt"]
+    best: tuple[Path, dict] | None = None
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            ckpt = load_checkpoint(path, map_location)
+        except PerceptionError as exc:
+            log.warning("skipping unreadable checkpoint: %s", exc)
+            continue
+        if path.name == "last.pt":
+            return path, ckpt
+        if best is None or ckpt.get("step", -1) > best[1].get("step", -1):
+            best = (path, ckpt)
+    return best
 
 
 def model_state_from(ckpt: dict, prefer_ema: bool = True) -> dict:
@@ -359,6 +418,7 @@ class Trainer:
         self.step = 0
         self.best_nds = -1.0
         self.history: list[dict] = []
+        self.skipped: dict[str, str] = {}  # bad samples skipped so far (data.skip_bad_samples): token -> reason
         self.writer = None
         if self.dist.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -394,6 +454,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "best_nds": self.best_nds,
             "history": self.history,
+            "skipped": self.skipped,
             "rng": rng_state(),
             "config": self.cfg.model_dump(mode="json"),
             "version": self.spec.version,
@@ -406,11 +467,14 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        path = self.ckpt_dir / "last.pt"
-        if not path.is_file():
-            log.warning("--resume: no %s; starting from scratch", path)
+        found = newest_valid_checkpoint(self.ckpt_dir, map_location=self.device)
+        if found is None:
+            log.warning("--resume: no readable checkpoint in %s; starting from scratch", self.ckpt_dir)
             return
-        ckpt = load_checkpoint(path, map_location=self.device)
+        path, ckpt = found
+        if path.name != "last.pt":
+            log.warning("--resume: %s is missing or corrupt; resuming from %s (step %d) instead",
+                        self.ckpt_dir / "last.pt", path, ckpt["step"])
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -418,6 +482,7 @@ class Trainer:
         if self.ema and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
         self.step, self.best_nds, self.history = ckpt["step"], ckpt["best_nds"], ckpt["history"]
+        self.skipped = dict(ckpt.get("skipped", {}))
         if self.adaptive_length:
             self.total_steps = ckpt.get("total_steps", self.total_steps)
         if self.dist.world_size == 1:
@@ -459,6 +524,11 @@ class Trainer:
                 self.scaler.scale(total / len(micro_batches)).backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / len(micro_batches)
+            for meta in batch.meta:
+                for token, reason in meta.get("skipped_reasons", {}).items():
+                    if token not in self.skipped:
+                        self.skipped[token] = reason
+                        log.warning("step %d: skipped bad sample %s: %s", self.step, token, reason)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.scaler.step(self.optimizer)
@@ -535,7 +605,24 @@ class Trainer:
             self.validate()
         if self.writer is not None:
             self.writer.flush()
+        self._report_skipped()
         return TrainResult(self.step, last, best if best.is_file() else None, self.history, stopped_early)
+
+    def _report_skipped(self) -> None:
+        """Log and write (W/skipped_samples.json) every bad sample skipped by any rank."""
+        skipped = dict(self.skipped)
+        if self.dist.enabled:
+            parts = [None] * self.dist.world_size
+            dist.all_gather_object(parts, skipped)
+            for p in parts:
+                skipped.update(p)
+        if not self.dist.is_main:
+            return
+        path = self.work_dir / "skipped_samples.json"
+        path.write_text(json.dumps(skipped, indent=1))
+        if skipped:
+            log.warning("skipped %d bad sample(s) during training (listed in %s): %s", len(skipped), path,
+                        ", ".join(sorted(skipped)))
 
     def _estimate_length(self, start_time: float) -> None:
         """Time-budget runs: set the schedule's length from the step rate (after 10 steps, then every 25),

@@ -447,16 +447,18 @@ class NuScenesDataset(Dataset):
     def __getitem__(self, i: int) -> Sample:
         if not self.config.skip_bad_samples:
             return self.load(i)
-        skipped = []
+        skipped, reasons = [], {}
         for attempt in range(self.config.max_skip + 1):
             j = (i + attempt) % len(self)
             try:
                 s = self.load(j)
                 s.meta["skipped"] = skipped
+                s.meta["skipped_reasons"] = reasons
                 return s
             except DataError as exc:
                 self.num_skipped += 1
                 skipped.append(str(self.index.tokens[j]))
+                reasons[str(self.index.tokens[j])] = str(exc)
                 log.warning("skipping bad sample (%d so far in this process): %s", self.num_skipped, exc)
         raise DataError(f"{self.config.max_skip + 1} consecutive bad samples starting at index {i}",
                         token=str(self.index.tokens[i]))

@@ -22,6 +22,9 @@ QUATERNION_NORM_TOL = 1e-3
 ROTATION_ORTHO_TOL = 1e-3
 
 LIDAR_RECORD_FLOATS = 5
+# No return of a car-mounted LiDAR or radar lies farther than this (HDL-32E: ~100 m, ARS 408: 250 m); a larger
+# coordinate is a corrupt file, not a far point.
+MAX_ABS_COORD_M = 1000.0
 
 # Radar record layout, in the devkit's field order (`RadarPointCloud.from_file`).
 RADAR_FIELDS: tuple[str, ...] = (
@@ -61,6 +64,9 @@ def read_lidar_bin(path: str | Path, token: str | None = None) -> np.ndarray:
     if points.size and not np.isfinite(points).all():
         bad = int((~np.isfinite(points).all(axis=1)).sum())
         raise DataError(f"LiDAR file has {bad} points with NaN or inf values", path=path, token=token)
+    if points.size and np.abs(points[:, :3]).max() > MAX_ABS_COORD_M:
+        bad = int((np.abs(points[:, :3]) > MAX_ABS_COORD_M).any(axis=1).sum())
+        raise DataError(f"LiDAR file has {bad} points farther than {MAX_ABS_COORD_M:g} m (corrupt values)", path=path, token=token)
     return points.astype(np.float32)
 
 
@@ -130,6 +136,8 @@ def read_radar_pcd(
     if out.size and not np.isfinite(out).all():
         bad = int((~np.isfinite(out).all(axis=1)).sum())
         raise DataError(f"radar file has {bad} returns with NaN or inf values", path=path, token=token)
+    if out.size and np.abs(out[:, :3]).max() > MAX_ABS_COORD_M:
+        raise DataError(f"radar file has returns farther than {MAX_ABS_COORD_M:g} m (corrupt values)", path=path, token=token)
     return out
 
 

@@ -58,7 +58,10 @@ class MapRasterizer:
             if not path.exists():
                 raise DataError(f"map expansion for location {location!r} not found", path=path)
             log.debug("loading map expansion %s", path)
-            self._maps[location] = NuScenesMap(dataroot=self.dataroot, map_name=location)
+            try:
+                self._maps[location] = NuScenesMap(dataroot=self.dataroot, map_name=location)
+            except Exception as exc:  # the devkit raises JSON, Key and Assertion errors for a bad file
+                raise DataError(f"map expansion unreadable ({type(exc).__name__}: {exc})", path=path) from None
         return self._maps[location]
 
     def render(self, location: str, lidar2global: np.ndarray, lidar_aug: np.ndarray | None = None,
