@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as perception/__init__ does, before numpy loads
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
