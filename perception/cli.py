@@ -262,6 +262,85 @@ def model_info(
     print(model_info_for_file(config, overrides or []).format_table())
 
 
+def _parse_image_size(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """WIDTHxHEIGHT -> (H, W), multiples of 16 (the camera ViT's patch size)."""
+    if text is None:
+        return None
+    w, h = _parse_size(text)
+    if w % 16 or h % 16:
+        raise typer.BadParameter(f"--image-size {text!r}: width and height must be multiples of 16")
+    return h, w
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Training checkpoint (.pt)."),
+    out: Path = typer.Option(..., "--out", help="Export directory: core.onnx, manifest.json (and core.int8.onnx)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="WIDTHxHEIGHT of the images the core takes, multiples of 16 (default: the checkpoint's data.image_size)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write core.int8.onnx: INT8 Q/DQ post-training quantisation (NVIDIA ModelOpt)."),
+    calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="nuScenes dataroot whose training split calibrates --int8."),
+    calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="Calibration samples, evenly spaced over the split."),
+    calib_split: Optional[str] = typer.Option(None, "--calib-split", help="Split of --calib-data (default: mini_train / train)."),
+    version: str = typer.Option("v1.0-mini", "--version", help="Version of --calib-data."),
+    opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset (the INT8 graph is written at opset 19)."),
+    max_batch: int = typer.Option(4, "--max-batch", min=1, help="Largest batch of the TensorRT profiles the manifest records."),
+) -> None:
+    """Export the plugin-free core as ONNX with its manifest (and an INT8 Q/DQ graph), checked for TensorRT 10."""
+    from deploy.export import export_checkpoint
+
+    manifest = export_checkpoint(checkpoint, out, image_size=_parse_image_size(image_size), int8=int8, calib_data=calib_data,
+                                 calib_samples=calib_samples, calib_version=version, calib_split=calib_split, opset=opset,
+                                 max_batch=max_batch)
+    for precision, name in manifest.graphs.items():
+        summary = manifest.compatibility.get(precision, {})
+        typer.echo(f"{precision}: {out / name} ({summary.get('nodes', '?')} nodes, TensorRT check "
+                   f"{'OK' if summary.get('ok') else 'FAILED'})")
+    typer.echo(f"wrote {out / 'manifest.json'}")
+
+
+@app.command("build-engine")
+def build_engine_cmd(
+    onnx_path: Path = typer.Option(..., "--onnx", help="A graph of an export directory (core.onnx, or core.int8.onnx for int8)."),
+    precision: str = typer.Option("fp16", "--precision", help="fp16, int8 (Q/DQ graph) or fp32."),
+    out: Path = typer.Option(..., "--out", help="Engine file; inside the export directory it is recorded in the manifest."),
+    workspace_gib: float = typer.Option(4.0, "--workspace-gib", min=0.1, help="Builder workspace limit."),
+) -> None:
+    """Build a TensorRT engine with the TensorRT Python API (needs the tensorrt extra and a GPU)."""
+    from deploy.tensorrt import build_engine
+
+    typer.echo(f"wrote {build_engine(onnx_path, out, precision=precision, workspace_gib=workspace_gib)}")
+
+
+@bench_app.command("latency")
+def bench_latency_cmd(
+    config: Path = typer.Option(..., "--config", help="Experiment YAML (configs/tiny.yaml, configs/base.yaml)."),
+    backend: str = typer.Option("torch", "--backend", help="torch, onnx or tensorrt."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 (torch: CUDA autocast; tensorrt: FP16 engine)."),
+    iterations: int = typer.Option(50, "--iterations", min=1, help="Timed runs (the figures are meant for >= 50)."),
+    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed runs first."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    points: int = typer.Option(200_000, "--points", min=0, help="Synthetic LiDAR points per sample (about 9 merged nuScenes sweeps)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights to time (default: random weights)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Time a sample of this dataroot instead of a synthetic batch."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and onnxruntime (default: torch's)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the figures to this JSON file."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY.PATH=VALUE config overrides."),
+) -> None:
+    """Per-stage latency (median/p90/p99) and throughput of one runtime."""
+    from deploy.bench import bench_latency, format_latency, write_json
+    from perception.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    result = bench_latency(cfg, backend, device=device, precision=precision, iterations=iterations, warmup=warmup,
+                           batch_size=batch_size, points=points, checkpoint=checkpoint, data=data, version=version,
+                           threads=threads, config_name=str(config))
+    typer.echo(format_latency(result))
+    if out is not None:
+        typer.echo(f"wrote {write_json(result, out)}")
+
+
 def main() -> None:
     try:
         app()

@@ -442,13 +442,26 @@ def _empty_detection_metrics() -> dict:
 def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: str, split: str, out: str | Path, *,
                         backend: str = "torch", device: str | None = None, modalities: Sequence[bool] | None = None,
                         batch_size: int = 2, workers: int = 0, progress: bool = True) -> dict:
-    """`perception eval --checkpoint`: evaluate a training checkpoint (torch backend) on a split."""
+    """`perception eval --checkpoint`: evaluate a training checkpoint (torch backend) or an export of one
+    (`deploy.runners.load_runner`: onnx takes an export directory or a .onnx graph in one, tensorrt an export
+    directory with an engine or the engine file) on a split, with the same metrics."""
     from perception.config import config_from_dict
     from perception.model.build import build_model
     from perception.training import build_dataset, load_checkpoint, model_state_from, pick_device
 
     if backend != "torch":
-        raise PerceptionError(f"--backend {backend}: only the torch backend is available in this build")
+        from deploy.runners import load_runner
+
+        runner = load_runner(backend, checkpoint, device=device)
+        cfg = runner.manifest.experiment_config()
+        dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=runner.manifest.map_grid)
+        t0 = time.time()
+        metrics = evaluate_model(runner, dataset, dataroot, version, split, out, device=runner.device,
+                                 batch_size=batch_size, workers=workers, modality_mask=modalities, progress=progress)
+        metrics["backend"] = runner.description
+        write_metrics(Path(out) / "metrics.json", metrics)
+        log.info("evaluated %d samples of %s with %r in %.1f s", len(dataset), split, runner, time.time() - t0)
+        return metrics
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
     if "config" not in ckpt:

@@ -1,0 +1,401 @@
+"""`perception export`: the plugin-free core (`deploy.core.DeployCore`) as ONNX, and its ``manifest.json``.
+
+An export directory holds:
+
+  - ``core.onnx``: the whole core as one graph (opset >= 17, standard ONNX operators only; checked against
+    TensorRT 10's ONNX parser by `deploy.trt_compat` at export time);
+  - ``core.int8.onnx`` with ``--int8``: the same graph with INT8 Q/DQ nodes (`deploy.quantize`);
+  - ``manifest.json``: the graphs, every input and output (name, dtype, shape with named dynamic axes,
+    meaning), the dynamic axes' min/opt/max (TensorRT optimisation profiles), the pre- and post-processing
+    settings (`deploy.preprocess.PreprocessSpec`, `deploy.postprocess.PostprocessSpec`), the BEV and map grids,
+    the class lists and the experiment config;
+  - ``stages/*.onnx`` when asked for (`export_stage_graphs`): one graph per stage, for per-stage latency.
+
+`Manifest` reads it back; every runtime builds its `Preprocessor` and `Postprocessor` from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deploy.core import OUTPUT_NAMES, DeployCore
+from deploy.postprocess import Postprocessor, PostprocessSpec
+from deploy.preprocess import DEFAULT_SEGMENT_SIZE, Preprocessor, PreprocessSpec, preprocess_spec_of
+from perception.config import ExperimentConfig, config_from_dict
+from perception.data.batch import Batch
+from perception.errors import PerceptionError
+from perception.model.bevfusion import BEVFusionModel
+from perception.model.synthetic import make_synthetic_batch
+from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "perception-deploy/1"
+CORE_GRAPH = "core.onnx"
+DEFAULT_OPSET = 17
+
+_DESCRIPTIONS = {
+    "images": "normalised camera images (see preprocessing.normalization)",
+    "pool_segments": "lift-splat pooling plan: frustum-volume rows per segment, B*P = zero row (deploy.preprocess.PoolingPlan)",
+    "pool_merges": "lift-splat pooling plan: segment rows per multi-segment cell, S = zero row",
+    "pool_cells": "lift-splat pooling plan: table row of each BEV cell, S + M = empty",
+    "lidar2img": "LIDAR_TOP -> augmented pixels, homogeneous (cam2img @ inverse(cam2lidar))",
+    "features": "padded pillar points: selected columns, offsets to the pillar's point mean (3) and centre (2)",
+    "point_mask": "1 for real points of a pillar, 0 for padding",
+    "bev_index": "row of each BEV cell's pillar, P = no pillar",
+    "modality_mask": "camera, lidar, radar present",
+    "heatmap": "class heatmap logits on the BEV grid (row along +y, column along +x)",
+    "offset": "sub-cell centre offset (dx, dy), cells", "z": "box centre z, m", "log_size": "log(w, l, h), m",
+    "rot": "(sin yaw, cos yaw)", "velocity": "(vx, vy), m/s", "attribute": "attribute logits",
+    "map": "map segmentation logits on the map grid", "scene": "scene-tag logits",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: dtype as numpy names it, shape with named dynamic axes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    description: str = ""
+
+
+@dataclass
+class Manifest:
+    """The contents of ``manifest.json`` (see the module docstring). `directory` is where it was read from."""
+
+    graphs: dict[str, str]
+    opset: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dynamic_axes: dict[str, dict[str, int]]
+    preprocessing: PreprocessSpec
+    postprocessing: PostprocessSpec
+    map_grid: BEVGrid
+    config: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+    compatibility: dict[str, Any] = field(default_factory=dict)
+    engines: dict[str, str] = field(default_factory=dict)
+    directory: Path | None = None
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def experiment_config(self) -> ExperimentConfig:
+        return config_from_dict(self.config, source=f"{self.directory or 'manifest'} config")
+
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor(self.preprocessing)
+
+    def postprocessor(self) -> Postprocessor:
+        return Postprocessor(self.postprocessing)
+
+    def graph_path(self, precision: str = "fp32") -> Path:
+        if precision not in self.graphs:
+            raise PerceptionError(f"{self.directory}: no {precision} graph in the export (has {sorted(self.graphs)})")
+        return Path(self.directory or ".") / self.graphs[precision]
+
+    def profile(self, spec: TensorSpec) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) shapes of an input for a TensorRT optimisation profile."""
+        shapes = []
+        for key in ("min", "opt", "max"):
+            shapes.append(tuple(d if isinstance(d, int) else self.dynamic_axes[d][key] for d in spec.shape))
+        return tuple(shapes)  # type: ignore[return-value]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "graphs": self.graphs,
+            "engines": self.engines,
+            "opset": self.opset,
+            "inputs": [asdict(t) | {"shape": list(t.shape)} for t in self.inputs],
+            "outputs": [asdict(t) | {"shape": list(t.shape)} for t in self.outputs],
+            "dynamic_axes": self.dynamic_axes,
+            "preprocessing": self.preprocessing.to_json(),
+            "postprocessing": self.postprocessing.to_json(),
+            "bev_grid": asdict(self.preprocessing.grid),
+            "map_grid": asdict(self.map_grid),
+            "classes": {"detection": list(DETECTION_CLASSES), "attributes": list(ATTRIBUTES), "map": list(MAP_CLASSES),
+                        "scene_tags": list(SCENE_TAGS)},
+            "quantization": self.quantization,
+            "compatibility": self.compatibility,
+            "source": self.source,
+            "config": self.config,
+        }
+
+    def write(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+        self.directory = directory
+        return path
+
+    @staticmethod
+    def read(directory: str | Path) -> "Manifest":
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
+        try:
+            raw = json.loads(path.read_text())
+        except OSError as exc:
+            raise PerceptionError(f"{path}: cannot read the export manifest ({exc.strerror}); is {directory} an export directory?") from None
+        except json.JSONDecodeError as exc:
+            raise PerceptionError(f"{path}: invalid JSON: {exc}") from None
+        if raw.get("format") != MANIFEST_FORMAT:
+            raise PerceptionError(f"{path}: format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        grid = BEVGrid(**raw["bev_grid"])
+
+        def tensors(items: list[dict]) -> list[TensorSpec]:
+            return [TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t.get("description", "")) for t in items]
+
+        return Manifest(
+            graphs=dict(raw["graphs"]), opset=int(raw["opset"]), inputs=tensors(raw["inputs"]), outputs=tensors(raw["outputs"]),
+            dynamic_axes={k: {kk: int(vv) for kk, vv in v.items()} for k, v in raw["dynamic_axes"].items()},
+            preprocessing=PreprocessSpec.from_json(raw["preprocessing"]),
+            postprocessing=PostprocessSpec.from_json(raw["postprocessing"], grid), map_grid=BEVGrid(**raw["map_grid"]),
+            config=raw["config"], source=raw.get("source", {}), quantization=raw.get("quantization"),
+            compatibility=raw.get("compatibility", {}), engines=dict(raw.get("engines", {})), directory=directory,
+        )
+
+
+def _numpy_dtype(t: Tensor) -> str:
+    return str(t.detach().cpu().numpy().dtype)
+
+
+def _axes_of(name: str) -> dict[int, str]:
+    """Named dynamic axes of a core input or output."""
+    if name == "pool_segments":
+        return {0: "pool_segments"}
+    if name in ("depth", "context"):  # per-camera stage outputs (B*N, ...)
+        return {0: "batch_cameras"}
+    if name == "pool_merges":
+        return {0: "pool_merged_cells", 1: "pool_merge_width"}
+    for sensor in ("lidar", "radar"):
+        if name in (f"{sensor}_features", f"{sensor}_point_mask"):
+            return {0: f"{sensor}_pillars"}
+    return {0: "batch"}
+
+
+def _dynamic_ranges(feeds: dict[str, Tensor], spec: PreprocessSpec, max_batch: int) -> dict[str, dict[str, int]]:
+    """min / opt / max of every dynamic axis for TensorRT profiles, from the example's sizes.
+
+    Pillar counts go up to the voxelisers' caps; the pooling plan's sizes depend on the rig only, so their
+    maxima are the example's (a batch-1 rig) times the batch and a margin of 2 for other calibrations.
+    """
+    b = int(feeds["images"].shape[0])
+    ranges: dict[str, dict[str, int]] = {"batch": {"min": 1, "opt": 1, "max": max_batch}}
+    for sensor, pillars in (("lidar", spec.lidar), ("radar", spec.radar)):
+        n = int(feeds[f"{sensor}_features"].shape[0])
+        ranges[f"{sensor}_pillars"] = {"min": 1, "opt": max(1, min(n // b, pillars.max_pillars)),
+                                       "max": pillars.max_pillars * max_batch}
+    if "pool_segments" in feeds:
+        s, (m, k2) = int(feeds["pool_segments"].shape[0]), feeds["pool_merges"].shape
+        ranges["pool_segments"] = {"min": 1, "opt": math.ceil(s / b), "max": 2 * math.ceil(s / b) * max_batch}
+        ranges["pool_merged_cells"] = {"min": 1, "opt": math.ceil(int(m) / b), "max": 2 * math.ceil(int(m) / b) * max_batch}
+        ranges["pool_merge_width"] = {"min": 1, "opt": int(k2), "max": 2 * int(k2)}
+    return ranges
+
+
+def example_batch(model: BEVFusionModel, batch_size: int = 1, seed: int = 0) -> Batch:
+    """A synthetic batch with the nuScenes-like rig of `perception.model.synthetic` at the model's image size."""
+    return make_synthetic_batch(batch_size=batch_size, image_size=model.camera_encoder.image_size, grid=model.grid,
+                                boxes_per_sample=8, background_points=30000, seed=seed)
+
+
+def export_onnx(module: torch.nn.Module, args: Sequence[Tensor], path: Path, input_names: Sequence[str],
+                output_names: Sequence[str], opset: int = DEFAULT_OPSET) -> Path:
+    """TorchScript-based ONNX export of a core module with the named dynamic axes of `_axes_of`."""
+    axes = {n: _axes_of(n) for n in (*input_names, *output_names)}
+    torch.onnx.export(module, tuple(args), str(path), opset_version=opset, dynamo=False, input_names=list(input_names),
+                      output_names=list(output_names), dynamic_axes=axes, do_constant_folding=True)
+    return path
+
+
+def export_model(model: BEVFusionModel, config: ExperimentConfig | dict[str, Any], out_dir: str | Path, *,
+                 example: Batch | None = None, opset: int = DEFAULT_OPSET, max_batch: int = 4,
+                 segment_size: int = DEFAULT_SEGMENT_SIZE, source: dict[str, Any] | None = None) -> Manifest:
+    """Export `model`'s plugin-free core to ``out_dir/core.onnx`` and write ``out_dir/manifest.json``.
+
+    Args:
+        model: the model (its weights; the export runs in eval mode and restores the mode).
+        config: the experiment config the model was built from (recorded for evaluation).
+        example: a batch that fixes the static shapes (default: `example_batch`).
+        opset: ONNX opset (>= 17).
+        max_batch: largest batch of the TensorRT profiles the manifest records.
+        segment_size: K of the lift-splat pooling plan.
+        source: provenance recorded in the manifest (checkpoint path, step).
+
+    Returns: the written `Manifest`. Raises `PerceptionError` if the graph fails the TensorRT check.
+    """
+    from deploy.trt_compat import check_onnx
+
+    if opset < 17:
+        raise PerceptionError(f"opset {opset}: the export needs opset 17 or later")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_json = config.model_dump(mode="json") if isinstance(config, ExperimentConfig) else dict(config)
+    was_training = model.training
+    model.eval()
+    try:
+        spec = preprocess_spec_of(model, segment_size)
+        feeds = Preprocessor(spec)(example if example is not None else example_batch(model))
+        core = DeployCore(model).eval()
+        with torch.no_grad():
+            outputs = dict(zip(OUTPUT_NAMES, core(*feeds.values())))
+        export_onnx(core, tuple(feeds.values()), out_dir / CORE_GRAPH, tuple(feeds), OUTPUT_NAMES, opset)
+    finally:
+        model.train(was_training)
+
+    report = check_onnx(out_dir / CORE_GRAPH)
+    if not report.ok:
+        raise PerceptionError(f"{out_dir / CORE_GRAPH}: not parseable by TensorRT without plugins:\n{report.format()}")
+
+    def tensor_specs(values: dict[str, Tensor]) -> list[TensorSpec]:
+        specs = []
+        for name, t in values.items():
+            axes = _axes_of(name)
+            shape = tuple(axes.get(i, int(d)) for i, d in enumerate(t.shape))
+            key = name.split("_", 1)[1] if name.startswith(("lidar_", "radar_")) else name
+            specs.append(TensorSpec(name, _numpy_dtype(t), shape, _DESCRIPTIONS.get(key, "")))
+        return specs
+
+    manifest = Manifest(
+        graphs={"fp32": CORE_GRAPH}, opset=opset, inputs=tensor_specs(feeds), outputs=tensor_specs(outputs),
+        dynamic_axes=_dynamic_ranges(feeds, spec, max_batch), preprocessing=spec,
+        postprocessing=PostprocessSpec(grid=model.grid, decode=model.decode), map_grid=model.map_grid,
+        config=cfg_json, source=dict(source or {}), compatibility={"fp32": report.summary()},
+    )
+    manifest.write(out_dir)
+    log.info("exported %s (%d inputs, %d outputs, opset %d) and %s", out_dir / CORE_GRAPH, len(manifest.inputs),
+             len(manifest.outputs), opset, MANIFEST_NAME)
+    return manifest
+
+
+def export_stage_graphs(model: BEVFusionModel, feeds: dict[str, Tensor], out_dir: str | Path,
+                        opset: int = DEFAULT_OPSET) -> dict[str, Path]:
+    """One ONNX graph per stage of `DeployCore` (camera, bev_pooling, lidar, radar, fuse_heads) in ``out_dir``,
+    traced with the intermediate tensors of `feeds` (the core's inputs). Returns {stage: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    core = DeployCore(model).eval()
+    values = dict(feeds)
+    paths = {}
+    with torch.no_grad():
+        for stage in core.stages():
+            args = tuple(values[n] for n in stage.inputs)
+            out = stage.module(*args)
+            values.update(zip(stage.outputs, out if isinstance(out, tuple) else (out,)))
+            paths[stage.name] = export_onnx(stage.module, args, out_dir / f"{stage.name}.onnx", stage.inputs, stage.outputs, opset)
+    return paths
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def _resample_pos_embed(state: dict[str, Tensor], model: BEVFusionModel, trained_size: tuple[int, int]) -> None:
+    """Resample the camera ViT's position embedding in `state`, made for images of `trained_size` (H, W), to
+    `model`'s patch grid (bicubic, timm's `resample_abs_pos_embed`)."""
+    from timm.layers import resample_abs_pos_embed
+
+    key = "camera_encoder.backbone.pos_embed"
+    backbone = model.camera_encoder.backbone
+    if key not in state or state[key].shape == backbone.pos_embed.shape:
+        return
+    prefix = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
+    patch = backbone.patch_embed.patch_size[0]
+    old_grid = (trained_size[0] // patch, trained_size[1] // patch)
+    new_grid = tuple(backbone.patch_embed.grid_size)
+    state[key] = resample_abs_pos_embed(state[key], new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=prefix)
+    log.info("resampled the camera position embedding %dx%d -> %dx%d for the export image size", *old_grid, *new_grid)
+
+
+def load_checkpoint_model(checkpoint: str | Path, image_size: tuple[int, int] | None = None
+                          ) -> tuple[BEVFusionModel, ExperimentConfig, dict[str, Any]]:
+    """A training checkpoint's model (EMA weights when present) and config; `image_size` (H, W) rebuilds the
+    model for another image size (position embeddings resampled). Returns (model, config, provenance)."""
+    from perception.model.build import build_model
+    from perception.training import load_checkpoint, model_state_from
+
+    ckpt = load_checkpoint(checkpoint)
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        raise PerceptionError(f"{checkpoint}: not a training checkpoint of this stack (no 'config' key)")
+    trained = config_from_dict(ckpt["config"], source=f"{checkpoint} config")
+    raw = trained.model_dump(mode="json")
+    if image_size is not None:
+        raw["data"]["image_size"] = list(image_size)
+    cfg = config_from_dict(raw, source=f"{checkpoint} config with --image-size {image_size}")
+    model = build_model(cfg)
+    state = dict(model_state_from(ckpt))
+    _resample_pos_embed(state, model, tuple(trained.data.image_size))
+    model.load_state_dict(state)
+    return model.eval(), cfg, {"checkpoint": str(checkpoint), "step": ckpt.get("step"), "ema": ckpt.get("ema") is not None}
+
+
+def cover_feeds(manifest: Manifest, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+    """Widen the manifest's dynamic-axis maxima (TensorRT profiles) to cover the shapes of `feeds` (real samples,
+    whose rig can need a larger pooling plan than the synthetic example) and write it."""
+    for spec in manifest.inputs:
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str):
+                seen = max(int(f[spec.name].shape[axis]) for f in feeds)
+                manifest.dynamic_axes[dim]["max"] = max(manifest.dynamic_axes[dim]["max"], seen)
+    manifest.write(manifest.directory or ".")
+
+
+def calibration_feeds(manifest: Manifest, dataroot: str | Path, num_samples: int, *, version: str = "v1.0-mini",
+                      split: str | None = None) -> list[dict[str, np.ndarray]]:
+    """Core inputs of `num_samples` samples of a training split (evenly spaced, evaluation transforms), for
+    INT8 calibration."""
+    from perception.data.collate import collate_samples
+    from perception.training import build_dataset, default_splits
+
+    cfg = manifest.experiment_config()
+    split = split or default_splits(version)[0]
+    dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=manifest.map_grid)
+    n = min(num_samples, len(dataset))
+    indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
+    pre = manifest.preprocessor()
+    feeds = []
+    for i in indices:
+        batch = collate_samples([dataset[i]])
+        feeds.append({k: v.cpu().numpy() for k, v in pre(batch).items()})
+    log.info("calibration: %d samples of %s/%s", len(feeds), dataroot, split)
+    return feeds
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, image_size: tuple[int, int] | None = None,
+                      int8: bool = False, calib_data: str | Path | None = None, calib_samples: int = 32,
+                      calib_version: str = "v1.0-mini", calib_split: str | None = None, opset: int = DEFAULT_OPSET,
+                      max_batch: int = 4) -> Manifest:
+    """`perception export`: a checkpoint -> an export directory (FP32 graph, and with `int8` a Q/DQ graph
+    calibrated on `calib_samples` samples of `calib_data`'s training split)."""
+    if int8 and calib_data is None:
+        raise PerceptionError("--int8 needs --calib-data DIR (a nuScenes dataroot whose training split calibrates)")
+    model, cfg, source = load_checkpoint_model(checkpoint, image_size)
+    manifest = export_model(model, cfg, out_dir, opset=opset, max_batch=max_batch, source=source)
+    if int8:
+        from deploy.quantize import quantize_export
+
+        feeds = calibration_feeds(manifest, calib_data, calib_samples, version=calib_version, split=calib_split)
+        cover_feeds(manifest, feeds)
+        quantize_export(manifest, feeds, source={"calib_data": str(calib_data), "split": calib_split or "train split"})
+    return manifest

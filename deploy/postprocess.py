@@ -1,0 +1,57 @@
+"""Post-processing shared by every runtime: the core's head tensors -> `Prediction`s.
+
+Decoding is the model's own `perception.model.heads.decode_detections` (3x3 max-pool peaks, top-k, score
+threshold, per-class circle NMS) with the settings the manifest records, and map / scene probabilities are
+the sigmoid of their logits: exactly what `BEVFusionModel.predict` does after its forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from perception.model.bevfusion import DecodeSettings, Prediction
+from perception.model.heads import CIRCLE_NMS_RADIUS_M, decode_detections
+from perception.structures import BEVGrid, Boxes3D
+
+
+@dataclass(frozen=True)
+class PostprocessSpec:
+    """The manifest's ``postprocessing`` section: decoding settings on the BEV grid."""
+
+    grid: BEVGrid
+    decode: DecodeSettings
+
+    def to_json(self) -> dict[str, Any]:
+        return {"top_k": self.decode.top_k, "score_threshold": self.decode.score_threshold,
+                "max_detections": self.decode.max_detections, "circle_nms_radius_m": dict(CIRCLE_NMS_RADIUS_M),
+                "peaks": "3x3 max-pool on sigmoid(heatmap)", "boxes": "Boxes3D layout in LIDAR_TOP: x, y, z, w, l, h, yaw, vx, vy"}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any], grid: BEVGrid) -> "PostprocessSpec":
+        return PostprocessSpec(grid=grid, decode=DecodeSettings(top_k=int(d["top_k"]), score_threshold=float(d["score_threshold"]),
+                                                                max_detections=int(d["max_detections"])))
+
+
+class Postprocessor:
+    """``{output name: tensor}`` (batch first, any device; numpy arrays are accepted) -> one `Prediction` per sample."""
+
+    def __init__(self, spec: PostprocessSpec):
+        self.spec = spec
+
+    @torch.no_grad()
+    def __call__(self, outputs: Mapping[str, Any]) -> list[Prediction]:
+        out = {k: torch.as_tensor(v).float() for k, v in outputs.items()}
+        d = self.spec.decode
+        detections = decode_detections(out, self.spec.grid, top_k=d.top_k, score_threshold=d.score_threshold,
+                                       max_detections=d.max_detections)
+        map_probs = out["map"].sigmoid()
+        scene_probs = out["scene"].sigmoid()
+        return [
+            Prediction(boxes_lidar=Boxes3D(det.boxes), scores=det.scores, labels=det.labels, attributes=det.attributes,
+                       map_probs=map_probs[i], scene_probs=scene_probs[i])
+            for i, det in enumerate(detections)
+        ]

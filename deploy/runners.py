@@ -1,0 +1,229 @@
+"""Runners: one interface over PyTorch, ONNX Runtime and TensorRT.
+
+A `Runner` is the shared pre-processing (`deploy.preprocess.Preprocessor`), an `Executor` that runs the core
+on one runtime, and the shared post-processing (`deploy.postprocess.Postprocessor`). ``runner.predict(batch)``
+returns the `Prediction`s that `BEVFusionModel.predict` returns, so `perception.evaluation.run_inference`
+evaluates any runtime unchanged (``runner.eval()`` is there for it and does nothing).
+
+Executors take and return ``{name: torch.Tensor}``:
+  - `TorchExecutor`: a module (the `DeployCore`, or one of its stages) in eager PyTorch, FP32 or FP16 autocast;
+  - `OnnxRuntimeExecutor`: an ONNX graph in an ``onnxruntime.InferenceSession`` (CPU, or CUDA where the
+    installed onnxruntime has it);
+  - `deploy.tensorrt.TensorRTExecutor`: a serialized TensorRT engine.
+
+`load_runner(backend, path)` opens a checkpoint (torch) or an export directory / graph / engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from deploy.export import Manifest
+from deploy.postprocess import Postprocessor
+from deploy.preprocess import Preprocessor
+from perception.data.batch import Batch
+from perception.errors import PerceptionError
+from perception.model.bevfusion import Prediction
+
+log = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("torch", "onnx", "tensorrt")
+
+
+class Executor(ABC):
+    """Runs one graph: named input tensors -> named output tensors (on `device`)."""
+
+    device: torch.device
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    @abstractmethod
+    def run(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Outputs for `inputs` (extra keys are ignored); returns when the outputs are ready to read."""
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TorchExecutor(Executor):
+    """A module in eager PyTorch. `precision` ``fp16`` runs it under CUDA autocast (outputs cast back to FP32)."""
+
+    def __init__(self, module: nn.Module, input_names: Sequence[str], output_names: Sequence[str], *,
+                 device: torch.device | str = "cpu", precision: str = "fp32"):
+        if precision not in ("fp32", "fp16"):
+            raise PerceptionError(f"torch precision {precision!r}: expected fp32 or fp16")
+        self.device = torch.device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise PerceptionError("torch fp16 runs under CUDA autocast: use --device cuda")
+        self.module = module.to(self.device).eval()
+        self.input_names = tuple(input_names)
+        self.output_names = tuple(output_names)
+        self.precision = precision
+
+    @torch.no_grad()
+    def run(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        args = [inputs[n].to(self.device, non_blocking=True) for n in self.input_names]
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
+            out = self.module(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        result = {n: (t.float() if t.is_floating_point() else t) for n, t in zip(self.output_names, out)}
+        synchronize(self.device)
+        return result
+
+
+def onnxruntime_providers(device: torch.device) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise PerceptionError(f"onnxruntime {ort.__version__} has no CUDA execution provider (install onnxruntime-gpu "
+                                  "in an environment of its own), use --device cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeExecutor(Executor):
+    """An ONNX graph in onnxruntime with all graph optimisations; `threads` intra-op threads (default: torch's)."""
+
+    def __init__(self, path: str | Path, *, device: torch.device | str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        self.device = torch.device(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        # Idle intra-op threads would otherwise spin after each run and take the cores from the pre- and
+        # post-processing (torch) and from the other sessions of a staged pipeline.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=onnxruntime_providers(self.device))
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+            raise PerceptionError(f"{path}: onnxruntime cannot load the graph: {exc}") from None
+        self.path = Path(path)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        feeds = {n: np.ascontiguousarray(inputs[n].detach().cpu().numpy()) for n in self.input_names}
+        out = self.session.run(list(self.output_names), feeds)
+        return {n: torch.from_numpy(a).to(self.device) for n, a in zip(self.output_names, out)}
+
+
+class Runner:
+    """Pre-processing, a core `Executor`, post-processing. ``predict(batch)`` as `BEVFusionModel.predict`.
+
+    Attributes:
+        backend: "torch", "onnx" or "tensorrt".
+        manifest: the export's manifest (for torch, one made in memory from the model).
+        device: where inputs are prepared and outputs returned.
+    """
+
+    def __init__(self, backend: str, manifest: Manifest, executor: Executor, *, description: str = ""):
+        self.backend = backend
+        self.manifest = manifest
+        self.executor = executor
+        self.device = executor.device
+        self.preprocessor: Preprocessor = manifest.preprocessor()
+        self.postprocessor: Postprocessor = manifest.postprocessor()
+        self.description = description or backend
+
+    def __repr__(self) -> str:
+        return f"Runner({self.description} on {self.device})"
+
+    def eval(self) -> "Runner":
+        """Nothing to switch (inference only); here so that code written for a model runs a runner."""
+        return self
+
+    def infer(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The core's outputs for prepared inputs."""
+        return self.executor.run(inputs)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[Prediction]:
+        """Per-sample predictions of a batch (pre-processing, core, decoding and NMS)."""
+        inputs = self.preprocessor(batch.to(self.device))
+        return self.postprocessor(self.infer(inputs))
+
+
+def _resolve_export(path: Path, suffixes: tuple[str, ...]) -> tuple[Manifest, Path | None]:
+    """(manifest, file) for an export directory or a file inside one (None: use the manifest's default)."""
+    path = Path(path)
+    if path.is_dir():
+        return Manifest.read(path), None
+    if path.is_file() and path.suffix in suffixes:
+        return Manifest.read(path.parent), path
+    raise PerceptionError(f"{path}: expected an export directory (with manifest.json) or a {'/'.join(suffixes)} file in one")
+
+
+def torch_runner(model, config, *, device: torch.device | str = "cpu", precision: str = "fp32") -> Runner:
+    """A runner over a `BEVFusionModel` in eager PyTorch (its `DeployCore`), with the shared pre/post-processing."""
+    from deploy.core import OUTPUT_NAMES, DeployCore
+    from deploy.export import TensorSpec
+    from deploy.postprocess import PostprocessSpec
+    from deploy.preprocess import preprocess_spec_of
+
+    core = DeployCore(model.eval())
+    spec = preprocess_spec_of(model)
+    manifest = Manifest(
+        graphs={}, opset=0, inputs=[TensorSpec(n, "", ()) for n in core.input_names],
+        outputs=[TensorSpec(n, "", ()) for n in OUTPUT_NAMES], dynamic_axes={}, preprocessing=spec,
+        postprocessing=PostprocessSpec(grid=model.grid, decode=model.decode), map_grid=model.map_grid,
+        config=config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config),
+    )
+    executor = TorchExecutor(core, core.input_names, OUTPUT_NAMES, device=device, precision=precision)
+    return Runner("torch", manifest, executor, description=f"PyTorch eager {precision}")
+
+
+def load_runner(backend: str, path: str | Path, *, device: str | torch.device | None = None, precision: str | None = None,
+                threads: int | None = None) -> Runner:
+    """Open a runner.
+
+    Args:
+        backend: "torch" (path: a training checkpoint .pt), "onnx" (an export directory, whose FP32 graph is
+            used, or a .onnx file in one, e.g. ``core.int8.onnx``), "tensorrt" (an export directory with a built
+            engine, or a .engine / .plan file in one).
+        device: "cpu" or "cuda" (default: cuda for tensorrt, cpu otherwise).
+        precision: torch: fp32 or fp16 (CUDA autocast); onnx: the manifest's graph to use (fp32, int8).
+        threads: onnxruntime intra-op threads.
+    """
+    if backend not in BACKENDS:
+        raise PerceptionError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    path = Path(path)
+    if backend == "torch":
+        from deploy.export import load_checkpoint_model
+
+        if path.is_dir() or path.suffix not in (".pt", ".pth"):
+            raise PerceptionError(f"{path}: the torch backend takes a training checkpoint (.pt)")
+        model, cfg, _ = load_checkpoint_model(path)
+        return torch_runner(model, cfg, device=device or "cpu", precision=precision or "fp32")
+    if backend == "onnx":
+        manifest, graph = _resolve_export(path, (".onnx",))
+        graph = graph or manifest.graph_path(precision or "fp32")
+        executor = OnnxRuntimeExecutor(graph, device=device or "cpu", threads=threads)
+        if executor.input_names != manifest.input_names:
+            raise PerceptionError(f"{graph}: inputs {executor.input_names} differ from the manifest's {manifest.input_names}")
+        return Runner("onnx", manifest, executor, description=f"onnxruntime {graph.name}")
+    from deploy.tensorrt import TensorRTExecutor
+
+    manifest, engine = _resolve_export(path, (".engine", ".plan"))
+    if engine is None:
+        if not manifest.engines:
+            raise PerceptionError(f"{path}: no TensorRT engine in the export; build one with `perception build-engine`")
+        key = precision or next(iter(manifest.engines))
+        if key not in manifest.engines:
+            raise PerceptionError(f"{path}: no {key} engine (has {sorted(manifest.engines)})")
+        engine = Path(manifest.directory) / manifest.engines[key]
+    executor = TensorRTExecutor(engine, device=device or "cuda")
+    return Runner("tensorrt", manifest, executor, description=f"TensorRT {engine.name}")
+
