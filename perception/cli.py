@@ -176,7 +176,7 @@ def eval_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Training checkpoint (.pt) to evaluate."),
     results: Optional[Path] = typer.Option(None, "--results", help="Evaluate an existing submission JSON instead."),
     version: str = typer.Option("v1.0-mini", "--version"),
-    backend: str = typer.Option("torch", "--backend", help="torch (onnx and tensorrt: see deploy/)."),
+    backend: str = typer.Option("torch", "--backend", help="torch (CHECKPOINT is a .pt), onnx or tensorrt (CHECKPOINT is an export directory or a .onnx/.engine in one)."),
     modalities: Optional[str] = typer.Option(None, "--modalities", help="Evaluate with only these sensors, e.g. lidar or camera,radar."),
     device: Optional[str] = typer.Option(None, "--device"),
     batch_size: int = typer.Option(2, "--batch-size", min=1),
