@@ -40,15 +40,18 @@ class BEVFuser(nn.Module):
         return self.fuse(torch.cat(parts, 1))
 
 
-def drop_modalities(modality_mask: Tensor, prob: float, generator: torch.Generator | None = None) -> Tensor:
-    """Modality dropout for training: each present modality of each sample is dropped with probability `prob`,
-    but a sample always keeps at least one of the modalities it had.
+def drop_modalities(modality_mask: Tensor, prob: float | tuple[float, float, float],
+                    generator: torch.Generator | None = None) -> Tensor:
+    """Modality dropout for training: each present modality of each sample is dropped with probability `prob`
+    (one for all, or per modality in `MODALITIES` order), but a sample always keeps at least one of the
+    modalities it had.
 
     modality_mask: (B, 3) bool -> (B, 3) bool.
     """
-    if prob <= 0:
+    probs = torch.as_tensor(prob, dtype=torch.float32, device=modality_mask.device).expand(modality_mask.shape[1])
+    if not (probs > 0).any():
         return modality_mask
-    drop = torch.rand(modality_mask.shape, generator=generator, device=modality_mask.device) < prob
+    drop = torch.rand(modality_mask.shape, generator=generator, device=modality_mask.device) < probs
     kept = modality_mask & ~drop
     emptied = ~kept.any(1) & modality_mask.any(1)
     if emptied.any():

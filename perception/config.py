@@ -135,7 +135,15 @@ class PillarConfig(_Section):
 
 class FuserConfig(_Section):
     out_channels: int = Field(64, ge=1)
-    modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Per-sample, per-modality drop probability in `loss()` (at least one is kept).")
+    modality_dropout: Union[float, tuple[float, float, float]] = Field(
+        0.0, description="Per-sample drop probability in `loss()`: one for every modality, or (camera, lidar, radar); at least one modality is kept.")
+
+    @model_validator(mode="after")
+    def _check_dropout(self) -> "FuserConfig":
+        probs = self.modality_dropout if isinstance(self.modality_dropout, tuple) else (self.modality_dropout,)
+        if not all(0.0 <= p < 1.0 for p in probs):
+            raise ValueError(f"modality_dropout {self.modality_dropout} must be in [0, 1)")
+        return self
 
 
 class DecoderConfig(_Section):

@@ -157,6 +157,8 @@ def test_modality_dropout_keeps_one_present_modality():
     assert dropped.any(1).all()  # every sample keeps one
     assert (dropped != mask).any()
     assert torch.equal(drop_modalities(mask, 0.0), mask)
+    per = drop_modalities(torch.ones(1000, 3, dtype=torch.bool), (0.0, 0.0, 0.5), generator=torch.Generator().manual_seed(1))
+    assert per[:, :2].all() and 0.4 < per[:, 2].float().mean() < 0.6  # only radar is dropped, about half the time
 
 
 def test_modality_dropout_only_in_training(monkeypatch):

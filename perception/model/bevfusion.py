@@ -111,7 +111,8 @@ class BEVFusionModel(nn.Module):
 
     def __init__(self, *, camera_encoder: CameraEncoder, view_transform: ViewTransform, lidar_encoder: LidarEncoder,
                  radar_encoder: RadarEncoder, fuser: BEVFuser, bev_decoder: BEVDecoder, heads: BEVHeads, grid: BEVGrid,
-                 loss_weights: LossConfig, decode: DecodeSettings, modality_dropout: float = 0.0):
+                 loss_weights: LossConfig, decode: DecodeSettings,
+                 modality_dropout: float | tuple[float, float, float] = 0.0):
         super().__init__()
         for name, part in (("view_transform", view_transform), ("lidar_encoder", lidar_encoder), ("radar_encoder", radar_encoder)):
             if part.grid != grid:
@@ -196,7 +197,7 @@ class BEVFusionModel(nn.Module):
         (``model.fuser.modality_dropout``) is applied to the batch's modality mask first.
         """
         mask = batch.modality_mask
-        if self.training and self.modality_dropout > 0:
+        if self.training and max(torch.as_tensor(self.modality_dropout).reshape(-1).tolist()) > 0:
             mask = drop_modalities(mask, self.modality_dropout)
         out = self(*self.prepare(batch, mask).as_args())
         w = self.loss_weights
