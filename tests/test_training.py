@@ -144,3 +144,18 @@ def test_demo_writes_checkpoint_metrics_submission_and_report(synth_root, tmp_pa
     assert 0.0 <= metrics["nds"] <= 1.0 and metrics["num_samples"] == 6
     assert "| lidar_only |" in (work / "report.md").read_text()
     assert any((work / "tb").iterdir())
+
+
+def test_ema_weights_are_kept_checkpointed_and_evaluated(synth_root, tmp_path):
+    from perception.training import model_state_from
+
+    cfg = load_config(TINY, FAST + ["train.ema_decay=0.9"])
+    trainer = Trainer(cfg, RunSpec(data=synth_root, work_dir=tmp_path, max_steps=2, device="cpu", progress=False))
+    trainer.fit()
+    trainer.close()
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["ema"]["updates"] == 2
+    name = next(k for k, v in ckpt["model"].items() if v.dtype.is_floating_point and v.numel() > 10 and "camera" in k)
+    assert not torch.equal(ckpt["ema"]["shadow"][name], ckpt["model"][name])
+    assert model_state_from(ckpt) is ckpt["ema"]["shadow"]  # evaluation and export use the EMA
+    assert torch.equal(trainer.eval_model().state_dict()[name], ckpt["ema"]["shadow"][name])
