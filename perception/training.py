@@ -19,6 +19,7 @@ with batch b and K accumulation steps (`tests/test_training.py` checks this).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -513,7 +514,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device, non_blocking=True)
             sync = i == len(micro_batches) - 1
-            ctx = self.loss_module.no_sync() if (self.dist.enabled and not sync) else _nullcontext()
+            ctx = self.loss_module.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                     losses = self.loss_module(batch)
@@ -678,14 +679,6 @@ class Trainer:
         if self.dist.enabled and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _dump_config(cfg: ExperimentConfig) -> str:
