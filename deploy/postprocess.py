@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor
 
-from perception.model.bevfusion import DecodeSettings, Prediction
-from perception.model.heads import CIRCLE_NMS_RADIUS_M, decode_detections
-from perception.structures import BEVGrid, Boxes3D
+from perception.model.bevfusion import DecodeSettings, Prediction, outputs_to_predictions
+from perception.model.heads import CIRCLE_NMS_RADIUS_M
+from perception.structures import BEVGrid
 
 
 @dataclass(frozen=True)
@@ -45,13 +44,4 @@ class Postprocessor:
     @torch.no_grad()
     def __call__(self, outputs: Mapping[str, Any]) -> list[Prediction]:
         out = {k: torch.as_tensor(v).float() for k, v in outputs.items()}
-        d = self.spec.decode
-        detections = decode_detections(out, self.spec.grid, top_k=d.top_k, score_threshold=d.score_threshold,
-                                       max_detections=d.max_detections)
-        map_probs = out["map"].sigmoid()
-        scene_probs = out["scene"].sigmoid()
-        return [
-            Prediction(boxes_lidar=Boxes3D(det.boxes), scores=det.scores, labels=det.labels, attributes=det.attributes,
-                       map_probs=map_probs[i], scene_probs=scene_probs[i])
-            for i, det in enumerate(detections)
-        ]
+        return outputs_to_predictions(out, self.spec.grid, self.spec.decode)

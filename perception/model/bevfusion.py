@@ -236,13 +236,19 @@ class BEVFusionModel(nn.Module):
     def predict(self, batch: Batch) -> list[Prediction]:
         """Per-sample predictions: decoded boxes (top-k, score threshold, per-class circle NMS), map and scene-tag
         probabilities. Call `eval()` first, or BatchNorm uses the batch's statistics."""
-        out = self(*self.prepare(batch).as_args())
-        detections = decode_detections(out, self.grid, top_k=self.decode.top_k, score_threshold=self.decode.score_threshold,
-                                       max_detections=self.decode.max_detections)
-        map_probs = out["map"].sigmoid()
-        scene_probs = out["scene"].sigmoid()
-        return [
-            Prediction(boxes_lidar=Boxes3D(d.boxes), scores=d.scores, labels=d.labels, attributes=d.attributes,
-                       map_probs=map_probs[i], scene_probs=scene_probs[i])
-            for i, d in enumerate(detections)
-        ]
+        return outputs_to_predictions(self(*self.prepare(batch).as_args()), self.grid, self.decode)
+
+
+def outputs_to_predictions(out: dict[str, Tensor], grid: BEVGrid, decode: DecodeSettings) -> list[Prediction]:
+    """Post-processing shared by `BEVFusionModel.predict` and every deploy runner: the core's output tensors
+    (batch first) -> one `Prediction` per sample (detections decoded by top-k and per-class NMS, map and scene
+    probabilities)."""
+    detections = decode_detections(out, grid, top_k=decode.top_k, score_threshold=decode.score_threshold,
+                                   max_detections=decode.max_detections)
+    map_probs = out["map"].sigmoid()
+    scene_probs = out["scene"].sigmoid()
+    return [
+        Prediction(boxes_lidar=Boxes3D(d.boxes), scores=d.scores, labels=d.labels, attributes=d.attributes,
+                   map_probs=map_probs[i], scene_probs=scene_probs[i])
+        for i, d in enumerate(detections)
+    ]
