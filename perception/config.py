@@ -54,13 +54,14 @@ class DataConfig(_Section):
 class GridConfig(_Section):
     """The BEV grid in the LIDAR_TOP frame (metres); see `perception.structures.BEVGrid`."""
 
-    x_min: float = -51.2
-    x_max: float = 51.2
-    y_min: float = -51.2
-    y_max: float = 51.2
-    z_min: float = -5.0
-    z_max: float = 3.0
-    cell: float = 0.8
+    # Defaults are BEVGrid's own, so the default grid is written in one place.
+    x_min: float = BEVGrid.x_min
+    x_max: float = BEVGrid.x_max
+    y_min: float = BEVGrid.y_min
+    y_max: float = BEVGrid.y_max
+    z_min: float = BEVGrid.z_min
+    z_max: float = BEVGrid.z_max
+    cell: float = BEVGrid.cell
 
     def build(self, path: str = "grid", *, even: bool = True) -> BEVGrid:
         """The `BEVGrid` of this section (``grid``: the one BEV grid of the experiment).
