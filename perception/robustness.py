@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from perception.data.batch import Batch
 
 log = logging.getLogger(__name__)
+# The devkit's true-positive errors kept per condition (translation, scale, orientation, velocity, attribute).
+TP_ERRORS: tuple[str, ...] = ("mate", "mase", "maoe", "mave", "maae")
 
 Transform = Callable[[Batch], Batch]
 
@@ -224,22 +226,31 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
         log.info("robustness: %s", name)
         m = evaluate_model(model, dataset, dataroot, version, split, out / name, device=dev, batch_size=batch_size,
                            workers=workers, progress=progress, batch_transform=CONDITIONS[name])
-        results[name] = {"nds": m["nds"], "map": m["map"], "seg_miou": m["seg_miou"], "scene_map": m["scene_map"]}
+        # NaN (no true positive of any class) becomes null, so robustness.json stays strict JSON.
+        results[name] = {k: (None if m[k] is None or not math.isfinite(m[k]) else float(m[k]))
+                         for k in ("nds", "map", *TP_ERRORS, "seg_miou", "scene_map")}
     clean = results["clean"]["nds"]
     for r in results.values():
         r["ratio"] = r["nds"] / clean if clean > 0 else None
-    (out / "robustness.json").write_text(json.dumps(results, indent=1))
+    (out / "robustness.json").write_text(json.dumps(results, indent=1, allow_nan=False))
     (out / "robustness.md").write_text(format_robustness(results, checkpoint, split))
     plot_robustness(results, out / "robustness.png")
     return results
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def format_robustness(results: dict[str, dict], checkpoint, split: str) -> str:
+    tp_head = " | ".join(f"m{k[1:].upper()}" for k in TP_ERRORS)
     lines = [f"# Robustness of {checkpoint} on {split}", "",
-             "| condition | NDS | mAP | seg mIoU | ratio (NDS / clean) |", "|---|---|---|---|---|"]
+             f"| condition | NDS | ratio (NDS / clean) | mAP | {tp_head} | seg mIoU |",
+             "|---|---|---|---|" + "---|" * len(TP_ERRORS) + "---|"]
     for name, r in results.items():
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        lines.append(f"| {name} | {r['nds']:.4f} | {r['map']:.4f} | {r['seg_miou']:.4f} | {ratio} |")
+        tp = " | ".join(_fmt(r.get(k)) for k in TP_ERRORS)
+        lines.append(f"| {name} | {r['nds']:.4f} | {ratio} | {r['map']:.4f} | {tp} | {_fmt(r['seg_miou'])} |")
     lines += ["", "![robustness](robustness.png)", ""]
     return "\n".join(lines)
 
@@ -254,7 +265,7 @@ def plot_robustness(results: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     x = np.arange(len(names))
     ax.bar(x - 0.2, [results[n]["nds"] for n in names], 0.4, label="NDS")
-    ax.bar(x + 0.2, [results[n]["seg_miou"] for n in names], 0.4, label="seg mIoU")
+    ax.bar(x + 0.2, [results[n]["seg_miou"] or 0.0 for n in names], 0.4, label="seg mIoU")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     ax.legend()

@@ -89,6 +89,6 @@ def test_robustness_command_runs_every_condition(synth_root, tiny_checkpoint, tm
     results = json.loads((tmp_path / "robustness.json").read_text())
     assert set(results) == set(CONDITIONS)
     for r in results.values():
-        assert {"nds", "map", "seg_miou", "ratio"} <= set(r)
+        assert {"nds", "map", "mate", "mase", "maoe", "mave", "maae", "seg_miou", "ratio"} <= set(r)
     assert (tmp_path / "robustness.md").read_text().count("|") > 50
     assert (tmp_path / "robustness.png").stat().st_size > 1000
