@@ -182,6 +182,8 @@ class LossConfig(_Section):
 
     heatmap: float = Field(1.0, ge=0.0)
     regression: float = Field(0.25, ge=0.0)
+    velocity: float = Field(0.2, ge=0.0, description="Weight of the two velocity columns inside the regression L1, "
+                            "relative to 1 for the box geometry (CenterPoint's code_weights).")
     attribute: float = Field(0.2, ge=0.0)
     map_focal: float = Field(1.0, ge=0.0)
     map_dice: float = Field(1.0, ge=0.0)

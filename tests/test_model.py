@@ -150,6 +150,20 @@ def test_map_head_on_its_own_grid():
         model.loss(wrong)
 
 
+def test_velocity_loss_weight_scales_only_the_velocity_columns():
+    cfg = small_config("tiny", "loss.velocity=0.7", "loss.depth=0", "loss.attribute=0", "loss.heatmap=0",
+                       "loss.map_focal=0", "loss.map_dice=0", "loss.scene=0")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert model.regression_weights.tolist()[-2:] == pytest.approx([0.7, 0.7])
+    assert model.regression_weights.tolist()[:8] == [1.0] * 8
+    batch = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=cfg.grid.build())
+    with_vel = float(model.loss(batch)["regression"])
+    model.regression_weights[-2:] = 0.0
+    without_vel = float(model.loss(batch)["regression"])
+    assert with_vel > without_vel > 0
+
+
 def test_modality_dropout_keeps_one_present_modality():
     mask = torch.tensor([[True, True, True], [True, False, False], [False, True, True], [False, False, True]]).repeat(250, 1)
     dropped = drop_modalities(mask, 0.9, generator=torch.Generator().manual_seed(0))
