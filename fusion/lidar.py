@@ -48,7 +48,8 @@ class PillarVoxelizer:
         grid: the BEV grid.
         feature_columns: which columns of the input points become point features (x, y, z must be 0, 1, 2
             of the input whether or not they are selected).
-        max_points_per_pillar: M; extra points of a pillar are dropped (the first M in input order are kept).
+        max_points_per_pillar: M; a pillar with more points keeps M spread evenly over its points in input
+            order (so over all sweeps of a multi-sweep cloud).
         max_pillars: per sample; when exceeded, the pillars with the most points are kept.
     """
 
@@ -94,8 +95,15 @@ class PillarVoxelizer:
         keep_pillar = pillar_rank < self.max_pillars
         new_id = torch.cumsum(keep_pillar.long(), 0) - 1
 
-        keep_point = (rank < m) & keep_pillar[point_pillar]
-        points, rank, pillar_of_point = points[keep_point], rank[keep_point], new_id[point_pillar[keep_point]]
+        # A pillar with more than M points keeps M of them evenly spread in input order (ranks floor(j * c / M),
+        # j < M), not the first M: with multi-sweep clouds (keyframe sweep first) the first M would all come from
+        # the newest sweep and drop the motion history of everything near the sensor.
+        c = counts[point_pillar]
+        slot = (rank * m + c - 1) // c  # the j whose sample floor(j * c / M) is at or after this point
+        strided = (slot < m) & ((slot * c) // m == rank)
+        keep_point = torch.where(c <= m, rank < m, strided) & keep_pillar[point_pillar]
+        slot = torch.where(c <= m, rank, slot)
+        points, rank, pillar_of_point = points[keep_point], slot[keep_point], new_id[point_pillar[keep_point]]
         pillar_key, counts_kept = pillar_key[keep_pillar], counts_kept[keep_pillar]
         num_pillars = int(pillar_key.shape[0])
 

@@ -392,6 +392,19 @@ def test_pillar_voxelizer():
     assert len(empty) == 0 and empty.features.shape == (0, 2, vox.num_features)
 
 
+def test_pillar_voxelizer_keeps_points_of_every_sweep():
+    """A crowded pillar keeps points spread over the input order (all sweeps), not the newest sweep's first M."""
+    grid = BEVGrid(x_min=-4, x_max=4, y_min=-4, y_max=4, cell=1.0)
+    vox = LidarEncoder.make_voxelizer(grid, max_points_per_pillar=4, max_pillars=10)
+    dt = torch.arange(10, dtype=torch.float32).repeat_interleave(3) * 0.05  # 10 sweeps x 3 points, newest first
+    points = torch.stack([torch.full_like(dt, 0.5), torch.full_like(dt, 0.5), torch.zeros_like(dt), torch.ones_like(dt), dt], 1)
+    pillars = vox(points, torch.tensor([len(points)]))
+    assert pillars.point_mask.tolist() == [[1.0] * 4]
+    kept_dt = pillars.features[0, :, 4]
+    torch.testing.assert_close(kept_dt, dt[[0, 7, 15, 22]])  # ranks floor(j * 30 / 4)
+    assert kept_dt.min() == 0.0 and kept_dt.max() >= 0.35
+
+
 # ------------------------------------------------------------------------------- targets and decoding
 
 
