@@ -25,7 +25,7 @@ from perception.errors import ConfigError
 from perception.model.camera import CameraEncoder
 from perception.model.decoder import BEVDecoder
 from perception.model.heads import (
-    REGRESSION_COLUMNS, REGRESSION_WEIGHTS, BEVHeads, build_detection_targets, decode_detections, gather_regression,
+    REGRESSION_COLUMNS, BEVHeads, build_detection_targets, decode_detections, gather_regression,
 )
 from perception.model.losses import (
     depth_loss, dice_loss, gaussian_focal_loss, masked_cross_entropy, sigmoid_focal_loss, weighted_l1,
@@ -130,9 +130,8 @@ class BEVFusionModel(nn.Module):
         self.loss_weights = loss_weights
         self.decode = decode
         self.modality_dropout = modality_dropout
-        reg_weights = torch.tensor(REGRESSION_WEIGHTS)
-        reg_weights[[REGRESSION_COLUMNS.index("vx"), REGRESSION_COLUMNS.index("vy")]] = loss_weights.velocity
-        self.register_buffer("regression_weights", reg_weights, persistent=False)
+        reg_weights = [loss_weights.velocity if c in ("vx", "vy") else 1.0 for c in REGRESSION_COLUMNS]
+        self.register_buffer("regression_weights", torch.tensor(reg_weights), persistent=False)
 
     @property
     def map_grid(self) -> BEVGrid:

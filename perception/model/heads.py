@@ -28,10 +28,9 @@ CIRCLE_NMS_RADIUS_M: dict[str, float] = {
     "motorcycle": 0.85, "bicycle": 0.85, "pedestrian": 0.175, "traffic_cone": 0.175,
 }
 
-# Regression target layout and per-column L1 weights (CenterPoint's code_weights); the velocity columns take
-# `loss.velocity` instead.
+# Regression target layout: box geometry (L1 weight 1), then velocity (weight `loss.velocity`, CenterPoint's
+# code_weights).
 REGRESSION_COLUMNS: tuple[str, ...] = ("dx", "dy", "z", "log_w", "log_l", "log_h", "sin_yaw", "cos_yaw", "vx", "vy")
-REGRESSION_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
 
 # Gaussian radius settings for the heatmap (CenterPoint).
 GAUSSIAN_MIN_OVERLAP = 0.1
