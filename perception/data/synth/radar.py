@@ -1,9 +1,12 @@
 """Radar: returns of the 5 nuScenes radars (Continental ARS408-like) from the road users and structures of a
 `World`, written as binary PCD v0.7 with the 18 nuScenes fields.
 
-Each return lies in the radar frame (x forward, y left) at z = 0, as in real nuScenes. `vx_comp, vy_comp` are
-the object's true velocity (plus noise) rotated into the radar frame; `vx, vy` are relative to the moving
-ego. All returns pass the devkit's default filters (invalid_state 0, dyn_prop 0..6, ambig_state 3).
+Each return lies in the radar frame (x forward, y left) at z = 0, as in real nuScenes. A Doppler radar measures
+only the radial speed, so both velocity pairs are radial vectors (along the line from the radar to the return), as
+in real nuScenes data (nuscenes-devkit issues #748, #924): `vx_comp, vy_comp` carry the radial part of the
+object's own velocity (ego motion compensated), `vx, vy` the radial part of its velocity relative to the moving
+ego; the tangential part is not measured. All returns pass the devkit's default filters (invalid_state 0,
+dyn_prop 0..6, ambig_state 3).
 """
 
 from __future__ import annotations
@@ -70,6 +73,17 @@ def _segment_blocked(p: np.ndarray, centers: np.ndarray, sizes: np.ndarray, yaws
     return bool(hit.any())
 
 
+def _doppler(v_radar: np.ndarray, ego_v_radar: np.ndarray, p: np.ndarray, rng: np.random.Generator,
+             sigma: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """What a Doppler radar reports for a return at p (2D, radar frame, m) on an object moving at v_radar (m/s,
+    radar frame, ground velocity) seen from an ego moving at ego_v_radar: (v_comp, v_rel), each (2,), the radial
+    speed (noise `sigma`) times the unit line of sight. v_comp is ego-motion compensated, v_rel is not."""
+    los = p / max(float(np.hypot(*p)), 1e-6)
+    vr_comp = float(np.dot(v_radar, los)) + rng.normal(0.0, sigma)
+    vr_ego = float(np.dot(ego_v_radar, los))
+    return vr_comp * los, (vr_comp - vr_ego) * los
+
+
 def scan(world: World, boxes: WorldBoxes, radar2global: np.ndarray, rng: np.random.Generator, t: float) -> np.ndarray:
     """One radar scan: a RADAR_DTYPE array of returns in the radar frame."""
     centers, yaws = boxes_in_frame(boxes, radar2global)
@@ -114,8 +128,7 @@ def scan(world: World, boxes: WorldBoxes, radar2global: np.ndarray, rng: np.rand
                 v_global = np.array([*(world.rotation @ np.array([a.du, a.dv])), 0.0])
             else:
                 v_global = np.zeros(3)
-            v_comp = (R.T @ v_global)[:2] + rng.normal(0.0, 0.1, 2)
-            v_rel = v_comp - ego_v_radar[:2]
+            v_comp, v_rel = _doppler((R.T @ v_global)[:2], ego_v_radar[:2], p, rng)
             speed = float(np.hypot(*v_global[:2]))
             if speed < 0.2:
                 dyn = 1
@@ -127,8 +140,7 @@ def scan(world: World, boxes: WorldBoxes, radar2global: np.ndarray, rng: np.rand
     for _ in range(int(rng.integers(2, 8))):
         r, az = rng.uniform(5.0, 60.0), rng.uniform(-NEAR_FOV, NEAR_FOV) * 0.9
         p = np.array([r * math.cos(az), r * math.sin(az)])
-        v_comp = rng.normal(0.0, 0.15, 2)
-        v_rel = v_comp - ego_v_radar[:2]
+        v_comp, v_rel = _doppler(np.zeros(2), ego_v_radar[:2], p, rng)
         rows.append((p[0], p[1], 0.0, 1, 0, rng.uniform(-8.0, 4.0), v_rel[0], v_rel[1], v_comp[0], v_comp[1], 1, 3, 20, 20, 0, 1, 17, 17))
     out = np.zeros(len(rows), dtype=RADAR_DTYPE)
     for i, r in enumerate(rows):
