@@ -139,11 +139,24 @@ class FuserConfig(_Section):
     modality_dropout: Union[float, tuple[float, float, float]] = Field(
         0.0, description="Per-sample drop probability in `loss()`: one for every modality, or (camera, lidar, radar); at least one modality is kept.")
 
+    paired_drop: tuple[tuple[Literal["camera", "lidar", "radar"], ...], ...] = Field(
+        (), description="Paired passes in `loss()`, one per listed set of modalities (e.g. [[radar], [lidar]]): "
+                        "the same encoded batch goes through fuser, decoder and heads again without those "
+                        "modalities (the encoders run once), and each pass's detection, map and scene losses are "
+                        "added with weight `paired_weight`. A sample that would be left with no modality keeps "
+                        "its own.")
+    paired_weight: float = Field(1.0, ge=0.0)
+
     @model_validator(mode="after")
     def _check_dropout(self) -> "FuserConfig":
         probs = self.modality_dropout if isinstance(self.modality_dropout, tuple) else (self.modality_dropout,)
         if not all(0.0 <= p < 1.0 for p in probs):
             raise ValueError(f"modality_dropout {self.modality_dropout} must be in [0, 1)")
+        for names in self.paired_drop:
+            if len(set(names)) != len(names) or not 1 <= len(names) <= 2:
+                raise ValueError(f"paired_drop: each pass must drop one or two different modalities, not {list(names)}")
+        if len(set(frozenset(n) for n in self.paired_drop)) != len(self.paired_drop):
+            raise ValueError(f"paired_drop: {[list(n) for n in self.paired_drop]} lists a pass twice")
         return self
 
 

@@ -78,7 +78,9 @@ def test_forward_backward_for_every_modality_subset(small_models, name, subset):
     model.train()
     model.zero_grad(set_to_none=True)
     losses = model.loss(batch)
-    assert set(losses) == {"heatmap", "regression", "attribute", "map_focal", "map_dice", "scene", "depth"}
+    tasks = {"heatmap", "regression", "attribute", "map_focal", "map_dice", "scene"}
+    paired = {f"{k}_no_{'_'.join(names)}" for names in cfg.model.fuser.paired_drop for k in tasks}  # tiny: no radar
+    assert set(losses) == tasks | {"depth"} | paired
     for key, value in losses.items():
         assert value.ndim == 0 and torch.isfinite(value), key
     sum(losses.values()).backward()
@@ -189,6 +191,51 @@ def test_modality_dropout_only_in_training(monkeypatch):
     with torch.no_grad():
         model.loss(batch)
     assert calls == [0.5]
+
+
+def test_paired_passes_are_the_same_batch_without_the_dropped_modalities():
+    """`model.fuser.paired_drop`: each paired pass's losses equal a separate pass over the batch without its
+    modalities; a sample left with none keeps its own; the paired losses reach the encoders that remain."""
+    torch.manual_seed(0)
+    cfg = small_config("tiny", "model.fuser.paired_drop=[[radar], [lidar]]", "model.fuser.paired_weight=0.5")
+    model = build_model(cfg)
+    assert model.paired_drop == ((False, False, True), (False, True, False))
+
+    def make(mask):
+        return make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=cfg.grid.build(), seed=3,
+                                    modality_mask=torch.tensor(mask))
+
+    batch = make([[True, True, True], [False, False, True]])  # the second sample is radar-only
+    model.train()
+    for m in model.modules():  # batch statistics would mix the passes; compare with fixed statistics
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    losses = model.loss(batch)
+    assert {"heatmap", "heatmap_no_radar", "regression_no_radar", "map_dice_no_lidar", "scene_no_lidar", "depth"} <= set(losses)
+    assert not any(k.startswith("depth_") for k in losses)  # the encoders (and depth) run once
+
+    model.paired_drop = ()
+    full = model.loss(batch)
+    no_radar = model.loss(make([[True, True, False], [False, False, True]]))
+    no_lidar = model.loss(make([[True, False, True], [False, False, True]]))
+    for key in ("heatmap", "regression", "map_focal", "scene"):
+        torch.testing.assert_close(losses[key], full[key])
+        torch.testing.assert_close(losses[f"{key}_no_radar"], 0.5 * no_radar[key])
+        torch.testing.assert_close(losses[f"{key}_no_lidar"], 0.5 * no_lidar[key])
+    assert any(float(full[k]) != float(no_radar[k]) for k in ("heatmap", "map_focal", "scene"))  # radar matters
+
+    model.paired_drop = ((False, False, True),)
+    model.zero_grad()
+    sum(v for k, v in model.loss(batch).items() if k.endswith("_no_radar")).backward()
+    assert _grad_norm(model.lidar_encoder) > 0
+    model.eval()
+    assert set(model.loss(batch)) == set(full)  # training only
+
+
+@pytest.mark.parametrize("value", ["[[radar, radar]]", "[[camera, lidar, radar]]", "[[sonar]]", "[[radar], [radar]]"])
+def test_paired_drop_is_checked(value):
+    with pytest.raises(ConfigError, match="model.fuser"):
+        small_config("tiny", f"model.fuser.paired_drop={value}")
 
 
 # ------------------------------------------------------------------------------------ camera weights

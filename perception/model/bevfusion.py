@@ -20,12 +20,12 @@ from fusion.fuser import BEVFuser, drop_modalities
 from fusion.lidar import LidarEncoder
 from fusion.radar import RadarEncoder
 from perception.config import LossConfig
-from perception.data.batch import Batch
+from perception.data.batch import MODALITIES, Batch
 from perception.errors import ConfigError
 from perception.model.camera import CameraEncoder
 from perception.model.decoder import BEVDecoder
 from perception.model.heads import (
-    REGRESSION_COLUMNS, BEVHeads, build_detection_targets, decode_detections, gather_regression,
+    REGRESSION_COLUMNS, BEVHeads, DetectionTargets, build_detection_targets, decode_detections, gather_regression,
 )
 from perception.model.losses import (
     depth_loss, dice_loss, gaussian_focal_loss, masked_cross_entropy, sigmoid_focal_loss, weighted_l1,
@@ -107,12 +107,17 @@ class BEVFusionModel(nn.Module):
         decode: detection post-processing settings.
         modality_dropout: per-sample, per-modality drop probability applied by `loss` in training mode (0 = off);
             a sample always keeps one of the modalities it has.
+        paired_drop: one (3,) bool per paired pass, True = removed (`MODALITIES` order): in training mode `loss`
+            sends the same encoded batch through fuser, decoder and heads once more per pass without those
+            modalities (the encoders run once) and adds its losses, times `paired_weight`, under keys ending in
+            ``_no_<modalities>`` (``heatmap_no_radar``). Empty = no paired pass.
     """
 
     def __init__(self, *, camera_encoder: CameraEncoder, view_transform: ViewTransform, lidar_encoder: LidarEncoder,
                  radar_encoder: RadarEncoder, fuser: BEVFuser, bev_decoder: BEVDecoder, heads: BEVHeads, grid: BEVGrid,
                  loss_weights: LossConfig, decode: DecodeSettings,
-                 modality_dropout: float | tuple[float, float, float] = 0.0):
+                 modality_dropout: float | tuple[float, float, float] = 0.0,
+                 paired_drop: tuple[tuple[bool, bool, bool], ...] = (), paired_weight: float = 1.0):
         super().__init__()
         for name, part in (("view_transform", view_transform), ("lidar_encoder", lidar_encoder), ("radar_encoder", radar_encoder)):
             if part.grid != grid:
@@ -130,6 +135,11 @@ class BEVFusionModel(nn.Module):
         self.loss_weights = loss_weights
         self.decode = decode
         self.modality_dropout = modality_dropout
+        for drop in paired_drop:
+            if len(drop) != 3 or not any(drop) or all(drop):
+                raise ValueError(f"BEVFusionModel: paired_drop {paired_drop}: each pass removes one or two of the 3 modalities")
+        self.paired_drop = tuple(tuple(bool(d) for d in drop) for drop in paired_drop)
+        self.paired_weight = paired_weight
         reg_weights = [loss_weights.velocity if c in ("vx", "vy") else 1.0 for c in REGRESSION_COLUMNS]
         self.register_buffer("regression_weights", torch.tensor(reg_weights), persistent=False)
 
@@ -175,15 +185,24 @@ class BEVFusionModel(nn.Module):
             rot (B, 2, H, W) sin/cos; velocity (B, 2, H, W); attribute (B, 8, H, W) logits;
             map (B, 6, H, W) logits; scene (B, 6) logits; and, for `LiftSplat`, depth (B, N, D, h, w) probabilities.
         """
+        camera_bev, depth, lidar_bev, radar_bev = self.encode(
+            images, camera_geometry, lidar_features, lidar_point_mask, lidar_pillar_index, radar_features,
+            radar_point_mask, radar_pillar_index)
+        out = self.heads(self.bev_decoder(self.fuser(camera_bev, lidar_bev, radar_bev, modality_mask)))
+        if depth is not None:
+            out["depth"] = depth
+        return out
+
+    def encode(self, images: Tensor, camera_geometry: Tensor, lidar_features: Tensor, lidar_point_mask: Tensor,
+               lidar_pillar_index: Tensor, radar_features: Tensor, radar_point_mask: Tensor,
+               radar_pillar_index: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """The three encoders (arguments as in `CoreInputs`) -> camera_bev, depth (None unless `LiftSplat`),
+        lidar_bev, radar_bev: (B, C_m, H, W) float32 BEV features on the grid, unmasked."""
         batch_size = images.shape[0]
         camera_bev, depth = self.view_transform(self.camera_encoder(images), camera_geometry)
         lidar_bev = self.lidar_encoder(lidar_features, lidar_point_mask, lidar_pillar_index, batch_size)
         radar_bev = self.radar_encoder(radar_features, radar_point_mask, radar_pillar_index, batch_size)
-        fused = self.fuser(camera_bev, lidar_bev, radar_bev, modality_mask)
-        out = self.heads(self.bev_decoder(fused))
-        if depth is not None:
-            out["depth"] = depth
-        return out
+        return camera_bev, depth, lidar_bev, radar_bev
 
     # --------------------------------------------------------------------------------------- training
 
@@ -195,15 +214,55 @@ class BEVFusionModel(nn.Module):
         ``map_dice`` (multi-label map segmentation), ``scene`` (BCE on scene tags), ``depth`` (BEVDepth-style, from
         the LiDAR points projected into the images, for samples that have both; `LiftSplat` only). Empty scenes
         and empty point clouds give finite values. In training mode, modality dropout
-        (``model.fuser.modality_dropout``) is applied to the batch's modality mask first.
+        (``model.fuser.modality_dropout``) is applied to the batch's modality mask first, and with
+        ``model.fuser.paired_drop`` the detection, map and scene terms of each paired pass are added as
+        ``heatmap_no_radar``, ``regression_no_radar``, etc.
         """
         mask = batch.modality_mask
         if self.training and max(torch.as_tensor(self.modality_dropout).reshape(-1).tolist()) > 0:
             mask = drop_modalities(mask, self.modality_dropout)
-        out = self(*self.prepare(batch, mask).as_args())
-        w = self.loss_weights
+        inputs = self.prepare(batch, mask)
+        passes = self.paired_drop if self.training and self.paired_weight > 0 else ()
+        paired_outs = []
+        if passes:
+            # One fuser/decoder/heads call over the batch repeated once per pass, each copy with its own mask.
+            camera_bev, depth, lidar_bev, radar_bev = self.encode(*inputs.as_args()[:-1])
+            masks = [mask] + [self._paired_mask(batch.modality_mask, drop) for drop in passes]
+            repeat = len(masks)
+            stacked = [t.repeat(repeat, *([1] * (t.dim() - 1))) for t in (camera_bev, lidar_bev, radar_bev)]
+            out_all = self.heads(self.bev_decoder(self.fuser(*stacked, torch.cat(masks))))
+            outs = [{k: v.chunk(repeat)[i] for k, v in out_all.items()} for i in range(repeat)]
+            out, paired_outs = outs[0], outs[1:]
+            if depth is not None:
+                out["depth"] = depth
+        else:
+            out = self(*inputs.as_args())
         targets = build_detection_targets(batch.boxes, batch.labels, batch.attributes, batch.num_boxes, self.grid,
                                           num_classes=out["heatmap"].shape[1])
+        losses = self._task_losses(out, batch, targets)
+        for drop, out_paired in zip(passes, paired_outs):
+            suffix = "_no_" + "_".join(name for name, d in zip(MODALITIES, drop) if d)
+            for key, value in self._task_losses(out_paired, batch, targets).items():
+                losses[key + suffix] = self.paired_weight * value
+        w = self.loss_weights
+        if w.depth > 0 and isinstance(self.view_transform, LiftSplat):
+            depth_bins = self.view_transform.depth_target(batch.points_lidar, batch.num_points_lidar, batch.cam2img, batch.cam2lidar)
+            # Only samples whose images and LiDAR are real (the batch's own mask; dropout only hides them from the fuser).
+            real = (batch.modality_mask[:, 0] & batch.modality_mask[:, 1])[:, None, None, None]
+            depth_bins = torch.where(real, depth_bins, torch.full_like(depth_bins, -1))
+            losses["depth"] = w.depth * depth_loss(out["depth"], depth_bins)
+        return losses
+
+    @staticmethod
+    def _paired_mask(modality_mask: Tensor, drop: tuple[bool, bool, bool]) -> Tensor:
+        """(B, 3) bool: the batch's modalities without `drop`; a sample left with none keeps its own."""
+        drop = torch.tensor(drop, dtype=torch.bool, device=modality_mask.device)
+        kept = modality_mask & ~drop
+        return torch.where(kept.any(1, keepdim=True), kept, modality_mask)
+
+    def _task_losses(self, out: dict[str, Tensor], batch: Batch, targets: DetectionTargets) -> dict[str, Tensor]:
+        """Detection, map and scene loss terms of one pass (`loss` documents the keys)."""
+        w = self.loss_weights
         reg, attr_logits = gather_regression(out, targets.batch_index, targets.cell_index)
         losses: dict[str, Tensor] = {}
         if w.heatmap > 0:
@@ -223,12 +282,6 @@ class BEVFusionModel(nn.Module):
             losses["map_dice"] = w.map_dice * dice_loss(out["map"], batch.map_masks)
         if w.scene > 0:
             losses["scene"] = w.scene * nn.functional.binary_cross_entropy_with_logits(out["scene"], batch.scene_tags)
-        if w.depth > 0 and isinstance(self.view_transform, LiftSplat):
-            depth_bins = self.view_transform.depth_target(batch.points_lidar, batch.num_points_lidar, batch.cam2img, batch.cam2lidar)
-            # Only samples whose images and LiDAR are real (the batch's own mask; dropout only hides them from the fuser).
-            real = (batch.modality_mask[:, 0] & batch.modality_mask[:, 1])[:, None, None, None]
-            depth_bins = torch.where(real, depth_bins, torch.full_like(depth_bins, -1))
-            losses["depth"] = w.depth * depth_loss(out["depth"], depth_bins)
         return losses
 
     # -------------------------------------------------------------------------------------- inference

@@ -12,6 +12,7 @@ from fusion.fuser import BEVFuser
 from fusion.lidar import LidarEncoder
 from fusion.radar import RadarEncoder
 from perception.config import BEVSampleConfig, CameraConfig, ExperimentConfig, LiftSplatConfig, PillarConfig
+from perception.data.batch import MODALITIES
 from perception.model.bevfusion import BEVFusionModel, DecodeSettings
 from perception.model.camera import CameraEncoder, SimpleFeaturePyramid, build_vit_backbone, load_backbone_checkpoint
 from perception.model.decoder import BEVDecoder
@@ -80,6 +81,8 @@ def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
         loss_weights=cfg.loss,
         decode=DecodeSettings(top_k=m.heads.top_k, score_threshold=m.heads.score_threshold, max_detections=m.heads.max_detections),
         modality_dropout=m.fuser.modality_dropout,
+        paired_drop=tuple(tuple(name in names for name in MODALITIES) for names in m.fuser.paired_drop),
+        paired_weight=m.fuser.paired_weight,
     )
     logger.info("built %s with %s view transform: %.2fM parameters", m.camera.backbone, type(view_transform).__name__,
                 sum(p.numel() for p in model.parameters()) / 1e6)
