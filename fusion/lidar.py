@@ -20,6 +20,8 @@ from perception.structures import BEVGrid
 LIDAR_FEATURE_COLUMNS: tuple[int, ...] = (0, 1, 2, 3, 4)
 # Decoration appended to each point: offset to its pillar's point mean (3) and to the pillar centre (2).
 NUM_DECORATIONS = 5
+# Points with a time lag below this (s) belong to the keyframe sweep (dt = 0; the next 20 Hz sweep has 0.05).
+KEYFRAME_DT = 0.025
 
 
 @dataclass(frozen=True)
@@ -134,19 +136,27 @@ class PillarEncoder(nn.Module):
         pfn_channels: pillar feature channels.
         out_channels: channels of the BEV output.
         backbone_layers: number of 3x3 conv + BN + ReLU layers after the scatter.
+        keyframe_feature: index into `Pillars.features` of the points' time lag (s); if given, the pillar's
+            keyframe-sweep points (time lag < KEYFRAME_DT) are max-pooled again on their own and those
+            `pfn_channels` are scattered beside the all-sweep ones, so the BEV keeps where a moving object is now
+            apart from where it was. None: one max over all points.
     """
 
-    def __init__(self, *, voxelizer: PillarVoxelizer, pfn_channels: int, out_channels: int, backbone_layers: int):
+    def __init__(self, *, voxelizer: PillarVoxelizer, pfn_channels: int, out_channels: int, backbone_layers: int,
+                 keyframe_feature: int | None = None):
         super().__init__()
         self.voxelizer = voxelizer
         self.grid = voxelizer.grid
         self.out_channels = out_channels
         self.pfn_channels = pfn_channels
+        if keyframe_feature is not None and not 0 <= keyframe_feature < voxelizer.num_features:
+            raise ValueError(f"keyframe_feature {keyframe_feature} is not one of the {voxelizer.num_features} point features")
+        self.keyframe_feature = keyframe_feature
         self.pfn = nn.Sequential(
             nn.Linear(voxelizer.num_features, pfn_channels, bias=False), nn.BatchNorm1d(pfn_channels), nn.ReLU(inplace=True)
         )
         layers: list[nn.Module] = []
-        cin = pfn_channels
+        cin = pfn_channels * (1 if keyframe_feature is None else 2)
         for _ in range(backbone_layers):
             layers += [nn.Conv2d(cin, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
             cin = out_channels
@@ -164,7 +174,11 @@ class PillarEncoder(nn.Module):
         """
         p, m, f = features.shape
         x = self.pfn(features.reshape(p * m, f)).view(p, m, self.pfn_channels)
-        x = (x * point_mask[..., None]).amax(dim=1)  # (P, C); ReLU output >= 0 so masked zeros never win
+        pooled = (x * point_mask[..., None]).amax(dim=1)  # (P, C); ReLU output >= 0 so masked zeros never win
+        if self.keyframe_feature is not None:
+            keyframe = (features[..., self.keyframe_feature] < KEYFRAME_DT).to(x.dtype) * point_mask  # (P, M)
+            pooled = torch.cat([pooled, (x * keyframe[..., None]).amax(dim=1)], 1)  # (P, 2C); 0 without such points
+        x = pooled
         cells = self.grid.height * self.grid.width
         bev = scatter_add_rows(x, index, batch_size * cells)
         bev = bev.view(batch_size, self.grid.height, self.grid.width, -1).permute(0, 3, 1, 2).contiguous()
@@ -173,6 +187,9 @@ class PillarEncoder(nn.Module):
 
 class LidarEncoder(PillarEncoder):
     """`PillarEncoder` over LiDAR points (x, y, z, intensity, dt)."""
+
+    # Index of dt in the LiDAR `Pillars.features` (the `keyframe_feature` of a keyframe-pooling encoder).
+    DT_FEATURE = LIDAR_FEATURE_COLUMNS.index(4)
 
     @staticmethod
     def make_voxelizer(grid: BEVGrid, *, max_points_per_pillar: int, max_pillars: int) -> PillarVoxelizer:

@@ -132,6 +132,9 @@ class PillarConfig(_Section):
     pfn_channels: int = Field(64, ge=1, description="Pillar feature net output channels.")
     out_channels: int = Field(64, ge=1, description="Channels after the small 2D BEV backbone.")
     backbone_layers: int = Field(2, ge=0, description="3x3 conv layers of the small 2D backbone.")
+    keyframe_pool: bool = Field(False, description="LiDAR only: max-pool each pillar's keyframe-sweep points "
+                                "separately too (2 x pfn_channels into the BEV), so a moving object's current "
+                                "position is not blurred with its past sweeps.")
 
 
 class FuserConfig(_Section):

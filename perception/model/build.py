@@ -13,6 +13,7 @@ from fusion.lidar import LidarEncoder
 from fusion.radar import RadarEncoder
 from perception.config import BEVSampleConfig, CameraConfig, ExperimentConfig, LiftSplatConfig, PillarConfig
 from perception.data.batch import MODALITIES
+from perception.errors import ConfigError
 from perception.model.bevfusion import BEVFusionModel, DecodeSettings
 from perception.model.camera import CameraEncoder, SimpleFeaturePyramid, build_vit_backbone, load_backbone_checkpoint
 from perception.model.decoder import BEVDecoder
@@ -47,10 +48,14 @@ def build_view_transform(cfg: LiftSplatConfig | BEVSampleConfig, grid: BEVGrid, 
 def build_lidar_encoder(cfg: PillarConfig, grid: BEVGrid) -> LidarEncoder:
     voxelizer = LidarEncoder.make_voxelizer(grid, max_points_per_pillar=cfg.max_points_per_pillar, max_pillars=cfg.max_pillars)
     return LidarEncoder(voxelizer=voxelizer, pfn_channels=cfg.pfn_channels, out_channels=cfg.out_channels,
-                        backbone_layers=cfg.backbone_layers)
+                        backbone_layers=cfg.backbone_layers,
+                        keyframe_feature=LidarEncoder.DT_FEATURE if cfg.keyframe_pool else None)
 
 
 def build_radar_encoder(cfg: PillarConfig, grid: BEVGrid) -> RadarEncoder:
+    if cfg.keyframe_pool:
+        raise ConfigError("model.radar.keyframe_pool: only the LiDAR encoder pools its keyframe sweep apart (the "
+                          "5 radars' keyframe scans are not at the LiDAR's time)")
     voxelizer = RadarEncoder.make_voxelizer(grid, max_points_per_pillar=cfg.max_points_per_pillar, max_pillars=cfg.max_pillars)
     return RadarEncoder(voxelizer=voxelizer, pfn_channels=cfg.pfn_channels, out_channels=cfg.out_channels,
                         backbone_layers=cfg.backbone_layers)
