@@ -129,11 +129,7 @@ class PillarStage(nn.Module):
         self.encoder = encoder
 
     def forward(self, features: Tensor, point_mask: Tensor, bev_index: Tensor) -> Tensor:
-        enc = self.encoder
-        p, m, f = features.shape
-        x = enc.pfn(features.reshape(p * m, f)).view(p, m, enc.pfn_channels)
-        x = (x * point_mask[..., None]).amax(dim=1)  # (P, C); ReLU output >= 0 so masked zeros never win
-        return enc.backbone(gather_bev(x, bev_index))
+        return self.encoder.backbone(gather_bev(self.encoder.pool(features, point_mask), bev_index))
 
 
 class FuseHeadsStage(nn.Module):

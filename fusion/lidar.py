@@ -164,6 +164,18 @@ class PillarEncoder(nn.Module):
             layers += [nn.Conv2d(cin, out_channels, 1)]
         self.backbone = nn.Sequential(*layers)
 
+    def pool(self, features: Tensor, point_mask: Tensor) -> Tensor:
+        """Pillar feature net and max over each pillar's points: features (P, M, F) float, point_mask (P, M)
+        float -> (P, pfn_channels), or (P, 2 * pfn_channels) with `keyframe_feature` (all points, then the
+        keyframe sweep's points only; 0 for a pillar without any)."""
+        p, m, f = features.shape
+        x = self.pfn(features.reshape(p * m, f)).view(p, m, self.pfn_channels)
+        pooled = (x * point_mask[..., None]).amax(dim=1)  # (P, C); ReLU output >= 0 so masked zeros never win
+        if self.keyframe_feature is None:
+            return pooled
+        keyframe = (features[..., self.keyframe_feature] < KEYFRAME_DT).to(x.dtype) * point_mask  # (P, M)
+        return torch.cat([pooled, (x * keyframe[..., None]).amax(dim=1)], 1)
+
     def forward(self, features: Tensor, point_mask: Tensor, index: Tensor, batch_size: int) -> Tensor:
         """features: (P, M, F) float; point_mask: (P, M) float; index: (P,) int64 (see `Pillars`).
 
@@ -172,13 +184,7 @@ class PillarEncoder(nn.Module):
 
         Returns: (batch_size, out_channels, H, W) float BEV features on the grid (row along +y, column along +x).
         """
-        p, m, f = features.shape
-        x = self.pfn(features.reshape(p * m, f)).view(p, m, self.pfn_channels)
-        pooled = (x * point_mask[..., None]).amax(dim=1)  # (P, C); ReLU output >= 0 so masked zeros never win
-        if self.keyframe_feature is not None:
-            keyframe = (features[..., self.keyframe_feature] < KEYFRAME_DT).to(x.dtype) * point_mask  # (P, M)
-            pooled = torch.cat([pooled, (x * keyframe[..., None]).amax(dim=1)], 1)  # (P, 2C); 0 without such points
-        x = pooled
+        x = self.pool(features, point_mask)
         cells = self.grid.height * self.grid.width
         bev = scatter_add_rows(x, index, batch_size * cells)
         bev = bev.view(batch_size, self.grid.height, self.grid.width, -1).permute(0, 3, 1, 2).contiguous()
