@@ -38,6 +38,9 @@ class Batch:
             (row i along +y, column j along +x).
         scene_tags: (B, len(SCENE_TAGS)) float32 multi-hot.
         modality_mask: (B, 3) bool, which of MODALITIES are present for each sample.
+        has_map: (B,) bool, the sample has map ground truth (`map_masks` is meaningful; else zeros, and the map
+            losses and metrics leave the sample out).
+        has_scene_tags: (B,) bool, the sample's scene tags are known (else zeros, left out likewise).
         meta: B dicts with at least `sample_token`, `timestamp` (us), `lidar2ego` and `ego2global`
             (4x4 float64 numpy arrays).
     """
@@ -57,6 +60,8 @@ class Batch:
     map_masks: Tensor
     scene_tags: Tensor
     modality_mask: Tensor
+    has_map: Tensor
+    has_scene_tags: Tensor
     meta: list[dict[str, Any]] = field(default_factory=list)
 
     @property

@@ -42,5 +42,7 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
         map_masks=torch.stack([s.map_masks for s in samples]).to(torch.float32),
         scene_tags=torch.stack([s.scene_tags for s in samples]),
         modality_mask=torch.tensor([[True, True, s.has_radar] for s in samples], dtype=torch.bool),
+        has_map=torch.tensor([s.has_map for s in samples], dtype=torch.bool),
+        has_scene_tags=torch.tensor([s.has_scene_tags for s in samples], dtype=torch.bool),
         meta=[s.meta for s in samples],
     )

@@ -97,7 +97,8 @@ class SampleIndex:
     """Everything needed to load the samples, as flat numpy arrays (S samples, C = 6 cameras).
 
     Frames: `*2lidar` map into the keyframe's LIDAR_TOP frame; float64; metres.
-      tokens (S,) str; timestamps (S,) int64 us; scene_tags (S, len(SCENE_TAGS)) float32; locations (S,) str
+      tokens (S,) str; timestamps (S,) int64 us; scene_tags (S, len(SCENE_TAGS)) float32; has_scene_tags (S,)
+      bool (False: the tags are unknown, e.g. mmdet3d infos, and `scene_tags` is zeros); locations (S,) str
       (map name, "" when unknown); lidar2ego, ego2global (S, 4, 4);
       cam_paths (S, C) str relative to dataroot; cam_wh (S, C, 2) int64; cam_intrinsics (S, C, 3, 3);
       cam2lidar (S, C, 4, 4) (through the camera's own ego pose);
@@ -111,6 +112,7 @@ class SampleIndex:
     tokens: np.ndarray
     timestamps: np.ndarray
     scene_tags: np.ndarray
+    has_scene_tags: np.ndarray
     locations: np.ndarray
     lidar2ego: np.ndarray
     ego2global: np.ndarray
@@ -143,8 +145,8 @@ class SampleIndex:
         """A new index over the samples where `keep` (S,) bool is True."""
         keep = np.asarray(keep, bool)
         per = {k: getattr(self, k)[keep] for k in (
-            "tokens", "timestamps", "scene_tags", "locations", "lidar2ego", "ego2global", "cam_paths", "cam_wh",
-            "cam_intrinsics", "cam2lidar")}
+            "tokens", "timestamps", "scene_tags", "has_scene_tags", "locations", "lidar2ego", "ego2global", "cam_paths",
+            "cam_wh", "cam_intrinsics", "cam2lidar")}
         ragged = {}
         for prefix, names in (("lidar", ("paths", "sweep2lidar", "dt")), ("radar", ("paths", "sweep2lidar", "dt")),
                               ("box", ())):
@@ -250,6 +252,7 @@ def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tupl
         tokens=_str_array(rows["tokens"]),
         timestamps=np.asarray(rows["timestamps"], np.int64),
         scene_tags=np.asarray(rows["scene_tags"], np.float32).reshape(S, len(SCENE_TAGS)),
+        has_scene_tags=np.ones(S, bool),
         locations=_str_array(rows["locations"]),
         lidar2ego=np.asarray(rows["lidar2ego"], np.float64).reshape(S, 4, 4),
         ego2global=np.asarray(rows["ego2global"], np.float64).reshape(S, 4, 4),
@@ -376,6 +379,8 @@ class Sample:
         ATTRIBUTES or -1.
     map_masks: (len(MAP_CLASSES), H_bev, W_bev) uint8 in {0, 1} on the BEVGrid.
     scene_tags: (len(SCENE_TAGS),) float32 multi-hot.
+    has_map: the sample has map ground truth (else `map_masks` is zeros and is not trained or scored).
+    has_scene_tags: the scene tags are known (else `scene_tags` is zeros and is not trained or scored).
     meta: sample_token, timestamp (us), lidar2ego, ego2global, lidar_aug ((4, 4) float64 numpy), location,
         skipped (tokens skipped before this one with skip_bad_samples).
     """
@@ -393,6 +398,8 @@ class Sample:
     scene_tags: Tensor
     meta: dict[str, Any]
     has_radar: bool = True
+    has_map: bool = True
+    has_scene_tags: bool = True
 
 
 class NuScenesDataset(Dataset):
@@ -554,7 +561,8 @@ class NuScenesDataset(Dataset):
         lidar2global = idx.ego2global[i] @ idx.lidar2ego[i]
         location = str(idx.locations[i])
         grid = cfg.grid
-        if self.map_rasterizer is not None and location:
+        has_map = self.map_rasterizer is not None and bool(location)
+        if has_map:
             map_masks = self.map_rasterizer.render(location, lidar2global, lidar_aug, token=tok)
         else:
             map_masks = np.zeros((len(MAP_CLASSES), grid.height, grid.width), np.uint8)
@@ -581,4 +589,6 @@ class NuScenesDataset(Dataset):
             scene_tags=torch.from_numpy(idx.scene_tags[i].copy()),
             meta=meta,
             has_radar=cfg.radar_sweeps > 0,
+            has_map=has_map,
+            has_scene_tags=bool(idx.has_scene_tags[i]),
         )

@@ -117,6 +117,7 @@ def read_mmdet3d_infos(info_path: str | Path, dataroot: str | Path, *, lidar_swe
         tokens=_str_array(cols["tokens"]),
         timestamps=np.asarray(cols["timestamps"], np.int64),
         scene_tags=np.zeros((S, len(SCENE_TAGS)), np.float32),
+        has_scene_tags=np.zeros(S, bool),
         locations=np.array([""] * S, dtype=str),
         lidar2ego=np.asarray(cols["lidar2ego"]).reshape(S, 4, 4),
         ego2global=np.asarray(cols["ego2global"]).reshape(S, 4, 4),

@@ -170,6 +170,8 @@ def make_synthetic_batch(
         map_masks=map_masks,
         scene_tags=torch.from_numpy(rng.integers(0, 2, (batch_size, len(SCENE_TAGS))).astype(np.float32)),
         modality_mask=mask,
+        has_map=torch.ones(batch_size, dtype=torch.bool),
+        has_scene_tags=torch.ones(batch_size, dtype=torch.bool),
         meta=[{"sample_token": f"synthetic-{seed}-{b}", "timestamp": 0, "lidar2ego": np.eye(4), "ego2global": np.eye(4)}
               for b in range(batch_size)],
     )
