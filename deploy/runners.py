@@ -141,6 +141,11 @@ class Runner:
     def __repr__(self) -> str:
         return f"Runner({self.description} on {self.device})"
 
+    @property
+    def map_grid(self):
+        """The `BEVGrid` of the predicted map probabilities (as `BEVFusionModel.map_grid`)."""
+        return self.manifest.map_grid
+
     def eval(self) -> "Runner":
         """Nothing to switch (inference only); here so that code written for a model runs a runner."""
         return self

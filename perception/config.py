@@ -42,6 +42,10 @@ class DataConfig(_Section):
     bev_flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Probability of each of the x and y BEV flips.")
     bev_trans_std: tuple[float, float, float] = (0.0, 0.0, 0.0)
     skip_bad_samples: bool = Field(False, description="Log, count and skip unreadable samples instead of failing.")
+    map: Literal["auto", "on", "off"] = Field(
+        "auto", description="Map segmentation ground truth from the map expansion (maps/expansion/<location>.json): "
+                            "auto: where the location's file exists (other samples train and score no map), on: "
+                            "required (a missing file is an error before training starts), off: never.")
 
     @model_validator(mode="after")
     def _check_image_size(self) -> "DataConfig":

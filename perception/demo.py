@@ -87,7 +87,8 @@ def _subset_table(clean: dict, subsets: dict[str, dict]) -> str:
     rows = [("all sensors", clean)] + list(subsets.items())
     lines = ["| sensors | NDS | mAP | seg mIoU | scene mAP |", "|---|---|---|---|---|"]
     for name, m in rows:
-        lines.append(f"| {name} | {m['nds']:.4f} | {m['map']:.4f} | {m['seg_miou']:.4f} | {m['scene_map']:.4f} |")
+        seg, scene = (("n/a" if v is None else f"{v:.4f}") for v in (m["seg_miou"], m["scene_map"]))
+        lines.append(f"| {name} | {m['nds']:.4f} | {m['map']:.4f} | {seg} | {scene} |")
     return "\n".join(lines)
 
 

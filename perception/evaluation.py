@@ -6,8 +6,15 @@ only what `DetectionEval` reads (samples, annotations, and the LIDAR_TOP keyfram
 the 2.6 M sweep records and their poses are dropped while loading). `tests/test_evaluation.py` checks that it
 gives the same metrics as the full `NuScenes`.
 
-Map segmentation IoU is accumulated per class at thresholds 0.35 ... 0.65 (BEVFusion's protocol: the reported
-mIoU is at the threshold that maximises the mean); scene tags get average precision per tag (sklearn-free).
+Map segmentation IoU is accumulated per class at thresholds 0.35 ... 0.65 over the samples that have map
+ground truth, under two protocols, each under its own keys:
+  - ours (`seg_iou`, `seg_miou`, `seg_threshold`): on the model's map grid, at the one threshold that maximises
+    the mean over classes;
+  - BEVFusion's (`seg_iou_bevfusion`, `seg_miou_bevfusion`, `seg_thresholds_bevfusion`): the predicted
+    probabilities bilinearly resampled onto its fixed 200 x 200 grid of 0.5 m (`BEVFUSION_MAP_GRID`), ground
+    truth rasterised on that grid, each class at its own best threshold, then the mean.
+Scene tags get average precision per tag (sklearn-free) over the samples whose tags are known. Metrics that
+no sample can give (no map expansion, no scene tags) are None (`null` in metrics.json), never 0.
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ import numpy as np
 import torch
 
 from perception.errors import DataError, PerceptionError
-from perception.structures import DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS
+from perception.structures import BEVFUSION_MAP_GRID, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid
 
 log = logging.getLogger(__name__)
 
 SEG_THRESHOLDS: tuple[float, ...] = (0.35, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65)
-METRIC_KEYS = ("nds", "map", "mate", "mase", "maoe", "mave", "maae", "per_class_ap", "seg_iou", "seg_miou", "scene_map")
+METRIC_KEYS = ("nds", "map", "mate", "mase", "maoe", "mave", "maae", "per_class_ap", "seg_iou", "seg_miou",
+               "seg_iou_bevfusion", "seg_miou_bevfusion", "scene_map")
 
 
 # ------------------------------------------------------------------------------------------- devkit
@@ -211,10 +219,12 @@ def summarise_detection(devkit: dict) -> dict:
 
 @dataclass
 class SegmentationStats:
-    """Per-class intersection / union pixel counts at each threshold of `SEG_THRESHOLDS`."""
+    """Per-class intersection / union pixel counts at each threshold of `SEG_THRESHOLDS`, summed over the
+    `samples` updated so far."""
 
     intersection: np.ndarray = field(default_factory=lambda: np.zeros((len(SEG_THRESHOLDS), len(MAP_CLASSES)), np.int64))
     union: np.ndarray = field(default_factory=lambda: np.zeros((len(SEG_THRESHOLDS), len(MAP_CLASSES)), np.int64))
+    samples: int = 0
 
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
         """probs (C, H, W) float in [0, 1]; target (C, H, W) {0, 1}."""
@@ -223,19 +233,49 @@ class SegmentationStats:
             p = probs >= thr
             self.intersection[k] += (p & t).flatten(1).sum(1).cpu().numpy()
             self.union[k] += (p | t).flatten(1).sum(1).cpu().numpy()
+        self.samples += 1
 
     def merge(self, other: "SegmentationStats") -> None:
         self.intersection += other.intersection
         self.union += other.union
+        self.samples += other.samples
+
+    def _iou(self) -> np.ndarray:
+        return self.intersection / np.maximum(self.union, 1)
 
     def result(self) -> dict:
-        iou = self.intersection / np.maximum(self.union, 1)
+        """Ours: every class at the one threshold that maximises the mean IoU (None without samples)."""
+        if self.samples == 0:
+            return {"seg_iou": None, "seg_miou": None, "seg_threshold": None}
+        iou = self._iou()
         best = int(np.argmax(iou.mean(axis=1)))
         return {
             "seg_iou": {c: float(iou[best, i]) for i, c in enumerate(MAP_CLASSES)},
             "seg_miou": float(iou[best].mean()),
             "seg_threshold": SEG_THRESHOLDS[best],
         }
+
+    def result_per_class_best(self, suffix: str = "_bevfusion") -> dict:
+        """BEVFusion's: each class at its own best threshold, then the mean (None without samples)."""
+        keys = (f"seg_iou{suffix}", f"seg_miou{suffix}", f"seg_thresholds{suffix}")
+        if self.samples == 0:
+            return dict.fromkeys(keys)
+        iou = self._iou()
+        best = iou.argmax(axis=0)
+        per_class = iou[best, np.arange(len(MAP_CLASSES))]
+        return {keys[0]: {c: float(per_class[i]) for i, c in enumerate(MAP_CLASSES)},
+                keys[1]: float(per_class.mean()),
+                keys[2]: {c: SEG_THRESHOLDS[int(best[i])] for i, c in enumerate(MAP_CLASSES)}}
+
+
+def resample_map(probs: torch.Tensor, src: BEVGrid, dst: BEVGrid) -> torch.Tensor:
+    """Bilinearly resample map probabilities (C, H_src, W_src) on grid `src` to (C, H_dst, W_dst) on `dst`
+    (0 outside `src`)."""
+    if src == dst:
+        return probs
+    grid = torch.from_numpy(src.sampling_grid(dst)).to(probs.device)[None]
+    return torch.nn.functional.grid_sample(probs[None].float(), grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=False)[0]
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -256,7 +296,7 @@ def scene_metrics(scores: np.ndarray, tags: np.ndarray) -> dict:
         ap = average_precision(scores[:, i], tags[:, i] > 0.5) if len(scores) else None
         if ap is not None:
             per_tag[name] = ap
-    return {"scene_ap": per_tag, "scene_map": float(np.mean(list(per_tag.values()))) if per_tag else 0.0}
+    return {"scene_ap": per_tag, "scene_map": float(np.mean(list(per_tag.values()))) if per_tag else None}
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -270,10 +310,12 @@ class InferenceOutput:
     seg: SegmentationStats
     scene_scores: list[np.ndarray]
     scene_tags: list[np.ndarray]
+    seg_bevfusion: SegmentationStats = field(default_factory=SegmentationStats)
 
     def merge(self, other: "InferenceOutput") -> None:
         self.results.update(other.results)
         self.seg.merge(other.seg)
+        self.seg_bevfusion.merge(other.seg_bevfusion)
         self.scene_scores += other.scene_scores
         self.scene_tags += other.scene_tags
 
@@ -286,10 +328,12 @@ def run_inference(model, loader: Iterable, device: torch.device, modality_mask: 
     modality_mask: (camera, lidar, radar) to force for every sample (None: the batches' own).
     batch_transform: optional `Batch -> Batch` applied before prediction (sensor corruptions); targets
         (map masks, scene tags) and the submission's frames are taken from the untransformed batch.
+    Map IoU counts only samples with `has_map`, scene scores only samples with `has_scene_tags`.
     """
     from perception.data.submission import submission_entries
 
     out = InferenceOutput({}, SegmentationStats(), [], [])
+    map_grid = model.map_grid
     model.eval()
     it = loader
     if progress:
@@ -311,19 +355,28 @@ def run_inference(model, loader: Iterable, device: torch.device, modality_mask: 
             out.results[token] = submission_entries(
                 token, pred.boxes_lidar, pred.labels.cpu(), pred.scores.cpu(), pred.attributes.cpu(),
                 meta["lidar2ego"], meta["ego2global"])
-            out.seg.update(pred.map_probs, batch.map_masks[b])
-            out.scene_scores.append(pred.scene_probs.float().cpu().numpy())
-            out.scene_tags.append(batch.scene_tags[b].float().cpu().numpy())
+            if bool(batch.has_map[b]):
+                out.seg.update(pred.map_probs, batch.map_masks[b])
+                if batch.map_masks_eval is not None:
+                    out.seg_bevfusion.update(resample_map(pred.map_probs, map_grid, BEVFUSION_MAP_GRID),
+                                             batch.map_masks_eval[b])
+            if bool(batch.has_scene_tags[b]):
+                out.scene_scores.append(pred.scene_probs.float().cpu().numpy())
+                out.scene_tags.append(batch.scene_tags[b].float().cpu().numpy())
     return out
 
 
-def metrics_from(devkit: dict, seg: SegmentationStats, scene_scores: list[np.ndarray], scene_tags: list[np.ndarray]) -> dict:
+def metrics_from(devkit: dict, out: InferenceOutput) -> dict:
+    """Our flat metrics from the devkit's and one inference pass's (unavailable ones are None)."""
     metrics = summarise_detection(devkit)
-    metrics.update(seg.result())
-    if scene_scores:
-        metrics.update(scene_metrics(np.stack(scene_scores), np.stack(scene_tags)))
+    metrics.update(out.seg.result())
+    metrics.update(out.seg_bevfusion.result_per_class_best())
+    metrics["seg_samples"] = out.seg.samples
+    if out.scene_scores:
+        metrics.update(scene_metrics(np.stack(out.scene_scores), np.stack(out.scene_tags)))
     else:
         metrics.update({"scene_ap": {}, "scene_map": None})
+    metrics["scene_samples"] = len(out.scene_scores)
     return metrics
 
 
@@ -340,12 +393,21 @@ def format_metrics(metrics: dict, title: str = "") -> str:
         cells = [tp.get(k) for k in ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")]
         fmt = "".join(f"{v:>8.3f}" if v is not None else f"{'-':>8}" for v in cells)
         lines.append(f"{name:<22}{metrics['per_class_ap'].get(name, 0.0):>8.3f}{fmt}")
+    lines.append("")
     if metrics.get("seg_iou"):
-        lines.append("")
-        lines.append(f"map segmentation mIoU {metrics['seg_miou']:.4f} (threshold {metrics['seg_threshold']:.2f})")
+        lines.append(f"map segmentation mIoU {metrics['seg_miou']:.4f} (ours: model's map grid, one threshold "
+                     f"{metrics['seg_threshold']:.2f})")
         lines.append("  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["seg_iou"].items()))
+    else:
+        lines.append("map segmentation: not available (no sample with map ground truth)")
+    if metrics.get("seg_iou_bevfusion"):
+        lines.append(f"map segmentation mIoU {metrics['seg_miou_bevfusion']:.4f} (BEVFusion's protocol: 200x200 at "
+                     "0.5 m, best threshold per class)")
+        lines.append("  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["seg_iou_bevfusion"].items()))
     if metrics.get("scene_map") is not None:
         lines.append(f"scene tags mAP {metrics['scene_map']:.4f}  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.get("scene_ap", {}).items()))
+    else:
+        lines.append("scene tags: not available (no sample with known scene tags)")
     return "\n".join(lines)
 
 
@@ -364,7 +426,8 @@ def evaluate_results_file(submission: str | Path, dataroot: str | Path, version:
     out = Path(out)
     devkit = detection_eval(dataroot, version, split, submission, out)
     metrics = summarise_detection(devkit)
-    metrics.update({"seg_iou": {}, "seg_miou": None, "scene_map": None, "submission": str(submission)})
+    metrics.update({**SegmentationStats().result(), **SegmentationStats().result_per_class_best(), "scene_map": None,
+                    "submission": str(submission)})
     write_metrics(out / "metrics.json", metrics)
     log.info("evaluated %s in %.1f s", submission, time.time() - t0)
     return metrics
@@ -425,7 +488,7 @@ def evaluate_model(model, dataset, dataroot: str | Path, version: str, split: st
         devkit = _empty_detection_metrics()
     else:
         devkit = detection_eval(dataroot, version, split, sub, out_dir, nusc=nusc)
-    metrics = metrics_from(devkit, out.seg, out.scene_scores, out.scene_tags)
+    metrics = metrics_from(devkit, out)
     metrics["modalities"] = {"camera": bool(use[0]), "lidar": bool(use[1]), "radar": bool(use[2])}
     metrics["num_samples"] = len(out.results)
     write_metrics(out_dir / "metrics.json", metrics)

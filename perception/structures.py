@@ -7,6 +7,7 @@ those facts is written once.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -66,7 +67,7 @@ MAP_CLASSES: tuple[str, ...] = (
     "divider",
 )
 
-# Scene-understanding tags, parsed from the comma-separated `scene.description`.
+# Scene-understanding tags, read from the free-text `scene.description` through SCENE_TAG_KEYWORDS.
 SCENE_TAGS: tuple[str, ...] = (
     "night",
     "rain",
@@ -75,6 +76,22 @@ SCENE_TAGS: tuple[str, ...] = (
     "pedestrians",
     "construction",
 )
+
+# The words that set each tag, matched case-insensitively as whole words (or whole phrases) anywhere in the
+# description. Real nuScenes descriptions are short comma-separated notes written by the annotators, e.g.
+# "Wait at intersection, peds, turn right", "Night, after rain, many peds, PMD", "Parking lot, parked cars,
+# jaywalker", "Construction zone, nature"; the synthetic generator writes the tag names themselves. "rain"
+# also counts "after rain" (wet roads), as the community's nuScenes rain split does ('rain' in the text).
+SCENE_TAG_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "night": ("night", "nighttime", "night time"),
+    "rain": ("rain", "rainy", "raining", "drizzle"),
+    "intersection": ("intersection", "intersections", "int.", "junction", "crossroad", "crossroads"),
+    "parking lot": ("parking lot", "parking lots", "parking area", "parking garage", "car park", "carpark",
+                    "parked cars"),
+    "pedestrians": ("ped", "peds", "pedestrian", "pedestrians", "jaywalker", "jaywalkers", "jaywalking"),
+    "construction": ("construction", "construction zone", "construction site", "roadworks", "road work"),
+}
+assert tuple(SCENE_TAG_KEYWORDS) == SCENE_TAGS
 
 CAMERA_CHANNELS: tuple[str, ...] = (
     "CAM_FRONT",
@@ -94,13 +111,21 @@ RADAR_CHANNELS: tuple[str, ...] = (
 )
 
 
+def _keyword_pattern(words: Sequence[str]) -> "re.Pattern[str]":
+    # A word boundary before each keyword; after it, one unless the keyword ends in punctuation ("int.").
+    alts = [re.escape(w) + (r"\b" if w[-1].isalnum() else "") for w in sorted(words, key=len, reverse=True)]
+    return re.compile(r"\b(?:" + "|".join(alts) + ")", re.IGNORECASE)
+
+
+_SCENE_TAG_PATTERNS = tuple(_keyword_pattern(SCENE_TAG_KEYWORDS[t]) for t in SCENE_TAGS)
+
+
 def parse_scene_tags(description: str) -> np.ndarray:
-    """Multi-hot vector over SCENE_TAGS from a comma-separated description. Unknown words are ignored.
+    """Multi-hot vector over SCENE_TAGS from a free-text scene description (`SCENE_TAG_KEYWORDS`).
 
     Returns: (len(SCENE_TAGS),) float32 in {0, 1}.
     """
-    words = {w.strip().lower() for w in description.split(",")}
-    return np.array([1.0 if t in words else 0.0 for t in SCENE_TAGS], dtype=np.float32)
+    return np.array([1.0 if p.search(description or "") else 0.0 for p in _SCENE_TAG_PATTERNS], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -151,6 +176,20 @@ class BEVGrid:
         xs = self.x_min + (np.arange(self.width) + 0.5) * self.cell
         ys = self.y_min + (np.arange(self.height) + 0.5) * self.cell
         return xs, ys
+
+    def sampling_grid(self, dst: "BEVGrid") -> np.ndarray:
+        """(H_dst, W_dst, 2) float32: the cell centres of `dst` in this grid's normalised (x, y) coordinates,
+        as `torch.nn.functional.grid_sample(..., align_corners=False)` reads them (-1 and 1 are this grid's
+        outer edges), for resampling a map on this grid onto `dst`."""
+        xs, ys = dst.cell_centers()
+        gx = (xs - self.x_min) / (self.x_max - self.x_min) * 2 - 1
+        gy = (ys - self.y_min) / (self.y_max - self.y_min) * 2 - 1
+        yy, xx = np.meshgrid(gy, gx, indexing="ij")
+        return np.stack([xx, yy], -1).astype(np.float32)
+
+
+# BEVFusion's map-segmentation evaluation grid: 200 x 200 cells of 0.5 m, x and y in [-50, 50) m.
+BEVFUSION_MAP_GRID = BEVGrid(x_min=-50.0, x_max=50.0, y_min=-50.0, y_max=50.0, z_min=-5.0, z_max=3.0, cell=0.5)
 
 
 class Boxes3D:

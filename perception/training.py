@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from perception.config import ExperimentConfig
 from perception.errors import ConfigError, PerceptionError
+from perception.structures import BEVFUSION_MAP_GRID
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def build_dataset(cfg: ExperimentConfig, data: str | Path, version: str, split: 
     grid = map_grid if map_grid is not None else cfg.grid.build()
     # The dataset counts the keyframe sweep too (the devkit's nsweeps); the config counts the sweeps before it.
     base = DatasetConfig(grid=grid, lidar_sweeps=d.lidar_sweeps + 1, radar_sweeps=d.radar_sweeps + 1,
-                         skip_bad_samples=d.skip_bad_samples, seed=cfg.train.seed)
+                         skip_bad_samples=d.skip_bad_samples, seed=cfg.train.seed, map=d.map,
+                         eval_map_grid=None if train else BEVFUSION_MAP_GRID)
     ds = NuScenesDataset(data, version, split, config=base, index=index)
     if len(ds) == 0:
         raise PerceptionError(f"{data}: split {split!r} of {version} has no samples")
@@ -667,7 +669,8 @@ class Trainer:
                 if metrics.get(k) is not None:
                     self.writer.add_scalar(f"val/{k}", metrics[k], self.step)
         self.history.append({"step": self.step, "val_nds": metrics["nds"], "val_map": metrics["map"], "val_seg_miou": metrics["seg_miou"]})
-        log.info("validation at step %d: NDS %.4f mAP %.4f seg mIoU %.4f", self.step, metrics["nds"], metrics["map"], metrics["seg_miou"])
+        seg = "n/a" if metrics["seg_miou"] is None else f"{metrics['seg_miou']:.4f}"
+        log.info("validation at step %d: NDS %.4f mAP %.4f seg mIoU %s", self.step, metrics["nds"], metrics["map"], seg)
         if metrics["nds"] > self.best_nds:
             self.best_nds = metrics["nds"]
             self.save("best.pt")

@@ -17,7 +17,7 @@ from perception.data.mmdet3d_info import read_mmdet3d_infos
 from perception.data.transforms import ImageAugConfig
 from perception.errors import DataError
 
-CFG = DatasetConfig(image=ImageAugConfig(final_hw=(64, 176)), lidar_sweeps=2, radar_sweeps=1, load_map=False)
+CFG = DatasetConfig(image=ImageAugConfig(final_hw=(64, 176)), lidar_sweeps=2, radar_sweeps=1, map="off")
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def test_lidar_and_radar_match_devkit_multisweep(val_ds, synth_nusc):
 
 def test_boxes_hold_the_annotated_lidar_points(synth_root, synth_nusc):
     ds = NuScenesDataset(synth_root, "v1.0-mini", "mini_val",
-                         config=DatasetConfig(lidar_sweeps=1, radar_sweeps=0, load_map=False))
+                         config=DatasetConfig(lidar_sweeps=1, radar_sweeps=0, map="off"))
     checked = 0
     for i in range(len(ds)):
         boxes, labels, _ = ds.index.boxes_of(i)
@@ -136,7 +136,7 @@ def test_collate_empty_points_and_boxes(val_ds):
 
 def test_gt_sampling_pastes_objects(synth_root):
     train = NuScenesDataset(synth_root, "v1.0-mini", "mini_train",
-                            config=DatasetConfig(lidar_sweeps=1, radar_sweeps=0, load_map=False, image=SMALL_IMG))
+                            config=DatasetConfig(lidar_sweeps=1, radar_sweeps=0, map="off", image=SMALL_IMG))
     db = GTDatabase.build(train)
     assert len(db) > 10
     sampler = GTSampler(db, GTSamplerConfig(targets={c: 40 for c in DETECTION_CLASSES}))

@@ -41,6 +41,8 @@ class Batch:
         has_map: (B,) bool, the sample has map ground truth (`map_masks` is meaningful; else zeros, and the map
             losses and metrics leave the sample out).
         has_scene_tags: (B,) bool, the sample's scene tags are known (else zeros, left out likewise).
+        map_masks_eval: (B, len(MAP_CLASSES), H_e, W_e) float32 in {0, 1} on the dataset's `eval_map_grid`
+            (BEVFusion's fixed map-evaluation grid), or None (training batches).
         meta: B dicts with at least `sample_token`, `timestamp` (us), `lidar2ego` and `ego2global`
             (4x4 float64 numpy arrays).
     """
@@ -63,6 +65,7 @@ class Batch:
     has_map: Tensor
     has_scene_tags: Tensor
     meta: list[dict[str, Any]] = field(default_factory=list)
+    map_masks_eval: Tensor | None = None
 
     @property
     def batch_size(self) -> int:

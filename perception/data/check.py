@@ -82,6 +82,13 @@ class Report:
             lines.append("  map expansion layers (records):")
             for loc, layers in s["map_layers"].items():
                 lines.append(f"    {loc}: " + ", ".join(f"{k} {v}" for k, v in layers.items()))
+        if "scene_tags" in s:
+            lines.append("  scenes per scene tag: " + ", ".join(f"{k} {v}" for k, v in s["scene_tags"].items())
+                         + f"; no tag {s['scenes_without_tags']}")
+        if "heads" in s:
+            lines.append("  heads:")
+            for k, v in s["heads"].items():
+                lines.append(f"    {k:<18} {v}")
         if "files_checked" in s:
             lines.append(f"  files checked        {s['files_checked']} present, {s['files_decoded']} decoded")
         lines.append("")
@@ -133,6 +140,7 @@ def check_dataroot(dataroot: str | Path, version: str = "v1.0-mini", max_files_p
     if not report.errors:
         _check_devkit(root, version, report)
     _check_maps(root, tables, report)
+    _summarise_heads(root, tables, report)
     _check_files(root, tables, report, max_files_per_channel, progress)
     return report
 
@@ -357,6 +365,39 @@ def _check_maps(root: Path, t: dict[str, list[dict]], report: Report) -> None:
                 report.warn("empty_map_layer", path, f"layer {name} has no records")
     if layers:
         report.summary["map_layers"] = layers
+
+
+def _summarise_heads(root: Path, t: dict[str, list[dict]], report: Report) -> None:
+    """Which heads this dataroot trains and why: scene tags per tag (`SCENE_TAG_KEYWORDS` on the scene
+    descriptions), map segmentation on the samples whose location has its map expansion (data.map=auto)."""
+    from perception.structures import SCENE_TAGS, parse_scene_tags
+
+    s = report.summary
+    tags = {r.get("token"): parse_scene_tags(str(r.get("description", ""))) for r in t["scene"]}
+    s["scene_tags"] = {name: int(sum(v[i] > 0 for v in tags.values())) for i, name in enumerate(SCENE_TAGS)}
+    s["scenes_without_tags"] = int(sum(not v.any() for v in tags.values()))
+    location = {r.get("token"): r.get("location", "") for r in t["log"]}
+    scene_loc = {r.get("token"): location.get(r.get("log_token"), "") for r in t["scene"]}
+    per_loc = Counter(scene_loc.get(r.get("scene_token"), "") for r in t["sample"])
+    with_map = {loc for loc in per_loc if loc and (root / "maps" / "expansion" / f"{loc}.json").is_file()}
+    n_map = sum(n for loc, n in per_loc.items() if loc in with_map)
+    n_all = sum(per_loc.values())
+    missing = sorted(loc or "(no location)" for loc in per_loc if loc not in with_map)
+    heads = {"detection": f"trained: {sum(v[0] for k, v in s.get('annotations_per_class', {}).items() if k != '(not evaluated)')} "
+                          "annotations of the 10 detection classes with points"}
+    if n_map == n_all:
+        heads["map segmentation"] = f"trained and scored on all {n_all} samples (map expansion of every location)"
+    elif n_map == 0:
+        heads["map segmentation"] = (f"not trained, metrics null: no map expansion for {', '.join(missing)} under "
+                                     f"{root / 'maps' / 'expansion'} (data.map=auto; data.map=on fails)")
+    else:
+        heads["map segmentation"] = (f"trained and scored on {n_map} of {n_all} samples: no map expansion for "
+                                     f"{', '.join(missing)} (data.map=auto; data.map=on fails)")
+    tagged = n_all - sum(n for sc, n in Counter(r.get("scene_token") for r in t["sample"]).items()
+                         if sc in tags and not tags[sc].any())
+    heads["scene tags"] = (f"trained and scored on all {n_all} samples (scene descriptions through the keyword table; "
+                           f"{tagged} samples carry at least one tag)")
+    s["heads"] = heads
 
 
 # ------------------------------------------------------------------------------------------------ files

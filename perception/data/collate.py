@@ -45,4 +45,6 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
         has_map=torch.tensor([s.has_map for s in samples], dtype=torch.bool),
         has_scene_tags=torch.tensor([s.has_scene_tags for s in samples], dtype=torch.bool),
         meta=[s.meta for s in samples],
+        map_masks_eval=(torch.stack([s.map_masks_eval for s in samples]).to(torch.float32)
+                        if all(s.map_masks_eval is not None for s in samples) else None),
     )

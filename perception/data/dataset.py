@@ -70,7 +70,11 @@ class DatasetConfig:
     lidar_sweeps / radar_sweeps count the keyframe sweep too (the devkit's `nsweeps`); sweeps are followed
     back through `prev` links within the scene. `min_distance` drops returns within |x| < d and |y| < d of the
     sensor, as `from_file_multisweep` does. `bev_aug` None means no BEV augmentation; `train` False gives the
-    deterministic image transform and ignores `bev_aug` and ground-truth sampling.
+    deterministic image transform and ignores `bev_aug` and ground-truth sampling. `map`: map masks from the
+    map expansion where the sample's location has one ("auto"), for every sample (required: "on", a missing
+    file raises DataError at construction), or never ("off"); a sample without them has `has_map` False.
+    `eval_map_grid`: when set and not `train`, samples with a map also carry `map_masks_eval` rendered on it
+    (the fixed grid of BEVFusion's map-segmentation protocol, `structures.BEVFUSION_MAP_GRID`).
     """
 
     grid: BEVGrid = field(default_factory=BEVGrid)
@@ -80,7 +84,8 @@ class DatasetConfig:
     lidar_sweeps: int = 10
     radar_sweeps: int = 6
     min_distance: float = 1.0
-    load_map: bool = True
+    map: str = "auto"
+    eval_map_grid: BEVGrid | None = None
     skip_bad_samples: bool = False
     max_skip: int = 16
     seed: int = 0
@@ -90,6 +95,8 @@ class DatasetConfig:
             raise ConfigError(f"DatasetConfig.lidar_sweeps must be >= 1 (it includes the keyframe), got {self.lidar_sweeps}")
         if self.radar_sweeps < 0:
             raise ConfigError(f"DatasetConfig.radar_sweeps must be >= 0, got {self.radar_sweeps}")
+        if self.map not in ("auto", "on", "off"):
+            raise ConfigError(f"data.map must be auto, on or off, got {self.map!r}")
 
 
 @dataclass
@@ -381,6 +388,7 @@ class Sample:
     scene_tags: (len(SCENE_TAGS),) float32 multi-hot.
     has_map: the sample has map ground truth (else `map_masks` is zeros and is not trained or scored).
     has_scene_tags: the scene tags are known (else `scene_tags` is zeros and is not trained or scored).
+    map_masks_eval: (len(MAP_CLASSES), H_e, W_e) uint8 on `DatasetConfig.eval_map_grid`, or None.
     meta: sample_token, timestamp (us), lidar2ego, ego2global, lidar_aug ((4, 4) float64 numpy), location,
         skipped (tokens skipped before this one with skip_bad_samples).
     """
@@ -400,6 +408,7 @@ class Sample:
     has_radar: bool = True
     has_map: bool = True
     has_scene_tags: bool = True
+    map_masks_eval: Tensor | None = None
 
 
 class NuScenesDataset(Dataset):
@@ -433,7 +442,21 @@ class NuScenesDataset(Dataset):
             index, self.bad_samples = build_index(nusc, scenes, self.config)
             del nusc  # the index holds all that is needed; workers must not inherit the tables
         self.index = index
-        self.map_rasterizer = MapRasterizer(self.dataroot, self.config.grid) if self.config.load_map else None
+        self.map_rasterizer = None if self.config.map == "off" else MapRasterizer(self.dataroot, self.config.grid)
+        # Locations whose map masks this dataset renders (the others' samples have has_map False).
+        self.map_locations = frozenset()
+        if self.map_rasterizer is not None:
+            locations = {str(loc) for loc in np.unique(index.locations)}
+            self.map_locations = frozenset(loc for loc in locations if self.map_rasterizer.has(loc))
+            missing = sorted(locations - self.map_locations)
+            if missing and self.config.map == "on":
+                where = self.map_rasterizer.path_of(missing[0]) if missing[0] else self.dataroot
+                raise DataError("data.map=on but there is no map expansion for "
+                                f"{', '.join(repr(m) for m in missing)} (use data.map=auto to train without map "
+                                "targets where it is missing)", path=where)
+            if missing:
+                log.warning("no map expansion for %s under %s: those samples train and score no map segmentation "
+                            "(data.map=auto)", ", ".join(repr(m) for m in missing), Path(self.dataroot) / "maps/expansion")
         self.num_skipped = 0
         self._epoch = 0
         log.info("NuScenesDataset %s/%s: %d samples (%d bad skipped at indexing)", version, split, len(index),
@@ -561,11 +584,17 @@ class NuScenesDataset(Dataset):
         lidar2global = idx.ego2global[i] @ idx.lidar2ego[i]
         location = str(idx.locations[i])
         grid = cfg.grid
-        has_map = self.map_rasterizer is not None and bool(location)
+        has_map = location in self.map_locations
         if has_map:
             map_masks = self.map_rasterizer.render(location, lidar2global, lidar_aug, token=tok)
         else:
             map_masks = np.zeros((len(MAP_CLASSES), grid.height, grid.width), np.uint8)
+        map_masks_eval = None
+        if cfg.eval_map_grid is not None and not cfg.train:
+            eg = cfg.eval_map_grid
+            map_masks_eval = torch.from_numpy(
+                self.map_rasterizer.render(location, lidar2global, lidar_aug, token=tok, grid=eg) if has_map
+                else np.zeros((len(MAP_CLASSES), eg.height, eg.width), np.uint8))
 
         meta = {
             "sample_token": tok,
@@ -591,4 +620,5 @@ class NuScenesDataset(Dataset):
             has_radar=cfg.radar_sweeps > 0,
             has_map=has_map,
             has_scene_tags=bool(idx.has_scene_tags[i]),
+            map_masks_eval=map_masks_eval,
         )

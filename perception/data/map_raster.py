@@ -50,11 +50,19 @@ class MapRasterizer:
         state["_maps"] = {}  # never ship loaded maps to workers or pickles
         return state
 
+    def path_of(self, location: str) -> Path:
+        """The map expansion file of a location (it may not exist: the expansion is a separate download)."""
+        return Path(self.dataroot) / "maps" / "expansion" / f"{location}.json"
+
+    def has(self, location: str) -> bool:
+        """Whether the dataroot holds the map expansion of `location` ("" : unknown location -> False)."""
+        return bool(location) and self.path_of(location).is_file()
+
     def _map(self, location: str):
         if location not in self._maps:
             from nuscenes.map_expansion.map_api import NuScenesMap
 
-            path = Path(self.dataroot) / "maps" / "expansion" / f"{location}.json"
+            path = self.path_of(location)
             if not path.exists():
                 raise DataError(f"map expansion for location {location!r} not found", path=path)
             log.debug("loading map expansion %s", path)
@@ -65,18 +73,19 @@ class MapRasterizer:
         return self._maps[location]
 
     def render(self, location: str, lidar2global: np.ndarray, lidar_aug: np.ndarray | None = None,
-               token: str | None = None) -> np.ndarray:
+               token: str | None = None, grid: BEVGrid | None = None) -> np.ndarray:
         """Map masks on the grid, in the augmented LIDAR_TOP frame.
 
         Args:
             location: map name (`log.location`).
             lidar2global: (4, 4) float64, keyframe LIDAR_TOP -> global.
             lidar_aug: (4, 4) float64 similarity LIDAR_TOP -> augmented LIDAR_TOP, or None for identity.
+            grid: the grid to render on (None: the rasteriser's own).
 
         Returns: (len(MAP_CLASSES), H, W) uint8 in {0, 1}; [c, i, j] covers the cell centred at
             x = x_min + (j + 0.5) cell, y = y_min + (i + 0.5) cell of the augmented frame.
         """
-        g = self.grid
+        g = self.grid if grid is None else grid
         A = np.eye(4) if lidar_aug is None else np.asarray(lidar_aug, dtype=np.float64)
         L2 = A[:2, :2]
         scale = math.sqrt(abs(float(np.linalg.det(L2))))

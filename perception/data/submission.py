@@ -96,7 +96,7 @@ def gt_submission(dataroot: str | Path, version: str, split: str, out: str | Pat
     in the global frame through `submission_entries`, with score 1. Loads no sensor files."""
     from perception.data.dataset import DatasetConfig, NuScenesDataset
 
-    ds = NuScenesDataset(dataroot, version, split, config=DatasetConfig(load_map=False))
+    ds = NuScenesDataset(dataroot, version, split, config=DatasetConfig(map="off"))
     idx = ds.index
     results = {}
     for i in range(len(idx)):

@@ -211,7 +211,8 @@ class BEVFusionModel(nn.Module):
 
         Keys (a term whose weight is 0 is left out): ``heatmap`` (Gaussian focal), ``regression`` (L1 on offset,
         z, log size, sin/cos yaw, velocity at the box centres), ``attribute`` (cross-entropy), ``map_focal`` and
-        ``map_dice`` (multi-label map segmentation), ``scene`` (BCE on scene tags), ``depth`` (BEVDepth-style, from
+        ``map_dice`` (multi-label map segmentation, over the samples with `has_map`), ``scene`` (BCE on scene tags,
+        over the samples with `has_scene_tags`), ``depth`` (BEVDepth-style, from
         the LiDAR points projected into the images, for samples that have both; `LiftSplat` only). Empty scenes
         and empty point clouds give finite values. In training mode, modality dropout
         (``model.fuser.modality_dropout``) is applied to the batch's modality mask first, and with
@@ -276,12 +277,21 @@ class BEVFusionModel(nn.Module):
                 f"model.heads.map_grid: the batch's map_masks are {tuple(batch.map_masks.shape)} but the map head "
                 f"predicts {tuple(out['map'].shape)} on {self.map_grid}; rasterise the maps on the map head's grid"
             )
+        # Map and scene terms only over the samples that have that ground truth (`Batch.has_map`,
+        # `has_scene_tags`); with none in the batch the term is a zero that keeps the head in the graph.
+        has_map = batch.has_map.to(out["map"].device)
+        map_logits, map_target = out["map"][has_map], batch.map_masks[has_map]
         if w.map_focal > 0:
-            losses["map_focal"] = w.map_focal * sigmoid_focal_loss(out["map"], batch.map_masks)
+            losses["map_focal"] = w.map_focal * (sigmoid_focal_loss(map_logits, map_target) if has_map.any()
+                                                 else out["map"].float().sum() * 0.0)
         if w.map_dice > 0:
-            losses["map_dice"] = w.map_dice * dice_loss(out["map"], batch.map_masks)
+            losses["map_dice"] = w.map_dice * (dice_loss(map_logits, map_target) if has_map.any()
+                                               else out["map"].float().sum() * 0.0)
         if w.scene > 0:
-            losses["scene"] = w.scene * nn.functional.binary_cross_entropy_with_logits(out["scene"], batch.scene_tags)
+            has_tags = batch.has_scene_tags.to(out["scene"].device)
+            losses["scene"] = w.scene * (
+                nn.functional.binary_cross_entropy_with_logits(out["scene"][has_tags].float(), batch.scene_tags[has_tags])
+                if has_tags.any() else out["scene"].float().sum() * 0.0)
         return losses
 
     # -------------------------------------------------------------------------------------- inference

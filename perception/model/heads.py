@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,11 +95,7 @@ class MapHead(nn.Module):
         super().__init__()
         self.map_grid = map_grid
         self.resample = feature_grid != map_grid
-        xs, ys = map_grid.cell_centers()
-        gx = (xs - feature_grid.x_min) / (feature_grid.x_max - feature_grid.x_min) * 2 - 1
-        gy = (ys - feature_grid.y_min) / (feature_grid.y_max - feature_grid.y_min) * 2 - 1
-        yy, xx = np.meshgrid(gy, gx, indexing="ij")
-        self.register_buffer("sample_grid", torch.from_numpy(np.stack([xx, yy], -1)).float()[None], persistent=False)
+        self.register_buffer("sample_grid", torch.from_numpy(feature_grid.sampling_grid(map_grid))[None], persistent=False)
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
