@@ -191,3 +191,51 @@ def test_evaluation_without_map_expansion_reports_null_seg_metrics(no_expansion_
     for key in ("seg_miou", "seg_iou", "seg_miou_bevfusion", "seg_iou_bevfusion"):
         assert m[key] is None and saved[key] is None, key
     assert saved["seg_samples"] == 0 and saved["scene_samples"] == len(ds)
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `root` (links not followed) -> (size, mtime_ns): what must not change."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.slow
+def test_train_eval_viz_on_a_read_only_dataroot_without_map_expansion(no_expansion_root, tmp_path, monkeypatch):
+    """Day one with a real dataroot: no map expansion, read-only. train (with GT sampling), eval and viz
+    succeed, seg metrics are null, nothing is written into the dataroot (caches go to $PERCEPTION_CACHE)."""
+    import json
+    import os
+
+    from typer.testing import CliRunner
+
+    from perception.cli import app
+
+    monkeypatch.setenv("PERCEPTION_CACHE", str(tmp_path / "cache"))
+    before = _tree_state(no_expansion_root)
+    os.chmod(no_expansion_root, 0o555)  # read-only where it can be (root ignores it: the tree check decides)
+    try:
+        fast = ["data.image_size=[64,176]", "grid.cell=1.6", "data.lidar_sweeps=1", "data.radar_sweeps=1",
+                "train.num_workers=0", "train.batch_size=1", "train.gt_sampling=true"]
+        runner = CliRunner()
+        work = tmp_path / "run"
+        res = runner.invoke(app, ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data", str(no_expansion_root),
+                                  "--work-dir", str(work), "--max-steps", "2", "--device", "cpu", *fast])
+        assert res.exit_code == 0, res.output
+        ckpt = work / "checkpoints" / "last.pt"
+        res = runner.invoke(app, ["eval", "--checkpoint", str(ckpt), "--data", str(no_expansion_root), "--split", "mini_val",
+                                  "--out", str(tmp_path / "eval"), "--workers", "0", "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        assert metrics["seg_miou"] is None and metrics["seg_miou_bevfusion"] is None
+        assert "not available" in res.output
+        token = json.loads((no_expansion_root / "v1.0-mini" / "sample.json").read_text())[0]["token"]
+        res = runner.invoke(app, ["viz", "--data", str(no_expansion_root), "--sample", token, "--checkpoint", str(ckpt),
+                                  "--out", str(tmp_path / "viz"), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        assert any((tmp_path / "viz").iterdir())
+    finally:
+        os.chmod(no_expansion_root, 0o755)
+    assert _tree_state(no_expansion_root) == before

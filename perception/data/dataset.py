@@ -61,6 +61,7 @@ from perception.structures import (
 )
 
 log = logging.getLogger(__name__)
+_WARNED_NO_MAP: set[tuple[str, tuple[str, ...]]] = set()  # (dataroot, locations) already warned about
 
 
 @dataclass(frozen=True)
@@ -454,7 +455,8 @@ class NuScenesDataset(Dataset):
                 raise DataError("data.map=on but there is no map expansion for "
                                 f"{', '.join(repr(m) for m in missing)} (use data.map=auto to train without map "
                                 "targets where it is missing)", path=where)
-            if missing:
+            if missing and (self.dataroot, tuple(missing)) not in _WARNED_NO_MAP:
+                _WARNED_NO_MAP.add((self.dataroot, tuple(missing)))
                 log.warning("no map expansion for %s under %s: those samples train and score no map segmentation "
                             "(data.map=auto)", ", ".join(repr(m) for m in missing), Path(self.dataroot) / "maps/expansion")
         self.num_skipped = 0
