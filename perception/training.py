@@ -457,7 +457,7 @@ class Trainer:
         if path.is_file():
             db = GTDatabase.load(path)
         else:
-            db = GTDatabase.build(self.train_set.with_config(train=False, bev_aug=None))
+            db = GTDatabase.build(self.train_set.with_config(train=False, bev_aug=None), grid=self.model.grid)
             if self.dist.is_main:
                 db.save(path)
         return GTSampler(db)

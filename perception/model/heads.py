@@ -188,7 +188,13 @@ class DetectionTargets:
 @torch.no_grad()
 def build_detection_targets(boxes_lidar: Tensor, labels: Tensor, attributes: Tensor, num_boxes: Tensor, grid: BEVGrid,
                             num_classes: int = len(DETECTION_CLASSES)) -> DetectionTargets:
-    """Targets from concatenated boxes (sum K_b, 9) in `Boxes3D` layout (LIDAR_TOP), labels, attributes, counts."""
+    """Targets from concatenated boxes (sum K_b, 9) in `Boxes3D` layout (LIDAR_TOP), labels, attributes, counts.
+
+    A box is a target when its centre lies on the grid in x and y (x in [x_min, x_max), y in [y_min, y_max)),
+    however far from the ego it is (the evaluation's per-class range is not applied: an object at 45 m is trained
+    as an object, not as background) and whatever its centre's z (z is regressed, not binned: the centre of a box
+    on a ramp or a tall vehicle may leave [z_min, z_max) and it is still an object in that cell).
+    """
     device = boxes_lidar.device
     b = int(num_boxes.shape[0])
     h, w = grid.shape
