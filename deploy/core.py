@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from fusion.lidar import PillarEncoder
 from perception.model.bevfusion import BEVFusionModel
 from perception.model.camera import CameraEncoder
-from perception.model.view_transform import BEVSample, LiftSplat
+from perception.model.view_transform import BEVSample, LiftSplat, split_depth_net_output
 
 # Head outputs of the deployed core, in graph order (`BEVFusionModel.forward` keys without the depth).
 OUTPUT_NAMES: tuple[str, ...] = ("heatmap", "offset", "z", "log_size", "rot", "velocity", "attribute", "map", "scene")
@@ -82,8 +82,7 @@ class CameraStage(nn.Module):
         features = self.encoder(images)
         if self.depth_net is None:
             return (features,)
-        x = self.depth_net(features.flatten(0, 1))  # (B*N, D + C, h, w), as `LiftSplat.forward`
-        return x[:, : self.num_bins].softmax(dim=1), x[:, self.num_bins :]
+        return split_depth_net_output(self.depth_net(features.flatten(0, 1)), self.num_bins)  # as `LiftSplat.forward`
 
 
 class LiftSplatPooling(nn.Module):
@@ -100,7 +99,7 @@ class LiftSplatPooling(nn.Module):
         self.channels = view_transform.out_channels
 
     def forward(self, depth: Tensor, context: Tensor, pool_segments: Tensor, pool_merges: Tensor, pool_cells: Tensor) -> Tensor:
-        volume = depth[:, :, None] * context[:, None]  # (B*N, D, C, h, w)
+        volume = depth.float()[:, :, None] * context[:, None]  # (B*N, D, C, h, w) float32: sums in float32, as `bev_pool`
         volume = volume.permute(0, 1, 3, 4, 2).reshape(-1, self.channels)  # rows in (b, n, d, h, w) order
         segments = segment_sum(volume, pool_segments)  # (S, C)
         merged = segment_sum(segments, pool_merges)  # (M, C)

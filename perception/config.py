@@ -223,7 +223,9 @@ class TrainConfig(_Section):
     grad_clip: float = Field(35.0, gt=0.0)
     seed: int = 0
     accumulate_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    amp: bool = Field(True, description="Mixed precision on GPU (bf16 where supported, else fp16 with loss scaling).")
+    amp: Union[Literal["auto"], bool] = Field(
+        "auto", description="Mixed precision (autocast; losses and BEV pooling stay float32). auto: on for CUDA, off "
+                            "elsewhere. On CUDA bf16 where supported, else fp16 with loss scaling; true on CPU runs bf16.")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the weights (0: off); evaluation uses the EMA.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (last.pt and step_N.pt).")
     val_every: int = Field(0, ge=0, description="Steps between validations on the val split, plus one at the end (0: none).")

@@ -51,7 +51,8 @@ CLASS_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "barrier": (),
 }
 
-# Detection range per class in metres (detection_cvpr_2019 config).
+# Detection range per class in metres (detection_cvpr_2019 config): the evaluation applies it; the training index
+# does not (see `perception.data.dataset.build_index`).
 CLASS_RANGE_M: dict[str, float] = {
     "car": 50.0, "truck": 50.0, "bus": 50.0, "trailer": 50.0, "construction_vehicle": 50.0,
     "pedestrian": 40.0, "motorcycle": 40.0, "bicycle": 40.0, "traffic_cone": 30.0, "barrier": 30.0,

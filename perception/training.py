@@ -363,6 +363,21 @@ class TrainResult:
     stopped_early: bool
 
 
+def autocast_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on `device`, None for float32 throughout.
+
+    ``auto``: on for CUDA, off elsewhere. On CUDA bfloat16 where supported, else float16 (the trainer then scales
+    the loss); on other devices (``true`` on CPU) bfloat16, so that CI runs the mixed-precision path.
+    """
+    if amp == "auto":
+        amp = device.type == "cuda"
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, spec: RunSpec):
         from perception.model.build import build_model
@@ -409,9 +424,12 @@ class Trainer:
         groups = layer_decay_param_groups(self.model, lr=t.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_lambda(t.warmup_steps, self.total_steps)(step))
-        self.amp = t.amp and self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        amp_dtype = autocast_dtype(t.amp, self.device)
+        self.amp = amp_dtype is not None
+        self.amp_dtype = amp_dtype or torch.float32
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        log.info("mixed precision: %s", f"{str(self.amp_dtype).removeprefix('torch.')} autocast on {self.device.type}"
+                 if self.amp else "off (float32)")
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         wrapper = _LossWrapper(self.model)
         if self.dist.enabled:
@@ -441,7 +459,7 @@ class Trainer:
         if path.is_file():
             db = GTDatabase.load(path)
         else:
-            db = GTDatabase.build(self.train_set.with_config(train=False, bev_aug=None))
+            db = GTDatabase.build(self.train_set.with_config(train=False, bev_aug=None), grid=self.model.grid)
             if self.dist.is_main:
                 db.save(path)
         return GTSampler(db)

@@ -26,10 +26,12 @@ from fusion.lidar import LidarEncoder
 from perception.config import ExperimentConfig, load_config
 from perception.errors import ConfigError
 from perception.model.bev_pool import bev_flat_index
-from perception.model.bevfusion import BEVFusionModel, Prediction
+from perception.model.bevfusion import BEVFusionModel, DecodeSettings, Prediction, outputs_to_predictions
 from perception.model.build import build_model
 from perception.model.camera import build_vit_backbone, layer_decay_param_groups, load_backbone_checkpoint
-from perception.model.heads import CenterHead, build_detection_targets, circle_nms, decode_detections
+from perception.model.heads import (
+    CIRCLE_NMS_RADIUS_M, CenterHead, build_detection_targets, circle_nms, decode_detections,
+)
 from perception.model.synthetic import camera_rig, make_synthetic_batch
 from perception.model.view_transform import BEVSample, LiftSplat
 from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid, Boxes3D
@@ -539,6 +541,43 @@ def test_circle_nms_is_per_class_with_class_radii():
     radius = torch.tensor([{"car": 4.0, "pedestrian": 0.175}.get(c, 1.0) for c in DETECTION_CLASSES])
     keep = circle_nms(centres, scores, labels, radius)
     assert keep.tolist() == [1, 2, 3, 4]  # the weaker car within 4 m goes; pedestrians 0.5 m apart stay
+
+
+def _decode_peaks(grid: BEVGrid, peaks: list[tuple[str, int, int, float, float, float]]) -> Prediction:
+    """The model's post-processing with its default settings on head outputs that have one heatmap peak per
+    (class, row, col, x, y, score): the offset branch puts the centre at (x, y) metres."""
+    h, w = grid.shape
+    out = {"heatmap": torch.full((1, len(DETECTION_CLASSES), h, w), -10.0), "offset": torch.zeros(1, 2, h, w),
+           "z": torch.zeros(1, 1, h, w), "log_size": torch.zeros(1, 3, h, w), "rot": torch.zeros(1, 2, h, w),
+           "velocity": torch.zeros(1, 2, h, w), "attribute": torch.zeros(1, len(ATTRIBUTES), h, w),
+           "map": torch.zeros(1, len(MAP_CLASSES), h, w), "scene": torch.zeros(1, len(SCENE_TAGS))}
+    for name, row, col, x, y, score in peaks:
+        out["heatmap"][0, DETECTION_CLASSES.index(name), row, col] = math.log(score / (1 - score))
+        out["offset"][0, :, row, col] = torch.tensor([(x - grid.x_min) / grid.cell - col, (y - grid.y_min) / grid.cell - row])
+    (pred,) = outputs_to_predictions(out, grid, DecodeSettings())
+    return pred
+
+
+def test_shipped_circle_nms_radii_are_centerpoint_thresholds_in_metres():
+    # CenterPoint's nuScenes min_radius per task group, compared with the squared centre distance (m^2).
+    centerpoint_m2 = {"car": 4, "truck": 12, "construction_vehicle": 12, "bus": 10, "trailer": 10, "barrier": 1,
+                      "motorcycle": 0.85, "bicycle": 0.85, "pedestrian": 0.175, "traffic_cone": 0.175}
+    assert set(CIRCLE_NMS_RADIUS_M) == set(DETECTION_CLASSES)
+    for name, m2 in centerpoint_m2.items():
+        assert CIRCLE_NMS_RADIUS_M[name] == pytest.approx(math.sqrt(m2), abs=1e-4), name
+
+    grid = BEVGrid()  # the shipped grid: +-51.2 m, 0.8 m cells
+    # Two parked cars 2.8 m apart (nose to tail): both kept. CenterPoint keeps them (2.8^2 > 4).
+    pred = _decode_peaks(grid, [("car", 70, 70, 5.0, 5.0, 0.9), ("car", 70, 74, 7.8, 5.0, 0.8)])
+    assert len(pred.scores) == 2
+    torch.testing.assert_close(pred.boxes_lidar.tensor[:, :2], torch.tensor([[5.0, 5.0], [7.8, 5.0]]), atol=1e-4, rtol=0)
+    # Two cars 1.5 m apart: the weaker one goes.
+    pred = _decode_peaks(grid, [("car", 70, 70, 5.0, 5.0, 0.9), ("car", 70, 72, 6.5, 5.0, 0.8)])
+    assert pred.scores.tolist() == pytest.approx([0.9])
+    # Two trucks 4 m apart both stay (3.46 m), two pedestrians 0.3 m apart do not (0.42 m).
+    pred = _decode_peaks(grid, [("truck", 20, 20, -35.0, -35.0, 0.9), ("truck", 20, 25, -31.0, -35.0, 0.8),
+                                ("pedestrian", 100, 100, 29.0, 29.0, 0.7), ("pedestrian", 100, 102, 29.3, 29.0, 0.6)])
+    assert sorted(pred.scores.tolist()) == pytest.approx([0.7, 0.8, 0.9])
 
 
 # -------------------------------------------------------------------------------------------- overfit

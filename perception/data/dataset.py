@@ -49,7 +49,6 @@ from perception.errors import ConfigError, DataError
 from perception.structures import (
     ATTRIBUTES,
     CAMERA_CHANNELS,
-    CLASS_RANGE_M,
     DETECTION_CLASSES,
     LIDAR_CHANNEL,
     MAP_CLASSES,
@@ -198,11 +197,16 @@ def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tupl
     """Walk the devkit tables once and return the compact index plus (sample token, reason) for every sample
     whose records are bad (only when `cfg.skip_bad_samples`; otherwise the first DataError is raised).
 
-    Boxes are filtered as the devkit's detection evaluation filters ground truth: categories that map to no
-    detection class, boxes beyond the class range (xy distance from the LIDAR_TOP keyframe's ego pose, strict
-    <), boxes with num_lidar_pts + num_radar_pts == 0, and bicycles/motorcycles whose centre is in a
-    bicycle_rack box. Velocities are `nusc.box_velocity` (global, centred difference) rotated into LIDAR_TOP;
-    NaN (a single annotation or a gap) becomes 0.
+    Boxes are filtered as the devkit's detection evaluation filters ground truth, except for its per-class
+    range: categories that map to no detection class, boxes with num_lidar_pts + num_radar_pts == 0, and
+    bicycles/motorcycles whose centre is in a bicycle_rack box are dropped. Boxes beyond the evaluation range
+    (`CLASS_RANGE_M`, 30-50 m) are kept: they are real objects that the BEV grid still covers (to ~72 m in its
+    corners), and training them as background would teach the heads to miss them; the training targets keep the
+    boxes whose centre is on the grid (`build_detection_targets`), and the devkit's DetectionEval applies the
+    range to ground truth and predictions itself.
+
+    Velocities are `nusc.box_velocity` (global, centred difference) rotated into LIDAR_TOP; NaN (a single
+    annotation or a gap) becomes 0.
     """
     from nuscenes.eval.detection.utils import category_to_detection_name
     from nuscenes.utils.data_classes import Box
@@ -337,12 +341,11 @@ def _index_sample(nusc, sample, cfg, attr_name, category_to_detection_name, Box,
                 sd_token = sd["prev"]
         out[f"{prefix}_paths"], out[f"{prefix}_sweep2lidar"], out[f"{prefix}_dt"] = paths, mats, dts
 
-    # Boxes, filtered like the detection evaluation's ground truth.
+    # Boxes, filtered like the detection evaluation's ground truth but without its range (see `build_index`).
     anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]
     racks = [Box(a["translation"], a["size"], Quaternion(a["rotation"])) for a in anns
              if a["category_name"] == "static_object.bicycle_rack"]
     boxes, labels, attrs, box_tokens = [], [], [], []
-    ego_xy = ego2global[:2, 3]
     for a in anns:
         name = category_to_detection_name(a["category_name"])
         if name is None:
@@ -350,8 +353,6 @@ def _index_sample(nusc, sample, cfg, attr_name, category_to_detection_name, Box,
         if len(a["attribute_tokens"]) > 1:
             raise DataError(f"sample_annotation {a['token']} has more than one attribute", token=tok)
         centre_g = np.asarray(a["translation"], np.float64)
-        if not np.hypot(*(centre_g[:2] - ego_xy)) < CLASS_RANGE_M[name]:
-            continue
         if a["num_lidar_pts"] + a["num_radar_pts"] == 0:
             continue
         if name in ("bicycle", "motorcycle") and any(

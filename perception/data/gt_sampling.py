@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perception.structures import DETECTION_CLASSES, Boxes3D
+from perception.structures import DETECTION_CLASSES, BEVGrid, Boxes3D
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,17 @@ class GTDatabase:
         return self.points[self.point_offsets[d]:self.point_offsets[d + 1]]
 
     @classmethod
-    def build(cls, dataset, min_points: int = 5) -> "GTDatabase":
-        """Collect every box with at least `min_points` LiDAR points from a `NuScenesDataset` (no
-        augmentation is applied: its index and LiDAR loader are used directly)."""
+    def build(cls, dataset, min_points: int = 5, grid: BEVGrid | None = None) -> "GTDatabase":
+        """Collect every box with at least `min_points` LiDAR points and its centre on `grid` in x and y (the
+        model's BEV grid, where `build_detection_targets` keeps targets; None: the dataset's grid) from a
+        `NuScenesDataset` (no augmentation is applied: its index and LiDAR loader are used directly)."""
         boxes, labels, attrs, pts, counts = [], [], [], [], []
         idx = dataset.index
+        grid = grid if grid is not None else dataset.config.grid
         for i in range(len(idx)):
             b, l, a = idx.boxes_of(i)
+            on_grid = (b[:, 0] >= grid.x_min) & (b[:, 0] < grid.x_max) & (b[:, 1] >= grid.y_min) & (b[:, 1] < grid.y_max)
+            b, l, a = b[on_grid], l[on_grid], a[on_grid]
             if not len(b):
                 continue
             points = dataset.load_points_lidar(i)

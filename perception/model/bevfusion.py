@@ -180,7 +180,7 @@ class BEVFusionModel(nn.Module):
                 radar_pillar_index: Tensor, modality_mask: Tensor) -> dict[str, Tensor]:
         """The exportable core; arguments as in `CoreInputs`.
 
-        Returns (all float32, on the BEV grid where spatial):
+        Returns (all float32 outside autocast, on the BEV grid where spatial):
             heatmap (B, 10, H, W) logits; offset (B, 2, H, W); z (B, 1, H, W); log_size (B, 3, H, W);
             rot (B, 2, H, W) sin/cos; velocity (B, 2, H, W); attribute (B, 8, H, W) logits;
             map (B, 6, H, W) logits; scene (B, 6) logits; and, for `LiftSplat`, depth (B, N, D, h, w) probabilities.
@@ -238,6 +238,8 @@ class BEVFusionModel(nn.Module):
                 out["depth"] = depth
         else:
             out = self(*inputs.as_args())
+        # Under autocast the head outputs are in its dtype: the losses get them upcast (they run in float32).
+        out, paired_outs = _float32_outputs(out), [_float32_outputs(o) for o in paired_outs]
         targets = build_detection_targets(batch.boxes, batch.labels, batch.attributes, batch.num_boxes, self.grid,
                                           num_classes=out["heatmap"].shape[1])
         losses = self._task_losses(out, batch, targets)
@@ -316,3 +318,8 @@ def outputs_to_predictions(out: dict[str, Tensor], grid: BEVGrid, decode: Decode
                    map_probs=map_probs[i], scene_probs=scene_probs[i])
         for i, d in enumerate(detections)
     ]
+
+
+def _float32_outputs(out: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Head outputs with float16 / bfloat16 tensors upcast to float32 (others as they are)."""
+    return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in out.items()}

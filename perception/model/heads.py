@@ -21,10 +21,16 @@ from torch import Tensor, nn
 
 from perception.structures import ATTRIBUTES, CLASS_ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid, wrap_angle
 
-# Circle-NMS radius per class, metres (CenterPoint nuScenes config, per task group).
+# Circle-NMS radius per class, metres: the square roots of CenterPoint's nuScenes thresholds. CenterPoint's
+# config (configs/nusc/*: test_cfg min_radius=[4, 12, 10, 1, 0.85, 0.175] for the task groups car, truck +
+# construction_vehicle, bus + trailer, barrier, motorcycle + bicycle, pedestrian + traffic_cone) is compared with
+# the SQUARED centre distance in its circle_nms (det3d/core/utils/circle_nms_jit.py: dist = dx**2 + dy**2;
+# suppressed if dist <= thresh), so those numbers are m^2. CenterPoint suppresses within a task group, we within
+# a class. `decode_detections` reads this table at every call (`deploy.postprocess` too): the one place to
+# change the radii.
 CIRCLE_NMS_RADIUS_M: dict[str, float] = {
-    "car": 4.0, "truck": 12.0, "construction_vehicle": 12.0, "bus": 10.0, "trailer": 10.0, "barrier": 1.0,
-    "motorcycle": 0.85, "bicycle": 0.85, "pedestrian": 0.175, "traffic_cone": 0.175,
+    "car": 2.0, "truck": 3.4641, "construction_vehicle": 3.4641, "bus": 3.1623, "trailer": 3.1623, "barrier": 1.0,
+    "motorcycle": 0.922, "bicycle": 0.922, "pedestrian": 0.4183, "traffic_cone": 0.4183,
 }
 
 # Regression target layout: box geometry (L1 weight 1), then velocity (weight `loss.velocity`, CenterPoint's
@@ -177,7 +183,13 @@ class DetectionTargets:
 @torch.no_grad()
 def build_detection_targets(boxes_lidar: Tensor, labels: Tensor, attributes: Tensor, num_boxes: Tensor, grid: BEVGrid,
                             num_classes: int = len(DETECTION_CLASSES)) -> DetectionTargets:
-    """Targets from concatenated boxes (sum K_b, 9) in `Boxes3D` layout (LIDAR_TOP), labels, attributes, counts."""
+    """Targets from concatenated boxes (sum K_b, 9) in `Boxes3D` layout (LIDAR_TOP), labels, attributes, counts.
+
+    A box is a target when its centre lies on the grid in x and y (x in [x_min, x_max), y in [y_min, y_max)),
+    however far from the ego it is (the evaluation's per-class range is not applied: an object at 45 m is trained
+    as an object, not as background) and whatever its centre's z (z is regressed, not binned: the centre of a box
+    on a ramp or a tall vehicle may leave [z_min, z_max) and it is still an object in that cell).
+    """
     device = boxes_lidar.device
     b = int(num_boxes.shape[0])
     h, w = grid.shape

@@ -1,13 +1,42 @@
-"""Loss functions. Each returns a scalar float tensor that stays attached to the graph even when there is
-nothing to supervise (empty scene, no LiDAR depth), so `backward` always works."""
+"""Loss functions. Each returns a scalar float32 tensor (float64 for float64 inputs) that stays attached to the graph even when there is
+nothing to supervise (empty scene, no LiDAR depth), so `backward` always works.
+
+Every loss runs in float32 whatever the autocast dtype (`_in_float32`): its float16 / bfloat16 inputs are
+upcast and autocast is off inside. In bfloat16 and float16 ``1 - 1e-4`` rounds to exactly 1.0, and so does the sigmoid of
+a logit from ~6.3 (bfloat16) or ~8.4 (float16) up: a clamped sigmoid of a confident logit gave ``log(0)``.
+"""
 
 from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_Loss = TypeVar("_Loss", bound=Callable[..., Tensor])
 
+
+def _in_float32(loss_fn: _Loss) -> _Loss:
+    """Decorator: call `loss_fn` with its float16 / bfloat16 tensor arguments upcast to float32 and autocast
+    disabled."""
+
+    def upcast(value: Any) -> Any:
+        return value.float() if isinstance(value, Tensor) and value.dtype in (torch.float16, torch.bfloat16) else value
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Tensor:
+        args = tuple(upcast(a) for a in args)
+        kwargs = {k: upcast(v) for k, v in kwargs.items()}
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return loss_fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_in_float32
 def gaussian_focal_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, gamma: float = 4.0) -> Tensor:
     """CenterNet focal loss on a Gaussian heatmap.
 
@@ -22,11 +51,13 @@ def gaussian_focal_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, gamm
     return (pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
 
 
+@_in_float32
 def weighted_l1(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
     """pred, target: (K, D); weights: (D,). Sum of weighted |pred - target| over D, mean over K (0 when K = 0)."""
     return ((pred - target).abs() * weights).sum() / max(pred.shape[0], 1)
 
 
+@_in_float32
 def masked_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -1) -> Tensor:
     """logits: (K, A); target: (K,) int64 with `ignore_index` ignored. Mean over the kept rows (0 if none)."""
     valid = target != ignore_index
@@ -34,6 +65,7 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -1)
     return (loss * valid.to(loss.dtype)).sum() / valid.sum().clamp(min=1).to(loss.dtype)
 
 
+@_in_float32
 def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Multi-label focal loss (RetinaNet), mean over all elements. logits, target: same shape, target in {0, 1}."""
     prob = logits.sigmoid()
@@ -43,6 +75,7 @@ def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamm
     return (alpha_t * ce * (1 - p_t).pow(gamma)).mean()
 
 
+@_in_float32
 def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     """Soft Dice loss per (sample, class) map, averaged. logits, target: (B, C, H, W)."""
     prob = logits.sigmoid().flatten(2)
@@ -51,6 +84,7 @@ def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return (1 - (2 * inter + eps) / (prob.sum(-1) + target.sum(-1) + eps)).mean()
 
 
+@_in_float32
 def depth_loss(depth_probs: Tensor, depth_bins: Tensor) -> Tensor:
     """BEVDepth depth loss: binary cross-entropy against one-hot bins at cells with a LiDAR depth.
 
@@ -62,6 +96,5 @@ def depth_loss(depth_probs: Tensor, depth_bins: Tensor) -> Tensor:
     labels = depth_bins.reshape(-1)
     valid = labels >= 0
     onehot = F.one_hot(labels.clamp(min=0), num_bins).to(probs.dtype)
-    with torch.autocast(device_type=probs.device.type, enabled=False):
-        bce = F.binary_cross_entropy(probs.float().clamp(1e-6, 1 - 1e-6), onehot.float(), reduction="none").sum(-1)
+    bce = F.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), onehot, reduction="none").sum(-1)
     return (bce * valid.to(bce.dtype)).sum() / valid.sum().clamp(min=1).to(bce.dtype)

@@ -49,6 +49,12 @@ class ViewTransform(nn.Module, ABC):
         """Returns BEV features (B, out_channels, H, W) and depth probabilities (B, N, D, h, w) or None."""
 
 
+def split_depth_net_output(x: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
+    """The lift-splat depth net's output (B*N, D + C', h, w) -> depth probabilities (B*N, D, h, w) float32 (softmax
+    over D of the logits upcast to float32, whatever the autocast dtype) and context (B*N, C', h, w) as it is."""
+    return x[:, :num_bins].float().softmax(dim=1), x[:, num_bins:]
+
+
 class LiftSplat(ViewTransform):
     """Lift-splat with D depth bins; see the module docstring.
 
@@ -92,16 +98,19 @@ class LiftSplat(ViewTransform):
         index = bev_flat_index(points_lidar[..., 0], points_lidar[..., 1], points_lidar[..., 2], self.grid)
         return index.flatten(1)
 
+    def depth_and_context(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """The depth net on features (B*N, C, h, w), split by `split_depth_net_output`."""
+        return split_depth_net_output(self.depth_net(features), self.num_bins)
+
     def forward(self, features: Tensor, geometry: Tensor) -> tuple[Tensor, Tensor]:
         """features: (B, N, C, h, w); geometry: (B, N*D*h*w) int64 from `geometry`.
 
-        Returns: BEV (B, out_channels, H, W) and depth probabilities (B, N, D, h, w), softmax over D.
+        Returns: BEV (B, out_channels, H, W) float32 (pooled in float32 under autocast too, `bev_pool`) and depth
+        probabilities (B, N, D, h, w) float32, softmax over D.
         """
         b, n, c, h, w = features.shape
-        x = self.depth_net(features.flatten(0, 1))  # (B*N, D + C', h, w)
-        depth = x[:, : self.num_bins].softmax(dim=1)
-        context = x[:, self.num_bins :]
-        volume = depth[:, :, None] * context[:, None]  # (B*N, D, C', h, w)
+        depth, context = self.depth_and_context(features.flatten(0, 1))
+        volume = depth[:, :, None] * context[:, None]  # (B*N, D, C', h, w), float32 (depth is)
         volume = volume.view(b, n, self.num_bins, self.out_channels, h, w).permute(0, 1, 2, 4, 5, 3)
         volume = volume.reshape(-1, self.out_channels)  # (B*N*D*h*w, C') in geometry's order
         cells = self.grid.height * self.grid.width
