@@ -30,7 +30,7 @@ def _devkit_gt(nusc, max_dist: dict[str, float]) -> set[tuple]:
 
 
 def test_index_keeps_boxes_beyond_the_evaluation_range(synth_root, synth_nusc):
-    ds = NuScenesDataset(synth_root, "v1.0-mini", "mini_val", config=DatasetConfig(load_map=False))
+    ds = NuScenesDataset(synth_root, "v1.0-mini", "mini_val", config=DatasetConfig(map="off"))
     idx = ds.index
     ours = set()
     for i in range(len(idx)):
@@ -90,7 +90,7 @@ def far_pedestrian_root(synth_root, synth_nusc, tmp_path):
 
 def test_pedestrian_beyond_its_evaluation_range_is_a_training_target(far_pedestrian_root):
     root, sample_token, ann_token = far_pedestrian_root
-    ds = NuScenesDataset(root, "v1.0-mini", "mini_val", config=DatasetConfig(load_map=False))
+    ds = NuScenesDataset(root, "v1.0-mini", "mini_val", config=DatasetConfig(map="off"))
     idx = ds.index
     i = list(idx.tokens).index(sample_token)
     boxes, labels, attributes = idx.boxes_of(i)
@@ -119,7 +119,7 @@ def test_targets_and_gt_database_keep_boxes_centred_on_the_grid(synth_root):
     assert t.regression[:, 2].tolist() == [-9.0, 0.0, 9.0, 0.0]
 
     # The GT database holds the boxes centred on the grid it is given, and the index has others.
-    train = NuScenesDataset(synth_root, "v1.0-mini", "mini_train", config=DatasetConfig(lidar_sweeps=1, radar_sweeps=0, load_map=False))
+    train = NuScenesDataset(synth_root, "v1.0-mini", "mini_train", config=DatasetConfig(lidar_sweeps=1, radar_sweeps=0, map="off"))
     db = GTDatabase.build(train, grid=grid)
     assert len(db) > 0
     x, y = db.boxes[:, 0], db.boxes[:, 1]
