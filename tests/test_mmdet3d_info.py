@@ -295,3 +295,26 @@ def test_viz_robustness_and_bench_take_info(synth_root, val_info, tiny_checkpoin
                               "--samples", "2", "--lidar-sweeps", "2"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "6 x 1600x900" in res.output and "radar files/sample 0.0" in res.output
+
+
+def test_export_calibration_and_latency_bench_take_info(tmp_path):
+    """INT8 calibration on the fixture's samples (`export --calib-info`) and `bench latency --info`."""
+    from perception.model.build import build_model
+    from perception.training import save_atomic
+
+    small = ["data.image_size=[64,176]", "grid.cell=1.6", "data.lidar_sweeps=2"]
+    cfg = load_config(TINY, small)
+    ckpt = tmp_path / "random.pt"
+    save_atomic({"model": build_model(cfg).state_dict(), "ema": None, "config": cfg.model_dump(mode="json"), "step": 0}, ckpt)
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export"), "--int8",
+                              "--calib-data", str(FIXTURE), "--calib-info", str(INFO), "--calib-samples", "2"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["quantization"]["calibration_samples"] == 2
+    assert manifest["quantization"]["calibration_data"] == {"calib_data": str(FIXTURE), "info": str(INFO)}
+    out = tmp_path / "latency.json"
+    res = runner.invoke(app, ["bench", "latency", "--config", str(TINY), "--data", str(FIXTURE), "--info", str(INFO),
+                              "--iterations", "1", "--warmup", "0", "--out", str(out), *small])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert json.loads(out.read_text())["input"]["source"] == str(INFO)
