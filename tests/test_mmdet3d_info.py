@@ -318,3 +318,20 @@ def test_export_calibration_and_latency_bench_take_info(tmp_path):
                               "--iterations", "1", "--warmup", "0", "--out", str(out), *small])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert json.loads(out.read_text())["input"]["source"] == str(INFO)
+
+
+def test_train_with_info_files_validates_on_the_val_file(synth_root, val_info, tmp_path):
+    train_info = write_mmdet3d_infos(synth_root, "v1.0-mini", "mini_train", tmp_path / "train.pkl")
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--config", str(TINY), "--data", str(synth_root), "--info", str(train_info),
+                              "--val-info", str(val_info), "--max-steps", "1", "--work-dir", str(tmp_path / "w"),
+                              "--device", "cpu", *FAST, "train.val_every=1"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    metrics = json.loads((tmp_path / "w" / "val" / "step_0000001" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 6 and metrics["modalities"]["radar"] is False
+    # validation needs the tables: said at the start, not after training
+    res = runner.invoke(app, ["train", "--config", str(TINY), "--data", str(FIXTURE), "--info", str(INFO),
+                              "--max-steps", "1", "--work-dir", str(tmp_path / "f"), "--device", "cpu", *FAST,
+                              "train.val_every=1"])
+    assert isinstance(res.exception, DataError) and "no v1.0-mini tables" in str(res.exception)
+    assert not (tmp_path / "f" / "checkpoints").exists()
