@@ -191,12 +191,14 @@ def test_info_from_the_tables_loads_as_the_devkit_index(synth_root, val_info):
         np.testing.assert_allclose(index.lidar_sweep2lidar[b], dev.index.lidar_sweep2lidar[a], atol=1e-9)
         np.testing.assert_array_equal(index.lidar_dt[b], dev.index.lidar_dt[a])
         # every box of the devkit path is in the file, equal in float32 up to 1e-9 (velocities of parked cars are
-        # float64 rounding noise, ~1e-14); the file also has those the devkit path leaves out (beyond the class
-        # range, bicycles in racks)
+        # float64 rounding noise, ~1e-14) and yaw up to a float32 ulp modulo 2 pi (a heading of pi can come out
+        # as -pi); the file also has those the devkit path leaves out (beyond the class range, bicycles in racks)
         ours, labels, _ = dev.index.boxes_of(i)
         theirs, their_labels, _ = index.boxes_of(j)
         for box, label in zip(ours, labels):
-            hit = np.flatnonzero(np.abs(theirs - box).max(1) < 1e-9)
+            dyaw = (theirs[:, 6].astype(np.float64) - box[6] + np.pi) % (2 * np.pi) - np.pi
+            same = (np.abs(np.delete(theirs - box, 6, axis=1)).max(1) < 1e-9) & (np.abs(dyaw) < 1e-6)
+            hit = np.flatnonzero(same)
             assert len(hit) == 1 and their_labels[hit[0]] == label
         total += len(ours)
         x, y = dev[i], info[j]
