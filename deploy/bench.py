@@ -107,7 +107,7 @@ def _tensorrt_pipeline(model, cfg, batch, device, precision, work_dir: Path) -> 
 
 
 def _bench_batch(cfg: ExperimentConfig, model: BEVFusionModel, batch_size: int, points: int, data: Path | None,
-                 version: str, split: str | None) -> Batch:
+                 version: str, split: str | None, info: Path | None = None) -> Batch:
     if data is None:
         from perception.model.synthetic import make_synthetic_batch
 
@@ -116,7 +116,8 @@ def _bench_batch(cfg: ExperimentConfig, model: BEVFusionModel, batch_size: int, 
     from perception.data.collate import collate_samples
     from perception.training import build_dataset, default_splits
 
-    dataset = build_dataset(cfg, data, version, split or default_splits(version)[1], train=False, map_grid=model.map_grid)
+    dataset = build_dataset(cfg, data, version, split or default_splits(version)[1], train=False, map_grid=model.map_grid,
+                            info=info)
     return collate_samples([dataset[i % len(dataset)] for i in range(batch_size)])
 
 
@@ -124,8 +125,9 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
                   iterations: int = 50, warmup: int = 5, batch_size: int = 1, points: int = 200_000,
                   checkpoint: str | Path | None = None, data: str | Path | None = None, version: str = "v1.0-mini",
                   split: str | None = None, threads: int | None = None, work_dir: str | Path | None = None,
-                  config_name: str = "") -> dict[str, Any]:
-    """Measure one backend (see the module docstring); returns the JSON-ready result."""
+                  config_name: str = "", info: str | Path | None = None) -> dict[str, Any]:
+    """Measure one backend (see the module docstring); returns the JSON-ready result (`info`: time samples of
+    this mmdet3d v2 info file, paths relative to `data`)."""
     if iterations < 1 or warmup < 0:
         raise PerceptionError("--iterations must be >= 1 and --warmup >= 0")
     dev = torch.device(device)
@@ -143,7 +145,8 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
     model.eval()
-    batch = _bench_batch(cfg, model, batch_size, points, None if data is None else Path(data), version, split)
+    batch = _bench_batch(cfg, model, batch_size, points, None if data is None else Path(data), version, split,
+                         None if info is None else Path(info))
     pre = Preprocessor(preprocess_spec_of(model))
     post = Postprocessor(PostprocessSpec(grid=model.grid, decode=model.decode))
 
@@ -188,7 +191,7 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
         "config": config_name, "backend": backend, "device": str(dev), "precision": precision, "batch_size": batch_size,
         "iterations": iterations, "warmup": warmup, "threads": threads or torch.get_num_threads(),
         "checkpoint": None if checkpoint is None else str(checkpoint),
-        "input": {"source": str(data) if data is not None else "synthetic",
+        "input": {"source": str(info or data) if data is not None else "synthetic",
                   "image_size": list(cfg.data.image_size), "lidar_points": int(batch.points_lidar.shape[0]),
                   "lidar_pillars": int(example_inputs["lidar_features"].shape[0]),
                   "radar_points": int(batch.points_radar.shape[0]),

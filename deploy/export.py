@@ -362,15 +362,15 @@ def cover_feeds(manifest: Manifest, feeds: Sequence[dict[str, np.ndarray]]) -> N
 
 
 def calibration_feeds(manifest: Manifest, dataroot: str | Path, num_samples: int, *, version: str = "v1.0-mini",
-                      split: str | None = None) -> list[dict[str, np.ndarray]]:
-    """Core inputs of `num_samples` samples of a training split (evenly spaced, evaluation transforms), for
-    INT8 calibration."""
+                      split: str | None = None, info: str | Path | None = None) -> list[dict[str, np.ndarray]]:
+    """Core inputs of `num_samples` samples of a training split (or of the mmdet3d info file `info`; evenly
+    spaced, evaluation transforms), for INT8 calibration."""
     from perception.data.collate import collate_samples
     from perception.training import build_dataset, default_splits
 
     cfg = manifest.experiment_config()
     split = split or default_splits(version)[0]
-    dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=manifest.map_grid)
+    dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=manifest.map_grid, info=info)
     n = min(num_samples, len(dataset))
     indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
     pre = manifest.preprocessor()
@@ -378,16 +378,17 @@ def calibration_feeds(manifest: Manifest, dataroot: str | Path, num_samples: int
     for i in indices:
         batch = collate_samples([dataset[i]])
         feeds.append({k: v.cpu().numpy() for k, v in pre(batch).items()})
-    log.info("calibration: %d samples of %s/%s", len(feeds), dataroot, split)
+    log.info("calibration: %d samples of %s", len(feeds), info or f"{dataroot}/{split}")
     return feeds
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, image_size: tuple[int, int] | None = None,
                       int8: bool = False, calib_data: str | Path | None = None, calib_samples: int = 32,
                       calib_version: str = "v1.0-mini", calib_split: str | None = None, opset: int = DEFAULT_OPSET,
-                      max_batch: int = 4) -> Manifest:
+                      max_batch: int = 4, calib_info: str | Path | None = None) -> Manifest:
     """`perception export`: a checkpoint -> an export directory (FP32 graph, and with `int8` a Q/DQ graph
-    calibrated on `calib_samples` samples of `calib_data`'s training split)."""
+    calibrated on `calib_samples` samples of `calib_data`'s training split, or of the mmdet3d info file
+    `calib_info` whose paths are relative to `calib_data`)."""
     if int8 and calib_data is None:
         raise PerceptionError("--int8 needs --calib-data DIR (a nuScenes dataroot whose training split calibrates)")
     model, cfg, source = load_checkpoint_model(checkpoint, image_size)
@@ -395,7 +396,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, image_size
     if int8:
         from deploy.quantize import quantize_export
 
-        feeds = calibration_feeds(manifest, calib_data, calib_samples, version=calib_version, split=calib_split)
+        feeds = calibration_feeds(manifest, calib_data, calib_samples, version=calib_version, split=calib_split,
+                                  info=calib_info)
         cover_feeds(manifest, feeds)
-        quantize_export(manifest, feeds, source={"calib_data": str(calib_data), "split": calib_split or "train split"})
+        quantize_export(manifest, feeds, source={"calib_data": str(calib_data), "split": calib_split or "train split"}
+                        if calib_info is None else {"calib_data": str(calib_data), "info": str(calib_info)})
     return manifest

@@ -22,6 +22,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 
 _STATE = {"debug": False}
+INFO_HELP = ("mmdet3d v2 info file (.pkl, e.g. nuscenes_infos_val.pkl; its paths are relative to --data) whose samples "
+             "to use instead of a split's")
 
 
 @app.callback()
@@ -118,6 +120,7 @@ def bench_data(
     samples: int = typer.Option(24, "--samples", min=1, help="Timed samples per measurement."),
     lidar_sweeps: int = typer.Option(10, "--lidar-sweeps", min=1),
     radar_sweeps: int = typer.Option(6, "--radar-sweeps", min=0),
+    info: Optional[Path] = typer.Option(None, "--info", help=INFO_HELP + " (instead of --split)."),
 ) -> None:
     """Data pipeline samples/s beside the rate of only decoding the same 6 JPEGs."""
     from perception.data.bench import format_results, run_data_bench
@@ -126,7 +129,9 @@ def bench_data(
         counts = tuple(int(w) for w in workers.split(","))
     except ValueError:
         raise typer.BadParameter(f"--workers expects comma-separated integers, got {workers!r}")
-    results = run_data_bench(data, version, split, counts, samples, lidar_sweeps, radar_sweeps)
+    if info is not None and split is not None:
+        raise typer.BadParameter("give --split or --info, not both")
+    results = run_data_bench(data, version, split, counts, samples, lidar_sweeps, radar_sweeps, info=info)
     typer.echo(format_results(results))
 
 
@@ -143,6 +148,8 @@ def train_cmd(
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop after this much training time (checkpointing first)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
     skip_bad_samples: bool = typer.Option(False, "--skip-bad-samples", help="Log, count and skip unreadable samples (listed in WORK_DIR/skipped_samples.json) instead of failing."),
+    info: Optional[Path] = typer.Option(None, "--info", help=INFO_HELP + " for training (instead of the training split)."),
+    val_info: Optional[Path] = typer.Option(None, "--val-info", help=INFO_HELP + " for validation (scored against the --data tables)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY.PATH=VALUE config overrides, e.g. train.lr=1e-4."),
 ) -> None:
     """Train or fine-tune (single process, or `torchrun --nproc-per-node K -m perception train ...`)."""
@@ -154,7 +161,7 @@ def train_cmd(
     cfg = load_config(config, (overrides or []) + (["data.skip_bad_samples=true"] if skip_bad_samples else []))
     result = train(cfg, RunSpec(data=data, version=version, work_dir=work_dir, max_steps=max_steps, epochs=epochs,
                                 resume=resume, init_from=init_from, time_budget_s=None if minutes is None else minutes * 60,
-                                device=device))
+                                device=device, train_info=info, val_info=val_info))
     typer.echo(f"step {result.step}: {result.last_checkpoint}" + (f", best {result.best_checkpoint}" if result.best_checkpoint else ""))
 
 
@@ -171,7 +178,7 @@ def _parse_modalities(text: Optional[str]) -> Optional[tuple[bool, bool, bool]]:
 @app.command("eval")
 def eval_cmd(
     data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),
-    split: str = typer.Option(..., "--split", help="e.g. mini_val, val."),
+    split: Optional[str] = typer.Option(None, "--split", help="e.g. mini_val, val (or --info)."),
     out: Path = typer.Option(..., "--out", help="Folder for submission.json and metrics.json."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Training checkpoint (.pt) to evaluate."),
     results: Optional[Path] = typer.Option(None, "--results", help="Evaluate an existing submission JSON instead."),
@@ -181,18 +188,22 @@ def eval_cmd(
     device: Optional[str] = typer.Option(None, "--device"),
     batch_size: int = typer.Option(2, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),
+    info: Optional[Path] = typer.Option(None, "--info", help=INFO_HELP + "; the ground truth still comes from the --data tables, which must hold every sample."),
 ) -> None:
     """Official nuScenes metrics (the devkit's DetectionEval), map segmentation IoU and scene-tag mAP."""
     from perception.evaluation import evaluate_checkpoint, evaluate_results_file, format_metrics
 
     if (checkpoint is None) == (results is None):
         raise typer.BadParameter("give exactly one of --checkpoint and --results")
+    if (split is None) == (info is None):
+        raise typer.BadParameter("give exactly one of --split and --info")
     if results is not None:
-        metrics = evaluate_results_file(results, data, version, split, out)
+        metrics = evaluate_results_file(results, data, version, split, out, info=info)
     else:
         metrics = evaluate_checkpoint(checkpoint, data, version, split, out, backend=backend, device=device,
-                                      modalities=_parse_modalities(modalities), batch_size=batch_size, workers=workers)
-    typer.echo(format_metrics(metrics, title=f"{split} ({version})"))
+                                      modalities=_parse_modalities(modalities), batch_size=batch_size, workers=workers,
+                                      info=info)
+    typer.echo(format_metrics(metrics, title=f"{split or info} ({version})"))
     typer.echo(f"wrote {out / 'metrics.json'}")
 
 
@@ -207,12 +218,13 @@ def viz_cmd(
     video: bool = typer.Option(False, "--video", help="Also write an MP4 of the samples (2 fps)."),
     show: bool = typer.Option(False, "--show", help="Open the Open3D viewer (needs open3d and a display)."),
     device: Optional[str] = typer.Option(None, "--device"),
+    info: Optional[Path] = typer.Option(None, "--info", help=INFO_HELP + " (no tables needed; --sample picks one, default all)."),
 ) -> None:
     """Six-camera mosaic with projected boxes, BEV with points, boxes, velocities and maps, scene tags; .ply for Open3D."""
     from perception.viz import visualise
 
     files = visualise(data, out, version=version, sample_token=sample, scene=scene, checkpoint=checkpoint, video=video,
-                      device=device, show=show)
+                      device=device, show=show, info=info)
     typer.echo(f"wrote {len(files)} files to {out}")
 
 
@@ -220,21 +232,24 @@ def viz_cmd(
 def robustness_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Training checkpoint (.pt)."),
     data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),
-    split: str = typer.Option(..., "--split", help="e.g. mini_val, val."),
+    split: Optional[str] = typer.Option(None, "--split", help="e.g. mini_val, val (or --info)."),
     out: Path = typer.Option(..., "--out", help="Folder for robustness.md/.json/.png and per-condition metrics."),
     version: str = typer.Option("v1.0-mini", "--version"),
     conditions: Optional[str] = typer.Option(None, "--conditions", help="Comma-separated subset of the conditions (default: all)."),
     device: Optional[str] = typer.Option(None, "--device"),
     batch_size: int = typer.Option(2, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),
+    info: Optional[Path] = typer.Option(None, "--info", help=INFO_HELP + "; scored against the --data tables."),
 ) -> None:
     """Evaluate one model under sensor failures and corruptions; NDS, mAP, seg mIoU and resilience ratio each."""
     from perception.robustness import format_robustness, run_robustness
 
+    if (split is None) == (info is None):
+        raise typer.BadParameter("give exactly one of --split and --info")
     names = [c.strip() for c in conditions.split(",")] if conditions else None
     results = run_robustness(checkpoint, data, version, split, out, conditions=names, device=device,
-                             batch_size=batch_size, workers=workers)
-    typer.echo(format_robustness(results, checkpoint, split))
+                             batch_size=batch_size, workers=workers, info=info)
+    typer.echo(format_robustness(results, checkpoint, split or str(info)))
 
 
 @app.command("demo")
@@ -281,6 +296,7 @@ def export_cmd(
     calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="nuScenes dataroot whose training split calibrates --int8."),
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="Calibration samples, evenly spaced over the split."),
     calib_split: Optional[str] = typer.Option(None, "--calib-split", help="Split of --calib-data (default: mini_train / train)."),
+    calib_info: Optional[Path] = typer.Option(None, "--calib-info", help="mmdet3d v2 info file (.pkl; paths relative to --calib-data) whose samples calibrate, instead of --calib-split."),
     version: str = typer.Option("v1.0-mini", "--version", help="Version of --calib-data."),
     opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset (the INT8 graph is written at opset 19)."),
     max_batch: int = typer.Option(4, "--max-batch", min=1, help="Largest batch of the TensorRT profiles the manifest records."),
@@ -288,9 +304,11 @@ def export_cmd(
     """Export the plugin-free core as ONNX with its manifest (and an INT8 Q/DQ graph), checked for TensorRT 10."""
     from deploy.export import export_checkpoint
 
+    if calib_info is not None and (calib_split is not None or calib_data is None):
+        raise typer.BadParameter("--calib-info needs --calib-data (its dataroot) and replaces --calib-split")
     manifest = export_checkpoint(checkpoint, out, image_size=_parse_image_size(image_size), int8=int8, calib_data=calib_data,
                                  calib_samples=calib_samples, calib_version=version, calib_split=calib_split, opset=opset,
-                                 max_batch=max_batch)
+                                 max_batch=max_batch, calib_info=calib_info)
     for precision, name in manifest.graphs.items():
         summary = manifest.compatibility.get(precision, {})
         typer.echo(f"{precision}: {out / name} ({summary.get('nodes', '?')} nodes, TensorRT check "
@@ -323,6 +341,7 @@ def bench_latency_cmd(
     points: int = typer.Option(200_000, "--points", min=0, help="Synthetic LiDAR points per sample (about 9 merged nuScenes sweeps)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights to time (default: random weights)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Time a sample of this dataroot instead of a synthetic batch."),
+    info: Optional[Path] = typer.Option(None, "--info", help="mmdet3d v2 info file (.pkl; paths relative to --data) whose samples to time."),
     version: str = typer.Option("v1.0-mini", "--version"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and onnxruntime (default: torch's)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the figures to this JSON file."),
@@ -332,10 +351,12 @@ def bench_latency_cmd(
     from deploy.bench import bench_latency, format_latency, write_json
     from perception.config import load_config
 
+    if info is not None and data is None:
+        raise typer.BadParameter("--info needs --data (the dataroot its paths are relative to)")
     cfg = load_config(config, overrides or [])
     result = bench_latency(cfg, backend, device=device, precision=precision, iterations=iterations, warmup=warmup,
                            batch_size=batch_size, points=points, checkpoint=checkpoint, data=data, version=version,
-                           threads=threads, config_name=str(config))
+                           threads=threads, config_name=str(config), info=info)
     typer.echo(format_latency(result))
     if out is not None:
         typer.echo(f"wrote {write_json(result, out)}")

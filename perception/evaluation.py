@@ -15,6 +15,12 @@ ground truth, under two protocols, each under its own keys:
     truth rasterised on that grid, each class at its own best threshold, then the mean.
 Scene tags get average precision per tag (sklearn-free) over the samples whose tags are known. Metrics that
 no sample can give (no map expansion, no scene tags) are None (`null` in metrics.json), never 0.
+
+mmdet3d info files (`info=`): the samples are the file's, the detection ground truth is still the devkit's, read
+from the tables of the same dataroot (the official filtering and attributes; the file's boxes are not used for
+scoring). Every sample token of the file must be in the tables; a dataroot without tables is an error before
+anything runs (`require_tables`), not null metrics: a null NDS would pass silently into best-checkpoint choice
+and robustness ratios. Predictions alone can still be drawn with `perception viz --info`.
 """
 
 from __future__ import annotations
@@ -113,6 +119,27 @@ def split_sample_tokens(dataroot: str | Path, version: str, split: str) -> set[s
     return {s["token"] for s in samples if s["scene_token"] in keep}
 
 
+def require_tables(dataroot: str | Path, version: str, why: str) -> None:
+    """Raise DataError unless `<dataroot>/<version>/` holds the devkit tables (`why` says what needs them)."""
+    table = Path(dataroot) / version
+    if not (table / "sample.json").is_file():
+        raise DataError(f"no {version} tables (sample.json, ...) under the dataroot: {why}", path=dataroot)
+
+
+def check_tokens_in_tables(dataroot: str | Path, version: str, tokens: Iterable[str], source: str | Path) -> None:
+    """Raise DataError naming `source` (e.g. an info file) unless every token is a sample of the tables."""
+    require_tables(dataroot, version, f"detection metrics of {source} need them for the ground truth")
+    path = Path(dataroot) / version / "sample.json"
+    try:
+        known = {s["token"] for s in json.loads(path.read_text())}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"cannot read the sample table: {exc}", path=path) from None
+    missing = sorted(set(tokens) - known)
+    if missing:
+        raise DataError(f"{len(missing)} sample token(s) are not in the {version} tables of {dataroot}, e.g. "
+                        f"{missing[0]}: the detection ground truth comes from those tables", path=source)
+
+
 def validate_submission(path: str | Path, expected_tokens: set[str]) -> dict:
     """Load a nuScenes detection submission and check it before any metric is computed.
 
@@ -175,23 +202,40 @@ def validate_submission(path: str | Path, expected_tokens: set[str]) -> dict:
 
 
 def detection_eval(dataroot: str | Path, version: str, split: str, submission: str | Path, out_dir: str | Path,
-                   nusc=None) -> dict:
+                   nusc=None, sample_tokens: Iterable[str] | None = None) -> dict:
     """Run the devkit's `DetectionEval` (detection_cvpr_2019) on a submission file.
 
     Returns the devkit's serialized metrics (keys nd_score, mean_ap, mean_dist_aps, tp_errors, label_tp_errors...).
     `nusc`: an already loaded `NuScenes` (default: a `LeanNuScenes`).
+    `sample_tokens`: score exactly these samples of the tables (an mmdet3d info file's) instead of the devkit
+        split `split`, which then only names them. They go through the devkit's own custom-split path
+        (`load_prediction_of_sample_tokens`, `load_gt_of_sample_tokens`), whose one lookup of the split's samples
+        (`get_samples_of_custom_split`) is answered with these tokens while `DetectionEval` is built.
     """
+    import contextlib
+    from unittest import mock
+
+    import nuscenes.eval.detection.evaluate as devkit_evaluate
     from nuscenes.eval.common.config import config_factory
     from nuscenes.eval.detection.evaluate import DetectionEval
 
-    validate_submission(submission, split_sample_tokens(dataroot, version, split))
+    if sample_tokens is not None:
+        check_tokens_in_tables(dataroot, version, sample_tokens, split)
+        # in the submission's order, as the split path loads predictions (it breaks ties in score)
+        tokens = list(validate_submission(submission, set(sample_tokens))["results"])
+        eval_set = "perception-sample-tokens"  # not a devkit split: DetectionEval takes its custom-split path
+        scope = mock.patch.object(devkit_evaluate, "get_samples_of_custom_split", lambda split_name, nusc: tokens)
+    else:
+        validate_submission(submission, split_sample_tokens(dataroot, version, split))
+        eval_set, scope = split, contextlib.nullcontext()
     if nusc is None:
         nusc = _load_lean_nuscenes(version, dataroot)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        ev = DetectionEval(nusc, config_factory("detection_cvpr_2019"), result_path=str(submission), eval_set=split,
-                           output_dir=str(out_dir / "detection"), verbose=False)
+        with scope:
+            ev = DetectionEval(nusc, config_factory("detection_cvpr_2019"), result_path=str(submission),
+                               eval_set=eval_set, output_dir=str(out_dir / "detection"), verbose=False)
     except AssertionError as exc:  # the devkit reports a bad submission with bare asserts
         raise PerceptionError(f"{submission}: not a valid submission for split {split}: {exc}") from None
     metrics, _ = ev.evaluate()
@@ -420,11 +464,18 @@ def write_metrics(path: str | Path, metrics: dict) -> Path:
     return path
 
 
-def evaluate_results_file(submission: str | Path, dataroot: str | Path, version: str, split: str, out: str | Path) -> dict:
-    """`perception eval --results`: score an existing submission (detection only) and write O/metrics.json."""
+def evaluate_results_file(submission: str | Path, dataroot: str | Path, version: str, split: str | None, out: str | Path,
+                          *, info: str | Path | None = None) -> dict:
+    """`perception eval --results`: score an existing submission (detection only) and write O/metrics.json.
+    `info`: score the samples of this mmdet3d info file (`split` None) instead of a devkit split."""
     t0 = time.time()
     out = Path(out)
-    devkit = detection_eval(dataroot, version, split, submission, out)
+    if info is not None:
+        from perception.data.mmdet3d_info import info_sample_tokens
+
+        devkit = detection_eval(dataroot, version, str(info), submission, out, sample_tokens=info_sample_tokens(info))
+    else:
+        devkit = detection_eval(dataroot, version, split, submission, out)
     metrics = summarise_detection(devkit)
     metrics.update({**SegmentationStats().result(), **SegmentationStats().result_per_class_best(), "scene_map": None,
                     "submission": str(submission)})
@@ -464,9 +515,11 @@ def gather_inference(out: InferenceOutput, dist_info) -> InferenceOutput | None:
 def evaluate_model(model, dataset, dataroot: str | Path, version: str, split: str, out_dir: str | Path, *,
                    device: torch.device, dist_info=None, batch_size: int = 2, workers: int = 0,
                    modality_mask: Sequence[bool] | None = None, progress: bool = True, nusc=None,
-                   batch_transform=None) -> dict | None:
+                   batch_transform=None, info: str | Path | None = None) -> dict | None:
     """Predict a split, write `out_dir/submission.json` and `out_dir/metrics.json`, return the metrics
-    (rank 0; None on other ranks). Every sample of the split gets an entry ([] when nothing is detected)."""
+    (rank 0; None on other ranks). Every sample of the split gets an entry ([] when nothing is detected).
+    `info`: the dataset holds this mmdet3d info file's samples; detection is scored on exactly those (`split`
+    only names them in messages)."""
     from perception.data.submission import write_submission
 
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
@@ -477,6 +530,8 @@ def evaluate_model(model, dataset, dataroot: str | Path, version: str, split: st
         return None
     out_dir = Path(out_dir)
     use = modality_mask if modality_mask is not None else (True, True, True)
+    if dataset.index.radar_offsets[-1] == 0:  # no radar file at all (e.g. an mmdet3d info file): none was used
+        use = (use[0], use[1], False)
     expected = {str(t) for t in dataset.index.tokens}
     missing = expected - set(out.results)
     if missing:
@@ -487,7 +542,8 @@ def evaluate_model(model, dataset, dataroot: str | Path, version: str, split: st
         log.warning("no boxes predicted on %s: detection metrics are zero", split)
         devkit = _empty_detection_metrics()
     else:
-        devkit = detection_eval(dataroot, version, split, sub, out_dir, nusc=nusc)
+        devkit = detection_eval(dataroot, version, split, sub, out_dir, nusc=nusc,
+                                sample_tokens=expected if info is not None else None)
     metrics = metrics_from(devkit, out)
     metrics["modalities"] = {"camera": bool(use[0]), "lidar": bool(use[1]), "radar": bool(use[2])}
     metrics["num_samples"] = len(out.results)
@@ -502,25 +558,33 @@ def _empty_detection_metrics() -> dict:
             "label_tp_errors": {c: dict(nan_tp) for c in DETECTION_CLASSES}}
 
 
-def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: str, split: str, out: str | Path, *,
+def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: str, split: str | None, out: str | Path, *,
                         backend: str = "torch", device: str | None = None, modalities: Sequence[bool] | None = None,
-                        batch_size: int = 2, workers: int = 0, progress: bool = True) -> dict:
+                        batch_size: int = 2, workers: int = 0, progress: bool = True,
+                        info: str | Path | None = None) -> dict:
     """`perception eval --checkpoint`: evaluate a training checkpoint (torch backend) or an export of one
     (`deploy.runners.load_runner`: onnx takes an export directory or a .onnx graph in one, tensorrt an export
-    directory with an engine or the engine file) on a split, with the same metrics."""
+    directory with an engine or the engine file) on a split, with the same metrics.
+    `info`: evaluate the samples of this mmdet3d v2 info file instead (`split` None); see the module docstring."""
     from perception.config import config_from_dict
     from perception.model.build import build_model
     from perception.training import build_dataset, load_checkpoint, model_state_from, pick_device
 
+    if info is not None:
+        from perception.data.mmdet3d_info import info_sample_tokens
+
+        split = str(info)
+        check_tokens_in_tables(dataroot, version, info_sample_tokens(info), info)  # before any inference
     if backend != "torch":
         from deploy.runners import load_runner
 
         runner = load_runner(backend, checkpoint, device=device)
         cfg = runner.manifest.experiment_config()
-        dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=runner.manifest.map_grid)
+        dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=runner.manifest.map_grid, info=info)
         t0 = time.time()
         metrics = evaluate_model(runner, dataset, dataroot, version, split, out, device=runner.device,
-                                 batch_size=batch_size, workers=workers, modality_mask=modalities, progress=progress)
+                                 batch_size=batch_size, workers=workers, modality_mask=modalities, progress=progress,
+                                 info=info)
         metrics["backend"] = runner.description
         write_metrics(Path(out) / "metrics.json", metrics)
         log.info("evaluated %d samples of %s with %r in %.1f s", len(dataset), split, runner, time.time() - t0)
@@ -532,9 +596,9 @@ def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: s
     cfg = config_from_dict(ckpt["config"], source=f"{checkpoint} config")
     model = build_model(cfg).to(dev)
     model.load_state_dict(model_state_from(ckpt))
-    dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=model.map_grid)
+    dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=model.map_grid, info=info)
     t0 = time.time()
     metrics = evaluate_model(model, dataset, dataroot, version, split, out, device=dev, batch_size=batch_size,
-                             workers=workers, modality_mask=modalities, progress=progress)
+                             workers=workers, modality_mask=modalities, progress=progress, info=info)
     log.info("evaluated %d samples of %s in %.1f s", len(dataset), split, time.time() - t0)
     return metrics

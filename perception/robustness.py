@@ -198,10 +198,11 @@ CONDITIONS: dict[str, Transform] = {
 }
 
 
-def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, split: str, out: str | Path, *,
+def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, split: str | None, out: str | Path, *,
                    conditions: list[str] | None = None, device: str | None = None, batch_size: int = 2,
-                   workers: int = 0, progress: bool = True) -> dict:
-    """Evaluate a checkpoint under every condition; write robustness.json, robustness.md and a bar chart."""
+                   workers: int = 0, progress: bool = True, info: str | Path | None = None) -> dict:
+    """Evaluate a checkpoint under every condition; write robustness.json, robustness.md and a bar chart.
+    `info`: the samples of this mmdet3d v2 info file instead of `split` (scored against the dataroot's tables)."""
     from perception.config import config_from_dict
     from perception.errors import PerceptionError
     from perception.evaluation import evaluate_model
@@ -214,18 +215,24 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
         raise PerceptionError(f"unknown robustness condition(s) {unknown}; known: {', '.join(CONDITIONS)}")
     if "clean" not in names:
         names = ["clean"] + names
+    if info is not None:
+        from perception.data.mmdet3d_info import info_sample_tokens
+        from perception.evaluation import check_tokens_in_tables
+
+        split = str(info)
+        check_tokens_in_tables(dataroot, version, info_sample_tokens(info), info)  # before any inference
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
     cfg = config_from_dict(ckpt["config"], source=f"{checkpoint} config")
     model = build_model(cfg).to(dev)
     model.load_state_dict(model_state_from(ckpt))
-    dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=model.map_grid)
+    dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=model.map_grid, info=info)
     out = Path(out)
     results: dict[str, dict] = {}
     for name in names:
         log.info("robustness: %s", name)
         m = evaluate_model(model, dataset, dataroot, version, split, out / name, device=dev, batch_size=batch_size,
-                           workers=workers, progress=progress, batch_transform=CONDITIONS[name])
+                           workers=workers, progress=progress, batch_transform=CONDITIONS[name], info=info)
         # NaN (no true positive of any class) becomes null, so robustness.json stays strict JSON.
         results[name] = {k: (None if m[k] is None or not math.isfinite(m[k]) else float(m[k]))
                          for k in ("nds", "map", *TP_ERRORS, "seg_miou", "scene_map")}

@@ -89,11 +89,12 @@ def default_splits(version: str) -> tuple[str, str]:
 
 
 def build_dataset(cfg: ExperimentConfig, data: str | Path, version: str, split: str | None, *, train: bool,
-                  map_grid=None, index=None):
+                  map_grid=None, index=None, info: str | Path | None = None):
     """The `NuScenesDataset` the experiment config describes (training augmentation when `train`).
 
     Image resize limits in the config are relative to the scale that fits the camera width to
     ``data.image_size``, so one config serves 1600x900 nuScenes and smaller synthetic images alike.
+    `info`: the samples of this mmdet3d v2 info file (paths relative to `data`) instead of the split's.
     """
     from perception.data.dataset import DatasetConfig, NuScenesDataset
     from perception.data.transforms import BEVAugConfig, ImageAugConfig
@@ -104,9 +105,13 @@ def build_dataset(cfg: ExperimentConfig, data: str | Path, version: str, split: 
     base = DatasetConfig(grid=grid, lidar_sweeps=d.lidar_sweeps + 1, radar_sweeps=d.radar_sweeps + 1,
                          skip_bad_samples=d.skip_bad_samples, seed=cfg.train.seed, map=d.map,
                          eval_map_grid=None if train else BEVFUSION_MAP_GRID)
+    if info is not None:
+        from perception.data.mmdet3d_info import read_mmdet3d_infos
+
+        index = read_mmdet3d_infos(info, data, lidar_sweeps=base.lidar_sweeps, skip_bad_samples=d.skip_bad_samples)
     ds = NuScenesDataset(data, version, split, config=base, index=index)
     if len(ds) == 0:
-        raise PerceptionError(f"{data}: split {split!r} of {version} has no samples")
+        raise PerceptionError(f"{info}: no samples" if info is not None else f"{data}: split {split!r} of {version} has no samples")
     src_w = float(np.median(ds.index.cam_wh[..., 0]))
     fit = d.image_size[1] / src_w
     image = ImageAugConfig(final_hw=tuple(d.image_size), resize_lim=(fit * d.resize_lim[0], fit * d.resize_lim[1]),
@@ -352,6 +357,8 @@ class RunSpec:
     progress: bool = True
     train_split: str | None = None
     val_split: str | None = None
+    train_info: Path | None = None  # mmdet3d v2 info files (paths relative to `data`) instead of the splits
+    val_info: Path | None = None
 
 
 @dataclass
@@ -396,13 +403,22 @@ class Trainer:
         self.work_dir = Path(spec.work_dir)
         self.ckpt_dir = self.work_dir / "checkpoints"
         train_split, val_split = default_splits(spec.version)
-        self.train_split = spec.train_split or train_split
-        self.val_split = spec.val_split or val_split
+        self.train_split = f"info-{Path(spec.train_info).stem}" if spec.train_info else spec.train_split or train_split
+        self.val_split = f"info-{Path(spec.val_info).stem}" if spec.val_info else spec.val_split or val_split
+        if t.val_every and (spec.train_info or spec.val_info):  # fail now, not at the first validation
+            from perception.data.mmdet3d_info import info_sample_tokens
+            from perception.evaluation import check_tokens_in_tables, require_tables
+
+            require_tables(spec.data, spec.version, "validation scores against the devkit tables (train.val_every=0 "
+                           "trains without validation)")
+            if spec.val_info:
+                check_tokens_in_tables(spec.data, spec.version, info_sample_tokens(spec.val_info), spec.val_info)
 
         self.model = build_model(cfg).to(self.device)
         if spec.init_from is not None:
             init_from_checkpoint(self.model, spec.init_from)
-        self.train_set = build_dataset(cfg, spec.data, spec.version, self.train_split, train=True, map_grid=self.model.map_grid)
+        self.train_set = build_dataset(cfg, spec.data, spec.version, self.train_split, train=True, map_grid=self.model.map_grid,
+                                       info=spec.train_info)
         if t.gt_sampling:
             self.train_set.gt_sampler = self._gt_sampler()
         self.val_set = None  # built on first validation
@@ -675,11 +691,11 @@ class Trainer:
 
         if self.val_set is None:
             self.val_set = build_dataset(self.cfg, self.spec.data, self.spec.version, self.val_split, train=False,
-                                         map_grid=self.model.map_grid)
+                                         map_grid=self.model.map_grid, info=self.spec.val_info)
         metrics = evaluate_model(self.eval_model(), self.val_set, self.spec.data, self.spec.version, self.val_split,
                                  self.work_dir / "val" / f"step_{self.step:07d}", device=self.device, dist_info=self.dist,
                                  batch_size=self.cfg.train.batch_size, workers=self.cfg.train.num_workers,
-                                 progress=self.spec.progress)
+                                 progress=self.spec.progress, info=self.spec.val_info)
         if metrics is None:  # non-zero ranks
             return None
         if self.writer is not None:

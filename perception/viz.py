@@ -221,8 +221,10 @@ def show_open3d(points_ply: Path, boxes_ply: list[Path]) -> bool:
 
 def visualise(data: Path, out: Path, *, version: str = "v1.0-mini", sample_token: str | None = None,
               scene: str | None = None, checkpoint: Path | None = None, video: bool = False, device: str | None = None,
-              show: bool = False, image_scale: float = 0.5) -> list[Path]:
-    """`perception viz`: pictures (and optionally an MP4) for one sample or every sample of a scene."""
+              show: bool = False, image_scale: float = 0.5, info: Path | None = None) -> list[Path]:
+    """`perception viz`: pictures (and optionally an MP4) for one sample or every sample of a scene.
+    `info`: the samples of this mmdet3d v2 info file (no tables needed): `sample_token` one of them, or None for
+    all; info files name no scenes."""
     import cv2
     import matplotlib.colors as mcolors
     from nuscenes.nuscenes import NuScenes
@@ -232,24 +234,35 @@ def visualise(data: Path, out: Path, *, version: str = "v1.0-mini", sample_token
     from perception.data.transforms import ImageAugConfig
     from perception.errors import PerceptionError
 
-    if (sample_token is None) == (scene is None):
+    index = None
+    if info is not None:
+        from perception.data.mmdet3d_info import read_mmdet3d_infos
+
+        if scene is not None:
+            raise PerceptionError("viz --info: info files name no scenes; give --sample TOKEN or neither (every sample)")
+        index = read_mmdet3d_infos(info, data)
+        tokens = [str(t) for t in index.tokens] if sample_token is None else [sample_token]
+        if sample_token is not None and sample_token not in set(index.tokens.tolist()):
+            raise PerceptionError(f"viz: no sample {sample_token!r} in {info}")
+    elif (sample_token is None) == (scene is None):
         raise PerceptionError("viz: give exactly one of --sample and --scene")
-    nusc = NuScenes(version, str(data), verbose=False)
-    if scene is not None:
-        recs = [s for s in nusc.scene if s["name"] == scene]
-        if not recs:
-            raise PerceptionError(f"viz: no scene named {scene!r} in {data} ({version}); scenes: {', '.join(s['name'] for s in nusc.scene[:12])}...")
-        tokens, tok = [], recs[0]["first_sample_token"]
-        while tok:
-            tokens.append(tok)
-            tok = nusc.get("sample", tok)["next"]
     else:
-        try:
-            nusc.get("sample", sample_token)
-        except KeyError:
-            raise PerceptionError(f"viz: no sample {sample_token!r} in {data} ({version})") from None
-        tokens = [sample_token]
-    del nusc
+        nusc = NuScenes(version, str(data), verbose=False)
+        if scene is not None:
+            recs = [s for s in nusc.scene if s["name"] == scene]
+            if not recs:
+                raise PerceptionError(f"viz: no scene named {scene!r} in {data} ({version}); scenes: {', '.join(s['name'] for s in nusc.scene[:12])}...")
+            tokens, tok = [], recs[0]["first_sample_token"]
+            while tok:
+                tokens.append(tok)
+                tok = nusc.get("sample", tok)["next"]
+        else:
+            try:
+                nusc.get("sample", sample_token)
+            except KeyError:
+                raise PerceptionError(f"viz: no sample {sample_token!r} in {data} ({version})") from None
+            tokens = [sample_token]
+        del nusc
 
     model, model_ds = None, None
     grid = BEVGrid()
@@ -263,9 +276,9 @@ def visualise(data: Path, out: Path, *, version: str = "v1.0-mini", sample_token
         cfg = config_from_dict(ckpt["config"], source=f"{checkpoint} config")
         model = build_model(cfg).to(dev).eval()
         model.load_state_dict(model_state_from(ckpt))
-        model_ds = build_dataset(cfg, data, version, None, train=False, map_grid=model.map_grid)
+        model_ds = build_dataset(cfg, data, version, None, train=False, map_grid=model.map_grid, info=info)
         grid = model.map_grid
-    base = NuScenesDataset(data, version, None, config=DatasetConfig(grid=grid))
+    base = NuScenesDataset(data, version, None, config=DatasetConfig(grid=grid), index=index)
     w0, h0 = (int(v) for v in np.median(base.index.cam_wh.reshape(-1, 2), axis=0))
     final = (int(h0 * image_scale) // 2 * 2, int(w0 * image_scale) // 2 * 2)
     viz_ds = base.with_config(image=ImageAugConfig(final_hw=final, resize_lim=(image_scale, image_scale), bot_pct_lim=(0.0, 0.0), rot_lim_deg=(0.0, 0.0), flip=False))

@@ -78,10 +78,16 @@ def _rate(loader: DataLoader, n: int, warmup: int) -> float:
 
 def run_data_bench(dataroot: str | Path, version: str = "v1.0-mini", split: str | None = None,
                    workers: tuple[int, ...] = (0, 1, 2), samples: int = 24, lidar_sweeps: int = 10,
-                   radar_sweeps: int = 6) -> list[BenchResult]:
-    """Measure samples/s of the training pipeline and of decode-only, for each worker count."""
+                   radar_sweeps: int = 6, info: str | Path | None = None) -> list[BenchResult]:
+    """Measure samples/s of the training pipeline and of decode-only, for each worker count (`info`: the samples
+    of this mmdet3d v2 info file instead of `split`'s)."""
+    index = None
+    if info is not None:
+        from perception.data.mmdet3d_info import read_mmdet3d_infos
+
+        index = read_mmdet3d_infos(info, dataroot, lidar_sweeps=lidar_sweeps)
     base = NuScenesDataset(dataroot, version, split, config=DatasetConfig(
-        train=True, bev_aug=BEVAugConfig(), lidar_sweeps=lidar_sweeps, radar_sweeps=radar_sweeps))
+        train=True, bev_aug=BEVAugConfig(), lidar_sweeps=lidar_sweeps, radar_sweeps=radar_sweeps), index=index)
     if len(base) == 0:
         raise ValueError(f"no samples in {dataroot} ({version}, {split})")
     idx = base.index

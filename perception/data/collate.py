@@ -16,8 +16,9 @@ from perception.data.dataset import Sample
 
 def collate_samples(samples: Sequence[Sample]) -> Batch:
     """B samples -> one Batch (see `Batch` for shapes). `modality_mask[b]` = (camera, lidar, radar) present:
-    cameras and LiDAR always are in a nuScenes sample; radar when the dataset loads radar sweeps (a sample with
-    zero radar returns still has the modality)."""
+    cameras and LiDAR always are in a nuScenes sample; radar when the sample has radar sweeps (`Sample.has_radar`:
+    a sample with zero radar returns still has the modality; one without radar files, e.g. from an mmdet3d info
+    file, does not)."""
     if not samples:
         raise ValueError("collate_samples needs at least one sample")
 

@@ -620,7 +620,7 @@ class NuScenesDataset(Dataset):
             map_masks=torch.from_numpy(np.ascontiguousarray(map_masks)),
             scene_tags=torch.from_numpy(idx.scene_tags[i].copy()),
             meta=meta,
-            has_radar=cfg.radar_sweeps > 0,
+            has_radar=cfg.radar_sweeps > 0 and bool(idx.radar_offsets[i + 1] > idx.radar_offsets[i]),
             has_map=has_map,
             has_scene_tags=bool(idx.has_scene_tags[i]),
             map_masks_eval=map_masks_eval,
