@@ -6,7 +6,8 @@ The loop is short on purpose (`Trainer.step`); everything around it is plain fun
   - optimisation: AdamW with layer-wise lr decay over the camera ViT, linear warm-up then cosine decay,
     gradient clipping, gradient accumulation, AMP on GPU, optional EMA of the weights;
   - checkpoints: `W/checkpoints/last.pt`, `best.pt` and `step_XXXXXXX.pt`, each written to a temp file and
-    renamed, with model, optimizer, scheduler, scaler, EMA, step and every RNG state;
+    renamed, with model, optimizer, scheduler, scaler, EMA, step and every RNG state, and what rebuilds the
+    model on another machine (format and loading: `perception.checkpoint`);
   - logging: a progress bar with loss and ETA, readable log lines, TensorBoard scalars in `W/tb`, the resolved
     config in `W/config.yaml`; periodic validation with the official metrics (`perception.evaluation`).
 
@@ -36,6 +37,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from perception.checkpoint import (  # noqa: F401 (re-exported: the checkpoint API's older home)
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, init_from_checkpoint, load_checkpoint, model_card, model_state_from,
+    newest_valid_checkpoint, portable_config, rng_state, save_atomic, set_rng_state)
 from perception.config import ExperimentConfig
 from perception.errors import ConfigError, PerceptionError
 
@@ -212,125 +216,6 @@ class _LossWrapper(nn.Module):
         return self.model.loss(batch)
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-CHECKPOINT_FORMAT = "perception-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """Write a checkpoint: the payload serialised with torch.save, wrapped with a format version and its
-    SHA-256, written to a temp file in the same folder, fsynced, then renamed over `path`. On any failure
-    (disk full, ...) the temp file is removed and `path` keeps its previous content."""
-    import hashlib
-    import io
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    payload = buf.getvalue()
-    wrapped = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-               "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(wrapped, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise PerceptionError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous one is kept") from None
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Read a checkpoint written by `save_atomic` (checking format version and checksum), or a plain
-    `torch.save`d dict (older files, other tools). Raises PerceptionError naming the file for a missing,
-    truncated or corrupt file."""
-    import hashlib
-    import io
-
-    path = Path(path)
-    if not path.is_file():
-        raise PerceptionError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated or foreign file: pickle, zip and torch errors of many types
-        raise PerceptionError(f"{path}: checkpoint is truncated or corrupt ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, dict):
-        raise PerceptionError(f"{path}: not a checkpoint (a {type(obj).__name__}, expected a dict)")
-    if obj.get("format") != CHECKPOINT_FORMAT:
-        return obj
-    if obj.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise PerceptionError(f"{path}: checkpoint format version {obj['format_version']} is newer than this "
-                              f"code reads ({CHECKPOINT_VERSION}); upgrade perception-stack")
-    payload = obj.get("payload", b"")
-    if hashlib.sha256(payload).hexdigest() != obj.get("sha256"):
-        raise PerceptionError(f"{path}: checkpoint is corrupt (SHA-256 of its payload does not match)")
-    try:
-        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise PerceptionError(f"{path}: checkpoint payload unreadable ({type(exc).__name__}: {exc})") from None
-
-
-def newest_valid_checkpoint(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] | None:
-    """`last.pt` if it reads, else the valid checkpoint with the highest step (step_*.pt, best.pt); None if
-    there is none. Every unreadable file is logged."""
-    candidates = [ckpt_dir / "last.pt"] + sorted(ckpt_dir.glob("step_*.pt"), reverse=True) + [ckpt_dir / "best.pt"]
-    best: tuple[Path, dict] | None = None
-    for path in candidates:
-        if not path.is_file():
-            continue
-        try:
-            ckpt = load_checkpoint(path, map_location)
-        except PerceptionError as exc:
-            log.warning("skipping unreadable checkpoint: %s", exc)
-            continue
-        if path.name == "last.pt":
-            return path, ckpt
-        if best is None or ckpt.get("step", -1) > best[1].get("step", -1):
-            best = (path, ckpt)
-    return best
-
-
-def model_state_from(ckpt: dict, prefer_ema: bool = True) -> dict:
-    if prefer_ema and ckpt.get("ema") is not None:
-        return ckpt["ema"]["shadow"]
-    return ckpt["model"]
-
-
-def init_from_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
-    """Load model weights only (fine-tuning); returns and logs (missing, unexpected) keys. Keys whose shapes
-    differ (e.g. another head size) are skipped and reported as missing."""
-    ckpt = load_checkpoint(path)
-    state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    result = model.load_state_dict(usable, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys) + [k for k in state if k not in own]
-    log.info("init from %s: %d tensors loaded, %d missing%s, %d unexpected%s, %d with other shapes%s", path, len(usable),
-             len(missing), f" (e.g. {missing[:3]})" if missing else "", len(unexpected), f" (e.g. {unexpected[:3]})" if unexpected else "",
-             len(mismatched), f" (e.g. {mismatched[:3]})" if mismatched else "")
-    return missing, sorted(set(unexpected))
-
-
 # ---------------------------------------------------------------------------------------------- trainer
 
 
@@ -445,6 +330,8 @@ class Trainer:
         return GTSampler(db)
 
     def state_dict(self) -> dict:
+        """Everything `_resume` restores, and what rebuilds the model anywhere (see `perception.checkpoint`)."""
+        config, provenance = portable_config(self.cfg)
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -457,7 +344,9 @@ class Trainer:
             "history": self.history,
             "skipped": self.skipped,
             "rng": rng_state(),
-            "config": self.cfg.model_dump(mode="json"),
+            "config": config,
+            "provenance": provenance,
+            "model_card": model_card(self.model),
             "version": self.spec.version,
         }
 
