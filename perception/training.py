@@ -163,6 +163,69 @@ def make_loader(dataset, sampler, batch_size: int, workers: int) -> DataLoader:
                       persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
+def gt_database_key(dataset, min_points: int = 5) -> dict:
+    """What a GT-sampling database of `dataset` (a `NuScenesDataset`) is built from, as a cache key: the
+    dataroot, version and split, the LiDAR settings, the table files' sizes and mtimes, and a digest of the
+    index arrays the build reads (samples, sweep files and poses, boxes): a changed dataset misses."""
+    from perception.cache import array_digest, table_fingerprint
+
+    idx, c = dataset.index, dataset.config
+    return {"format": 1, "dataroot": str(Path(dataset.dataroot).resolve()), "version": dataset.version,
+            "split": dataset.split, "lidar_sweeps": c.lidar_sweeps, "min_distance": c.min_distance,
+            "min_points": min_points, "tables": table_fingerprint(dataset.dataroot, dataset.version),
+            "index": array_digest(idx.tokens, idx.lidar_offsets, idx.lidar_paths, idx.lidar_sweep2lidar, idx.lidar_dt,
+                                  idx.box_offsets, idx.boxes, idx.labels, idx.attributes)}
+
+
+def cached_gt_database(dataset, dist_info: DistInfo, *, fallback_dir: Path, min_points: int = 5):
+    """The `GTDatabase` of `dataset`, from the cache when it was built before from the same data.
+
+    The cache file is `perception.cache.cache_path("gt_database", gt_database_key(...), ".npz")` (under
+    ``$PERCEPTION_CACHE``, default ``~/.cache/perception``), or the same name in `fallback_dir` (the run's work
+    dir) when the cache folder cannot be written; never in the dataroot. Rank 0 loads or builds and writes it;
+    the other ranks wait for it (one broadcast of its path) and load it, building their own only when they
+    cannot read it (a cache folder that is not shared between nodes).
+    """
+    from perception.cache import atomic_write, cache_path
+    from perception.data.gt_sampling import GTDatabase
+
+    key = gt_database_key(dataset, min_points)
+    candidates = [cache_path("gt_database", key, ".npz"), cache_path("gt_database", key, ".npz", root=fallback_dir)]
+    db, where = None, None
+    if dist_info.is_main:
+        for path in candidates:
+            if path.is_file():
+                try:
+                    db, where = GTDatabase.load(path), path
+                    log.info("GT database: cache hit %s (%d objects)", path, len(db))
+                    break
+                except (OSError, ValueError, KeyError) as exc:
+                    log.warning("GT database: unreadable cache file %s (%s); rebuilding", path, exc)
+        if db is None:
+            db = GTDatabase.build(dataset, min_points)
+            for path in candidates:
+                try:
+                    with atomic_write(path, key) as f:
+                        db.save(f)
+                    where = path
+                    log.info("GT database: cached in %s", path)
+                    break
+                except PerceptionError as exc:
+                    log.warning("GT database: %s", exc)
+    if dist_info.enabled:
+        shared = [None if where is None else str(where)]
+        dist.broadcast_object_list(shared, src=0)
+        if not dist_info.is_main:
+            try:
+                db = GTDatabase.load(shared[0]) if shared[0] is not None else None
+            except (OSError, ValueError, KeyError):
+                db = None
+            if db is None:
+                log.warning("GT database: rank %d cannot read rank 0's cache file %s; building its own", dist_info.rank, shared[0])
+                db = GTDatabase.build(dataset, min_points)
+    return db
+
+
 # --------------------------------------------------------------------------------------- optimisation
 
 
@@ -318,16 +381,10 @@ class Trainer:
     # ----------------------------------------------------------------------------------- checkpoints
 
     def _gt_sampler(self):
-        from perception.data.gt_sampling import GTDatabase, GTSampler
+        from perception.data.gt_sampling import GTSampler
 
-        path = Path(self.spec.data) / f"gt_database_{self.spec.version}_{self.train_split}.pkl"
-        if path.is_file():
-            db = GTDatabase.load(path)
-        else:
-            db = GTDatabase.build(self.train_set.with_config(train=False, bev_aug=None))
-            if self.dist.is_main:
-                db.save(path)
-        return GTSampler(db)
+        return GTSampler(cached_gt_database(self.train_set.with_config(train=False, bev_aug=None), self.dist,
+                                            fallback_dir=self.work_dir / "cache"))
 
     def state_dict(self) -> dict:
         """Everything `_resume` restores, and what rebuilds the model anywhere (see `perception.checkpoint`)."""
