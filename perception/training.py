@@ -13,7 +13,9 @@ The loop is short on purpose (`Trainer.step`); everything around it is plain fun
 
 Distributed: `torchrun --nproc-per-node K -m perception train ...`. Each rank draws its own micro-batches of
 the global batch (batch_size x world size x accumulate_steps), seeds itself with seed + rank, and only rank 0
-logs, writes checkpoints and evaluates (validation predictions are gathered from every rank).
+logs, writes checkpoints and evaluates (validation predictions are gathered from every rank). Whatever could
+differ between ranks is decided on rank 0 and shared: the time budget (`TimeBudget`), the initial weights
+(DDP's broadcast, which the EMA starts from), the GT-sampling database (`cached_gt_database`).
 BatchNorm statistics are per process, so K processes with batch b compute exactly what one process computes
 with batch b and K accumulation steps (`tests/test_training.py` checks this).
 """
@@ -64,13 +66,68 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when started by torchrun (RANK/WORLD_SIZE set); a no-op otherwise."""
+def init_distributed(device: torch.device, timeout_min: float = 60.0) -> DistInfo:
+    """Join the process group when started by torchrun (RANK/WORLD_SIZE set); a no-op otherwise.
+
+    `timeout_min` bounds how long a collective waits for the other ranks (``train.dist_timeout_min``): it must
+    outlast the longest stretch one rank works alone, rank 0's devkit evaluation of the validation split.
+    """
+    from datetime import timedelta
+
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class TimeBudget:
+    """The time-budget decisions of a run, made on rank 0 and shared with every rank, so that all ranks stop
+    at the same step and run a schedule of the same length (per-rank clocks would let one rank leave the loop,
+    or enter a collective validation, alone: a hang).
+
+    `after_step` costs one broadcast of two int64 per step, and nothing without a budget.
+
+    Args:
+        budget_s: training time allowed, seconds (None: no budget, `after_step` changes nothing).
+        adaptive: set the schedule's length from the measured step rate (only a time budget was given).
+        max_steps: the longest schedule `adaptive` may choose (``train.max_steps``).
+        dist_info: this process's rank; device: where the broadcast tensor lives (CUDA for NCCL).
+        start: the run's start, `time.time()` seconds (rank 0's clock is the one that counts).
+    """
+
+    def __init__(self, budget_s: float | None, *, adaptive: bool, max_steps: int, dist_info: DistInfo,
+                 device: torch.device, start: float):
+        self.budget_s, self.adaptive, self.max_steps = budget_s, adaptive, max_steps
+        self.dist, self.device, self.start = dist_info, device, start
+        self._rate_mark: tuple[int, float] | None = None
+
+    def after_step(self, step: int, total_steps: int) -> tuple[bool, int]:
+        """(stop now, schedule length) after optimizer step `step`, equal on every rank."""
+        if self.budget_s is None:
+            return False, total_steps
+        stop, total = False, total_steps
+        if self.dist.is_main:
+            now = time.time()
+            if self.adaptive:
+                total = self._estimate_length(step, total, now)
+            stop = now - self.start > self.budget_s
+        if self.dist.enabled:
+            shared = torch.tensor([int(stop), total], dtype=torch.int64, device=self.device)
+            dist.broadcast(shared, src=0)
+            stop, total = bool(shared[0]), int(shared[1])
+        return stop, total
+
+    def _estimate_length(self, step: int, total: int, now: float) -> int:
+        """The schedule's length from the step rate (after 10 steps, then every 25), leaving 3% of the budget
+        as margin; never more than `max_steps`."""
+        if step == 3:
+            self._rate_mark = (step, now)  # skip the first steps (worker start, allocator warm-up)
+        if self._rate_mark is None or step < 10 or (step - 10) % 25:
+            return total
+        rate = (now - self._rate_mark[1]) / max(1, step - self._rate_mark[0])
+        remaining = 0.97 * self.budget_s - (now - self.start)
+        return int(min(self.max_steps, step + max(0.0, remaining) / rate))
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -317,7 +374,7 @@ class Trainer:
         self.cfg, self.spec = cfg, spec
         t = cfg.train
         self.device = pick_device(spec.device)
-        self.dist = init_distributed(self.device)
+        self.dist = init_distributed(self.device, t.dist_timeout_min)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed = t.seed + self.dist.rank
@@ -363,6 +420,8 @@ class Trainer:
         if self.dist.enabled:
             wrapper = nn.parallel.DistributedDataParallel(
                 wrapper, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True)
+            if self.ema is not None:  # every rank averages from rank 0's weights, which DDP has just broadcast
+                self.ema = EMA(self.model, t.ema_decay)
         self.loss_module = wrapper
         self.step = 0
         self.best_nds = -1.0
@@ -491,6 +550,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         t = self.cfg.train
         start_time = time.time()
+        budget = TimeBudget(self.spec.time_budget_s, adaptive=self.adaptive_length, max_steps=t.max_steps,
+                            dist_info=self.dist, device=self.device, start=start_time)
         stopped_early = False
         bar = None
         if self.dist.is_main and self.spec.progress:
@@ -516,11 +577,9 @@ class Trainer:
                     for k, v in losses.items():
                         self.writer.add_scalar(f"train/{k}", v, self.step)
                     self.writer.add_scalar("train/lr", self.optimizer.param_groups[-1]["lr"], self.step)
-                if self.adaptive_length:
-                    self._estimate_length(start_time)
-                    if bar is not None:
-                        bar.total = self.total_steps
+                over_budget, self.total_steps = budget.after_step(self.step, self.total_steps)
                 if bar is not None:
+                    bar.total = self.total_steps
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses['total']:.3f}", hm=f"{losses.get('heatmap', 0):.3f}")
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -532,7 +591,6 @@ class Trainer:
                         log.info("step %d/%d  %s  lr %.2e", self.step, self.total_steps,
                                  "  ".join(f"{k} {v:.4f}" for k, v in mean.items() if k != "grad_norm"),
                                  self.optimizer.param_groups[-1]["lr"])
-                over_budget = self.spec.time_budget_s is not None and time.time() - start_time > self.spec.time_budget_s
                 if t.val_every and self.step % t.val_every == 0 and self.step < self.total_steps and not over_budget:
                     self.validate()
                 if self.step % t.checkpoint_every == 0:
@@ -571,19 +629,6 @@ class Trainer:
             log.warning("skipped %d bad sample(s) during training (listed in %s): %s", len(skipped), path,
                         ", ".join(sorted(skipped)))
 
-    def _estimate_length(self, start_time: float) -> None:
-        """Time-budget runs: set the schedule's length from the step rate (after 10 steps, then every 25),
-        leaving 3% of the budget as margin; never more than train.max_steps."""
-        now = time.time()
-        if self.step == 3:
-            self._rate_mark = (self.step, now)  # skip the first steps (worker start, allocator warm-up)
-        mark = getattr(self, "_rate_mark", None)
-        if mark is None or self.step < 10 or (self.step - 10) % 25:
-            return
-        rate = (now - mark[1]) / max(1, self.step - mark[0])
-        remaining = 0.97 * self.spec.time_budget_s - (now - start_time)
-        self.total_steps = int(min(self.cfg.train.max_steps, self.step + max(0.0, remaining) / rate))
-
     # ------------------------------------------------------------------------------------ validation
 
     def eval_model(self) -> nn.Module:
@@ -606,6 +651,8 @@ class Trainer:
                                  self.work_dir / "val" / f"step_{self.step:07d}", device=self.device, dist_info=self.dist,
                                  batch_size=self.cfg.train.batch_size, workers=self.cfg.train.num_workers,
                                  progress=self.spec.progress)
+        if self.dist.enabled:  # rank 0 ran the devkit evaluation alone (train.dist_timeout_min bounds the wait)
+            dist.barrier()
         if metrics is None:  # non-zero ranks
             return None
         if self.writer is not None:
