@@ -311,43 +311,15 @@ def export_stage_graphs(model: BEVFusionModel, feeds: dict[str, Tensor], out_dir
 # -------------------------------------------------------------------------------------- checkpoints
 
 
-def _resample_pos_embed(state: dict[str, Tensor], model: BEVFusionModel, trained_size: tuple[int, int]) -> None:
-    """Resample the camera ViT's position embedding in `state`, made for images of `trained_size` (H, W), to
-    `model`'s patch grid (bicubic, timm's `resample_abs_pos_embed`)."""
-    from timm.layers import resample_abs_pos_embed
-
-    key = "camera_encoder.backbone.pos_embed"
-    backbone = model.camera_encoder.backbone
-    if key not in state or state[key].shape == backbone.pos_embed.shape:
-        return
-    prefix = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
-    patch = backbone.patch_embed.patch_size[0]
-    old_grid = (trained_size[0] // patch, trained_size[1] // patch)
-    new_grid = tuple(backbone.patch_embed.grid_size)
-    state[key] = resample_abs_pos_embed(state[key], new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=prefix)
-    log.info("resampled the camera position embedding %dx%d -> %dx%d for the export image size", *old_grid, *new_grid)
-
-
 def load_checkpoint_model(checkpoint: str | Path, image_size: tuple[int, int] | None = None
                           ) -> tuple[BEVFusionModel, ExperimentConfig, dict[str, Any]]:
-    """A training checkpoint's model (EMA weights when present) and config; `image_size` (H, W) rebuilds the
-    model for another image size (position embeddings resampled). Returns (model, config, provenance)."""
-    from perception.model.build import build_model
-    from perception.training import load_checkpoint, model_state_from
+    """A training checkpoint's model (EMA weights when present, CPU, eval mode) and config; `image_size` (H, W)
+    rebuilds the model for another image size (position embeddings resampled). Returns (model, config,
+    provenance); see `perception.checkpoint.model_from_checkpoint`."""
+    from perception.checkpoint import model_from_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
-    if not isinstance(ckpt, dict) or "config" not in ckpt:
-        raise PerceptionError(f"{checkpoint}: not a training checkpoint of this stack (no 'config' key)")
-    trained = config_from_dict(ckpt["config"], source=f"{checkpoint} config")
-    raw = trained.model_dump(mode="json")
-    if image_size is not None:
-        raw["data"]["image_size"] = list(image_size)
-    cfg = config_from_dict(raw, source=f"{checkpoint} config with --image-size {image_size}")
-    model = build_model(cfg)
-    state = dict(model_state_from(ckpt))
-    _resample_pos_embed(state, model, tuple(trained.data.image_size))
-    model.load_state_dict(state)
-    return model.eval(), cfg, {"checkpoint": str(checkpoint), "step": ckpt.get("step"), "ema": ckpt.get("ema") is not None}
+    loaded = model_from_checkpoint(checkpoint, image_size=image_size)
+    return loaded.model, loaded.config, loaded.source
 
 
 def cover_feeds(manifest: Manifest, feeds: Sequence[dict[str, np.ndarray]]) -> None:

@@ -229,6 +229,7 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the weights (0: off); evaluation uses the EMA.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (last.pt and step_N.pt).")
     val_every: int = Field(0, ge=0, description="Steps between validations on the val split, plus one at the end (0: none).")
+    dist_timeout_min: float = Field(60.0, gt=0.0, description="DDP: how long a rank waits for the others in a collective, minutes (must outlast rank 0's evaluation of the val split).")
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (exact resume on CPU).")

@@ -566,9 +566,8 @@ def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: s
     (`deploy.runners.load_runner`: onnx takes an export directory or a .onnx graph in one, tensorrt an export
     directory with an engine or the engine file) on a split, with the same metrics.
     `info`: evaluate the samples of this mmdet3d v2 info file instead (`split` None); see the module docstring."""
-    from perception.config import config_from_dict
-    from perception.model.build import build_model
-    from perception.training import build_dataset, load_checkpoint, model_state_from, pick_device
+    from perception.checkpoint import model_from_checkpoint
+    from perception.training import build_dataset, pick_device
 
     if info is not None:
         from perception.data.mmdet3d_info import info_sample_tokens
@@ -590,12 +589,8 @@ def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: s
         log.info("evaluated %d samples of %s with %r in %.1f s", len(dataset), split, runner, time.time() - t0)
         return metrics
     dev = pick_device(device)
-    ckpt = load_checkpoint(checkpoint, map_location=dev)
-    if "config" not in ckpt:
-        raise PerceptionError(f"{checkpoint}: not a training checkpoint of this stack (no 'config' key)")
-    cfg = config_from_dict(ckpt["config"], source=f"{checkpoint} config")
-    model = build_model(cfg).to(dev)
-    model.load_state_dict(model_state_from(ckpt))
+    loaded = model_from_checkpoint(checkpoint, device=dev)
+    cfg, model = loaded.config, loaded.model
     dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=model.map_grid, info=info)
     t0 = time.time()
     metrics = evaluate_model(model, dataset, dataroot, version, split, out, device=dev, batch_size=batch_size,

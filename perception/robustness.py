@@ -203,11 +203,10 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
                    workers: int = 0, progress: bool = True, info: str | Path | None = None) -> dict:
     """Evaluate a checkpoint under every condition; write robustness.json, robustness.md and a bar chart.
     `info`: the samples of this mmdet3d v2 info file instead of `split` (scored against the dataroot's tables)."""
-    from perception.config import config_from_dict
+    from perception.checkpoint import model_from_checkpoint
     from perception.errors import PerceptionError
     from perception.evaluation import evaluate_model
-    from perception.model.build import build_model
-    from perception.training import build_dataset, load_checkpoint, model_state_from, pick_device
+    from perception.training import build_dataset, pick_device
 
     names = conditions or list(CONDITIONS)
     unknown = [n for n in names if n not in CONDITIONS]
@@ -222,10 +221,8 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
         split = str(info)
         check_tokens_in_tables(dataroot, version, info_sample_tokens(info), info)  # before any inference
     dev = pick_device(device)
-    ckpt = load_checkpoint(checkpoint, map_location=dev)
-    cfg = config_from_dict(ckpt["config"], source=f"{checkpoint} config")
-    model = build_model(cfg).to(dev)
-    model.load_state_dict(model_state_from(ckpt))
+    loaded = model_from_checkpoint(checkpoint, device=dev)
+    cfg, model = loaded.config, loaded.model
     dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=model.map_grid, info=info)
     out = Path(out)
     results: dict[str, dict] = {}

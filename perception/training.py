@@ -6,13 +6,16 @@ The loop is short on purpose (`Trainer.step`); everything around it is plain fun
   - optimisation: AdamW with layer-wise lr decay over the camera ViT, linear warm-up then cosine decay,
     gradient clipping, gradient accumulation, AMP on GPU, optional EMA of the weights;
   - checkpoints: `W/checkpoints/last.pt`, `best.pt` and `step_XXXXXXX.pt`, each written to a temp file and
-    renamed, with model, optimizer, scheduler, scaler, EMA, step and every RNG state;
+    renamed, with model, optimizer, scheduler, scaler, EMA, step and every RNG state, and what rebuilds the
+    model on another machine (format and loading: `perception.checkpoint`);
   - logging: a progress bar with loss and ETA, readable log lines, TensorBoard scalars in `W/tb`, the resolved
     config in `W/config.yaml`; periodic validation with the official metrics (`perception.evaluation`).
 
 Distributed: `torchrun --nproc-per-node K -m perception train ...`. Each rank draws its own micro-batches of
 the global batch (batch_size x world size x accumulate_steps), seeds itself with seed + rank, and only rank 0
-logs, writes checkpoints and evaluates (validation predictions are gathered from every rank).
+logs, writes checkpoints and evaluates (validation predictions are gathered from every rank). Whatever could
+differ between ranks is decided on rank 0 and shared: the time budget (`TimeBudget`), the initial weights
+(DDP's broadcast, which the EMA starts from), the GT-sampling database (`cached_gt_database`).
 BatchNorm statistics are per process, so K processes with batch b compute exactly what one process computes
 with batch b and K accumulation steps (`tests/test_training.py` checks this).
 """
@@ -36,6 +39,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from perception.checkpoint import (  # noqa: F401 (re-exported: the checkpoint API's older home)
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, init_from_checkpoint, load_checkpoint, model_card, model_state_from,
+    newest_valid_checkpoint, portable_config, rng_state, save_atomic, set_rng_state)
 from perception.config import ExperimentConfig
 from perception.errors import ConfigError, PerceptionError
 from perception.structures import BEVFUSION_MAP_GRID
@@ -61,13 +67,68 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when started by torchrun (RANK/WORLD_SIZE set); a no-op otherwise."""
+def init_distributed(device: torch.device, timeout_min: float = 60.0) -> DistInfo:
+    """Join the process group when started by torchrun (RANK/WORLD_SIZE set); a no-op otherwise.
+
+    `timeout_min` bounds how long a collective waits for the other ranks (``train.dist_timeout_min``): it must
+    outlast the longest stretch one rank works alone, rank 0's devkit evaluation of the validation split.
+    """
+    from datetime import timedelta
+
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class TimeBudget:
+    """The time-budget decisions of a run, made on rank 0 and shared with every rank, so that all ranks stop
+    at the same step and run a schedule of the same length (per-rank clocks would let one rank leave the loop,
+    or enter a collective validation, alone: a hang).
+
+    `after_step` costs one broadcast of two int64 per step, and nothing without a budget.
+
+    Args:
+        budget_s: training time allowed, seconds (None: no budget, `after_step` changes nothing).
+        adaptive: set the schedule's length from the measured step rate (only a time budget was given).
+        max_steps: the longest schedule `adaptive` may choose (``train.max_steps``).
+        dist_info: this process's rank; device: where the broadcast tensor lives (CUDA for NCCL).
+        start: the run's start, `time.time()` seconds (rank 0's clock is the one that counts).
+    """
+
+    def __init__(self, budget_s: float | None, *, adaptive: bool, max_steps: int, dist_info: DistInfo,
+                 device: torch.device, start: float):
+        self.budget_s, self.adaptive, self.max_steps = budget_s, adaptive, max_steps
+        self.dist, self.device, self.start = dist_info, device, start
+        self._rate_mark: tuple[int, float] | None = None
+
+    def after_step(self, step: int, total_steps: int) -> tuple[bool, int]:
+        """(stop now, schedule length) after optimizer step `step`, equal on every rank."""
+        if self.budget_s is None:
+            return False, total_steps
+        stop, total = False, total_steps
+        if self.dist.is_main:
+            now = time.time()
+            if self.adaptive:
+                total = self._estimate_length(step, total, now)
+            stop = now - self.start > self.budget_s
+        if self.dist.enabled:
+            shared = torch.tensor([int(stop), total], dtype=torch.int64, device=self.device)
+            dist.broadcast(shared, src=0)
+            stop, total = bool(shared[0]), int(shared[1])
+        return stop, total
+
+    def _estimate_length(self, step: int, total: int, now: float) -> int:
+        """The schedule's length from the step rate (after 10 steps, then every 25), leaving 3% of the budget
+        as margin; never more than `max_steps`."""
+        if step == 3:
+            self._rate_mark = (step, now)  # skip the first steps (worker start, allocator warm-up)
+        if self._rate_mark is None or step < 10 or (step - 10) % 25:
+            return total
+        rate = (now - self._rate_mark[1]) / max(1, step - self._rate_mark[0])
+        remaining = 0.97 * self.budget_s - (now - self.start)
+        return int(min(self.max_steps, step + max(0.0, remaining) / rate))
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -166,6 +227,72 @@ def make_loader(dataset, sampler, batch_size: int, workers: int) -> DataLoader:
                       persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
+def gt_database_key(dataset, min_points: int = 5, grid=None) -> dict:
+    """What a GT-sampling database of `dataset` (a `NuScenesDataset`) is built from, as a cache key: the
+    dataroot, version and split, the LiDAR settings, the grid whose boxes it keeps, the table files' sizes and
+    mtimes, and a digest of the index arrays the build reads (samples, sweep files and poses, boxes): a changed
+    dataset misses."""
+    from perception.cache import array_digest, table_fingerprint
+
+    idx, c = dataset.index, dataset.config
+    grid = grid if grid is not None else c.grid
+    return {"format": 1, "dataroot": str(Path(dataset.dataroot).resolve()), "version": dataset.version,
+            "split": dataset.split, "lidar_sweeps": c.lidar_sweeps, "min_distance": c.min_distance,
+            "min_points": min_points, "grid": [grid.x_min, grid.x_max, grid.y_min, grid.y_max],
+            "tables": table_fingerprint(dataset.dataroot, dataset.version),
+            "index": array_digest(idx.tokens, idx.lidar_offsets, idx.lidar_paths, idx.lidar_sweep2lidar, idx.lidar_dt,
+                                  idx.box_offsets, idx.boxes, idx.labels, idx.attributes)}
+
+
+def cached_gt_database(dataset, dist_info: DistInfo, *, fallback_dir: Path, min_points: int = 5, grid=None):
+    """The `GTDatabase` of `dataset`, from the cache when it was built before from the same data.
+
+    The cache file is `perception.cache.cache_path("gt_database", gt_database_key(...), ".npz")` (under
+    ``$PERCEPTION_CACHE``, default ``~/.cache/perception``), or the same name in `fallback_dir` (the run's work
+    dir) when the cache folder cannot be written; never in the dataroot. Rank 0 loads or builds and writes it;
+    the other ranks wait for it (one broadcast of its path) and load it, building their own only when they
+    cannot read it (a cache folder that is not shared between nodes).
+    """
+    from perception.cache import atomic_write, cache_path
+    from perception.data.gt_sampling import GTDatabase
+
+    key = gt_database_key(dataset, min_points, grid)
+    candidates = [cache_path("gt_database", key, ".npz"), cache_path("gt_database", key, ".npz", root=fallback_dir)]
+    db, where = None, None
+    if dist_info.is_main:
+        for path in candidates:
+            if path.is_file():
+                try:
+                    db, where = GTDatabase.load(path), path
+                    log.info("GT database: cache hit %s (%d objects)", path, len(db))
+                    break
+                except (OSError, ValueError, KeyError) as exc:
+                    log.warning("GT database: unreadable cache file %s (%s); rebuilding", path, exc)
+        if db is None:
+            db = GTDatabase.build(dataset, min_points, grid)
+            for path in candidates:
+                try:
+                    with atomic_write(path, key) as f:
+                        db.save(f)
+                    where = path
+                    log.info("GT database: cached in %s", path)
+                    break
+                except PerceptionError as exc:
+                    log.warning("GT database: %s", exc)
+    if dist_info.enabled:
+        shared = [None if where is None else str(where)]
+        dist.broadcast_object_list(shared, src=0)
+        if not dist_info.is_main:
+            try:
+                db = GTDatabase.load(shared[0]) if shared[0] is not None else None
+            except (OSError, ValueError, KeyError):
+                db = None
+            if db is None:
+                log.warning("GT database: rank %d cannot read rank 0's cache file %s; building its own", dist_info.rank, shared[0])
+                db = GTDatabase.build(dataset, min_points, grid)
+    return db
+
+
 # --------------------------------------------------------------------------------------- optimisation
 
 
@@ -217,125 +344,6 @@ class _LossWrapper(nn.Module):
 
     def forward(self, batch):
         return self.model.loss(batch)
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-CHECKPOINT_FORMAT = "perception-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """Write a checkpoint: the payload serialised with torch.save, wrapped with a format version and its
-    SHA-256, written to a temp file in the same folder, fsynced, then renamed over `path`. On any failure
-    (disk full, ...) the temp file is removed and `path` keeps its previous content."""
-    import hashlib
-    import io
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    payload = buf.getvalue()
-    wrapped = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-               "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(wrapped, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise PerceptionError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous one is kept") from None
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Read a checkpoint written by `save_atomic` (checking format version and checksum), or a plain
-    `torch.save`d dict (older files, other tools). Raises PerceptionError naming the file for a missing,
-    truncated or corrupt file."""
-    import hashlib
-    import io
-
-    path = Path(path)
-    if not path.is_file():
-        raise PerceptionError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated or foreign file: pickle, zip and torch errors of many types
-        raise PerceptionError(f"{path}: checkpoint is truncated or corrupt ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, dict):
-        raise PerceptionError(f"{path}: not a checkpoint (a {type(obj).__name__}, expected a dict)")
-    if obj.get("format") != CHECKPOINT_FORMAT:
-        return obj
-    if obj.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise PerceptionError(f"{path}: checkpoint format version {obj['format_version']} is newer than this "
-                              f"code reads ({CHECKPOINT_VERSION}); upgrade perception-stack")
-    payload = obj.get("payload", b"")
-    if hashlib.sha256(payload).hexdigest() != obj.get("sha256"):
-        raise PerceptionError(f"{path}: checkpoint is corrupt (SHA-256 of its payload does not match)")
-    try:
-        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise PerceptionError(f"{path}: checkpoint payload unreadable ({type(exc).__name__}: {exc})") from None
-
-
-def newest_valid_checkpoint(ckpt_dir: Path, map_location="cpu") -> tuple[Path, dict] | None:
-    """`last.pt` if it reads, else the valid checkpoint with the highest step (step_*.pt, best.pt); None if
-    there is none. Every unreadable file is logged."""
-    candidates = [ckpt_dir / "last.pt"] + sorted(ckpt_dir.glob("step_*.pt"), reverse=True) + [ckpt_dir / "best.pt"]
-    best: tuple[Path, dict] | None = None
-    for path in candidates:
-        if not path.is_file():
-            continue
-        try:
-            ckpt = load_checkpoint(path, map_location)
-        except PerceptionError as exc:
-            log.warning("skipping unreadable checkpoint: %s", exc)
-            continue
-        if path.name == "last.pt":
-            return path, ckpt
-        if best is None or ckpt.get("step", -1) > best[1].get("step", -1):
-            best = (path, ckpt)
-    return best
-
-
-def model_state_from(ckpt: dict, prefer_ema: bool = True) -> dict:
-    if prefer_ema and ckpt.get("ema") is not None:
-        return ckpt["ema"]["shadow"]
-    return ckpt["model"]
-
-
-def init_from_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
-    """Load model weights only (fine-tuning); returns and logs (missing, unexpected) keys. Keys whose shapes
-    differ (e.g. another head size) are skipped and reported as missing."""
-    ckpt = load_checkpoint(path)
-    state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    result = model.load_state_dict(usable, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys) + [k for k in state if k not in own]
-    log.info("init from %s: %d tensors loaded, %d missing%s, %d unexpected%s, %d with other shapes%s", path, len(usable),
-             len(missing), f" (e.g. {missing[:3]})" if missing else "", len(unexpected), f" (e.g. {unexpected[:3]})" if unexpected else "",
-             len(mismatched), f" (e.g. {mismatched[:3]})" if mismatched else "")
-    return missing, sorted(set(unexpected))
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -393,7 +401,7 @@ class Trainer:
         self.cfg, self.spec = cfg, spec
         t = cfg.train
         self.device = pick_device(spec.device)
-        self.dist = init_distributed(self.device)
+        self.dist = init_distributed(self.device, t.dist_timeout_min)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed = t.seed + self.dist.rank
@@ -446,11 +454,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         log.info("mixed precision: %s", f"{str(self.amp_dtype).removeprefix('torch.')} autocast on {self.device.type}"
                  if self.amp else "off (float32)")
-        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         wrapper = _LossWrapper(self.model)
         if self.dist.enabled:
             wrapper = nn.parallel.DistributedDataParallel(
                 wrapper, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True)
+        # After the DDP wrapper: every rank's EMA starts from rank 0's weights, which DDP has just broadcast.
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.loss_module = wrapper
         self.step = 0
         self.best_nds = -1.0
@@ -469,18 +478,14 @@ class Trainer:
     # ----------------------------------------------------------------------------------- checkpoints
 
     def _gt_sampler(self):
-        from perception.data.gt_sampling import GTDatabase, GTSampler
+        from perception.data.gt_sampling import GTSampler
 
-        path = Path(self.spec.data) / f"gt_database_{self.spec.version}_{self.train_split}.pkl"
-        if path.is_file():
-            db = GTDatabase.load(path)
-        else:
-            db = GTDatabase.build(self.train_set.with_config(train=False, bev_aug=None), grid=self.model.grid)
-            if self.dist.is_main:
-                db.save(path)
-        return GTSampler(db)
+        return GTSampler(cached_gt_database(self.train_set.with_config(train=False, bev_aug=None), self.dist,
+                                            fallback_dir=self.work_dir / "cache", grid=self.model.grid))
 
     def state_dict(self) -> dict:
+        """Everything `_resume` restores, and what rebuilds the model anywhere (see `perception.checkpoint`)."""
+        config, provenance = portable_config(self.cfg)
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -493,7 +498,9 @@ class Trainer:
             "history": self.history,
             "skipped": self.skipped,
             "rng": rng_state(),
-            "config": self.cfg.model_dump(mode="json"),
+            "config": config,
+            "provenance": provenance,
+            "model_card": model_card(self.model),
             "version": self.spec.version,
         }
 
@@ -581,6 +588,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         t = self.cfg.train
         start_time = time.time()
+        budget = TimeBudget(self.spec.time_budget_s, adaptive=self.adaptive_length, max_steps=t.max_steps,
+                            dist_info=self.dist, device=self.device, start=start_time)
         stopped_early = False
         bar = None
         if self.dist.is_main and self.spec.progress:
@@ -606,11 +615,9 @@ class Trainer:
                     for k, v in losses.items():
                         self.writer.add_scalar(f"train/{k}", v, self.step)
                     self.writer.add_scalar("train/lr", self.optimizer.param_groups[-1]["lr"], self.step)
-                if self.adaptive_length:
-                    self._estimate_length(start_time)
-                    if bar is not None:
-                        bar.total = self.total_steps
+                over_budget, self.total_steps = budget.after_step(self.step, self.total_steps)
                 if bar is not None:
+                    bar.total = self.total_steps
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses['total']:.3f}", hm=f"{losses.get('heatmap', 0):.3f}")
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -622,7 +629,6 @@ class Trainer:
                         log.info("step %d/%d  %s  lr %.2e", self.step, self.total_steps,
                                  "  ".join(f"{k} {v:.4f}" for k, v in mean.items() if k != "grad_norm"),
                                  self.optimizer.param_groups[-1]["lr"])
-                over_budget = self.spec.time_budget_s is not None and time.time() - start_time > self.spec.time_budget_s
                 if t.val_every and self.step % t.val_every == 0 and self.step < self.total_steps and not over_budget:
                     self.validate()
                 if self.step % t.checkpoint_every == 0:
@@ -661,19 +667,6 @@ class Trainer:
             log.warning("skipped %d bad sample(s) during training (listed in %s): %s", len(skipped), path,
                         ", ".join(sorted(skipped)))
 
-    def _estimate_length(self, start_time: float) -> None:
-        """Time-budget runs: set the schedule's length from the step rate (after 10 steps, then every 25),
-        leaving 3% of the budget as margin; never more than train.max_steps."""
-        now = time.time()
-        if self.step == 3:
-            self._rate_mark = (self.step, now)  # skip the first steps (worker start, allocator warm-up)
-        mark = getattr(self, "_rate_mark", None)
-        if mark is None or self.step < 10 or (self.step - 10) % 25:
-            return
-        rate = (now - mark[1]) / max(1, self.step - mark[0])
-        remaining = 0.97 * self.spec.time_budget_s - (now - start_time)
-        self.total_steps = int(min(self.cfg.train.max_steps, self.step + max(0.0, remaining) / rate))
-
     # ------------------------------------------------------------------------------------ validation
 
     def eval_model(self) -> nn.Module:
@@ -696,6 +689,8 @@ class Trainer:
                                  self.work_dir / "val" / f"step_{self.step:07d}", device=self.device, dist_info=self.dist,
                                  batch_size=self.cfg.train.batch_size, workers=self.cfg.train.num_workers,
                                  progress=self.spec.progress, info=self.spec.val_info)
+        if self.dist.enabled:  # rank 0 ran the devkit evaluation alone (train.dist_timeout_min bounds the wait)
+            dist.barrier()
         if metrics is None:  # non-zero ranks
             return None
         if self.writer is not None:

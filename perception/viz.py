@@ -267,15 +267,11 @@ def visualise(data: Path, out: Path, *, version: str = "v1.0-mini", sample_token
     model, model_ds = None, None
     grid = BEVGrid()
     if checkpoint is not None:
-        from perception.config import config_from_dict
-        from perception.model.build import build_model
-        from perception.training import build_dataset, load_checkpoint, model_state_from, pick_device
+        from perception.checkpoint import model_from_checkpoint
+        from perception.training import build_dataset, pick_device
 
-        dev = pick_device(device)
-        ckpt = load_checkpoint(checkpoint, map_location=dev)
-        cfg = config_from_dict(ckpt["config"], source=f"{checkpoint} config")
-        model = build_model(cfg).to(dev).eval()
-        model.load_state_dict(model_state_from(ckpt))
+        loaded = model_from_checkpoint(checkpoint, device=pick_device(device))
+        cfg, model = loaded.config, loaded.model
         model_ds = build_dataset(cfg, data, version, None, train=False, map_grid=model.map_grid, info=info)
         grid = model.map_grid
     base = NuScenesDataset(data, version, None, config=DatasetConfig(grid=grid), index=index)

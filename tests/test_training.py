@@ -80,6 +80,48 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(synth_r
     assert single.step == 3
 
 
+def _budget_worker(rank: int, world: int, port: int, data: str, work_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == 1:  # rank 1's clock runs 4x fast: deciding the budget on its own clock, it would stop steps early
+        real, t0 = time.time, time.time()
+        time.time = lambda: t0 + 4.0 * (real() - t0)
+    cfg = load_config(TINY, FAST + ["train.val_every=2", "train.ema_decay=0.9", "train.max_steps=30",
+                                    "train.checkpoint_every=1000", "train.dist_timeout_min=2"])
+    trainer = Trainer(cfg, RunSpec(data=Path(data), work_dir=Path(work_dir), time_budget_s=5.0, device="cpu", progress=False))
+    validated = []
+    validate = trainer.validate
+    trainer.validate = lambda: validated.append(trainer.step) or validate()
+    result = trainer.fit()
+    params = [k for k, _ in trainer.model.named_parameters()]
+    torch.save({"step": result.step, "total_steps": trainer.total_steps, "stopped_early": result.stopped_early,
+                "validated": validated, "ema": {k: trainer.ema.shadow[k] for k in params}}, Path(out) / f"rank{rank}.pt")
+    trainer.close()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_share_rank0s_time_budget_validations_and_ema(synth_root, tmp_path):
+    """Rank 1's clock is skewed: every rank still stops at rank 0's step, validates at the same steps (no
+    hang in a collective entered alone) and averages the same EMA (initialised from rank 0's broadcast weights)."""
+    ctx = mp.start_processes(_budget_worker, args=(2, _free_port(), str(synth_root), str(tmp_path / "ddp"), str(tmp_path)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 150
+    try:
+        while not ctx.join(timeout=5):
+            assert time.time() < deadline, "the two ranks did not finish in 150 s (a rank waits in a collective alone)"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["stopped_early"] and r1["stopped_early"]
+    assert (r0["step"], r0["total_steps"], r0["validated"]) == (r1["step"], r1["total_steps"], r1["validated"])
+    assert r0["validated"][-1] == r0["step"] and len(r0["validated"]) >= 2  # periodic validation(s), then the final one
+    for k, v in r0["ema"].items():
+        assert torch.equal(v, r1["ema"][k]), f"EMA differs between ranks in {k}"
+
+
 def _train_cmd(data: Path, work_dir: Path, steps: int, resume: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "perception", "train", "--config", str(TINY), "--data", str(data), "--work-dir",
            str(work_dir), "--max-steps", str(steps), "--device", "cpu"]

@@ -74,8 +74,14 @@ class GTDatabase:
         log.info("GT database: %d objects, %d points", len(db), len(db.points))
         return db
 
-    def save(self, path: str | Path) -> None:
-        np.savez(path, boxes=self.boxes, labels=self.labels, attributes=self.attributes,
+    def save(self, file) -> None:
+        """Write the arrays as an uncompressed ``.npz`` to `file`: a path (used exactly as given: numpy would
+        append ``.npz`` to a name without it) or a binary file object."""
+        if isinstance(file, (str, Path)):
+            with open(file, "wb") as f:
+                self.save(f)
+            return
+        np.savez(file, boxes=self.boxes, labels=self.labels, attributes=self.attributes,
                  point_offsets=self.point_offsets, points=self.points)
 
     @classmethod
