@@ -32,3 +32,12 @@ def synth_nusc(synth_root):
     from nuscenes.nuscenes import NuScenes
 
     return NuScenes("v1.0-mini", str(synth_root), verbose=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _perception_cache_in_tmp(tmp_path_factory):
+    """Caches (GT databases, ...) of the tests go to a temporary folder, never to ~/.cache/perception."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PERCEPTION_CACHE", str(tmp_path_factory.mktemp("perception_cache")))
+    yield
+    patch.undo()
