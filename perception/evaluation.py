@@ -3,8 +3,9 @@
 Detection numbers come from the devkit's `DetectionEval` itself (detection_cvpr_2019). To keep evaluation
 within a 16-24 GB machine on v1.0-trainval, the devkit is handed a `LeanNuScenes`: the devkit's own class with
 only what `DetectionEval` reads (samples, annotations, and the LIDAR_TOP keyframes' sample_data and ego poses;
-the 2.6 M sweep records and their poses are dropped while loading). `tests/test_evaluation.py` checks that it
-gives the same metrics as the full `NuScenes`.
+the 2.6 M sweep records and their poses are dropped while loading, and the lean tables are cached in
+``$PERCEPTION_CACHE``, so a second evaluation of the same dataroot skips the big tables). `tests/test_evaluation.py`
+checks that it gives the same metrics as the full `NuScenes`.
 
 Map segmentation IoU is accumulated per class at thresholds 0.35 ... 0.65 over the samples that have map
 ground truth, under two protocols, each under its own keys:
@@ -50,6 +51,60 @@ METRIC_KEYS = ("nds", "map", "mate", "mase", "maoe", "mave", "maae", "per_class_
 # ------------------------------------------------------------------------------------------- devkit
 
 
+_LEAN_TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "log", "scene",
+                "sample", "sample_annotation", "map", "sample_data", "ego_pose")
+
+
+def _read_table(table_root: Path, name: str) -> list[dict]:
+    path = table_root / f"{name}.json"
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read table: {exc}", path=path) from None
+
+
+def lean_eval_tables(version: str, dataroot: str | Path) -> dict[str, list[dict]]:
+    """The records `DetectionEval` reads: every table but `sample_data` and `ego_pose`, of which only the
+    LIDAR_TOP keyframes and their poses are kept. Cached as JSON in ``$PERCEPTION_CACHE/lean_eval_index``
+    (`perception.cache`), keyed by the dataroot and the tables' sizes and mtimes; never in the dataroot. A
+    cache that cannot be written is logged and skipped."""
+    from perception.cache import atomic_write, cache_path, table_fingerprint
+
+    table_root = Path(dataroot) / version
+    key = {"format": 1, "dataroot": str(Path(dataroot).resolve()), "version": version,
+           "tables": table_fingerprint(dataroot, version)}
+    path = cache_path("lean_eval_index", key, ".tables.json")  # the key goes beside it as <digest>.json
+    if path.is_file():
+        try:
+            with open(path) as f:
+                tables = json.load(f)
+            if set(tables) == set(_LEAN_TABLES):
+                log.info("lean evaluation index: cache hit %s", path)
+                return tables
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("lean evaluation index: unreadable cache file %s (%s); rebuilding", path, exc)
+    tables = {name: _read_table(table_root, name) for name in _LEAN_TABLES[:-2]}
+    sensors = {s["token"]: s["channel"] for s in tables["sensor"]}
+    lidar_calibs = {c["token"] for c in tables["calibrated_sensor"] if sensors.get(c["sensor_token"]) == "LIDAR_TOP"}
+    sample_data = _read_table(table_root, "sample_data")
+    tables["sample_data"] = [sd for sd in sample_data if sd["is_key_frame"] and sd["calibrated_sensor_token"] in lidar_calibs]
+    del sample_data
+    gc.collect()
+    poses = {sd["ego_pose_token"] for sd in tables["sample_data"]}
+    ego_pose = _read_table(table_root, "ego_pose")
+    tables["ego_pose"] = [p for p in ego_pose if p["token"] in poses]
+    del ego_pose
+    gc.collect()
+    try:
+        with atomic_write(path, key) as f:
+            f.write(json.dumps(tables).encode())
+        log.info("lean evaluation index: cached in %s", path)
+    except PerceptionError as exc:
+        log.warning("lean evaluation index: %s", exc)
+    return tables
+
+
 def _load_lean_nuscenes(version: str, dataroot: str | Path):
     """A `nuscenes.NuScenes` holding only what `DetectionEval` needs (see the module docstring)."""
     from nuscenes.nuscenes import NuScenes
@@ -61,20 +116,8 @@ def _load_lean_nuscenes(version: str, dataroot: str | Path):
             self.verbose = False
             self.table_names = ["category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor",
                                 "ego_pose", "log", "scene", "sample", "sample_data", "sample_annotation", "map"]
-            for name in ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "log",
-                         "scene", "sample", "sample_annotation", "map"):
-                setattr(self, name, self._read(name))
-            sensors = {s["token"]: s["channel"] for s in self.sensor}
-            lidar_calibs = {c["token"] for c in self.calibrated_sensor if sensors.get(c["sensor_token"]) == "LIDAR_TOP"}
-            sample_data = self._read("sample_data")
-            self.sample_data = [sd for sd in sample_data if sd["is_key_frame"] and sd["calibrated_sensor_token"] in lidar_calibs]
-            del sample_data
-            gc.collect()
-            poses = {sd["ego_pose_token"] for sd in self.sample_data}
-            ego_pose = self._read("ego_pose")
-            self.ego_pose = [p for p in ego_pose if p["token"] in poses]
-            del ego_pose
-            gc.collect()
+            for name, records in lean_eval_tables(version, dataroot).items():
+                setattr(self, name, records)
             self._token2ind = {t: {r["token"]: i for i, r in enumerate(getattr(self, t))} for t in self.table_names}
             for record in self.sample_annotation:
                 inst = self.get("instance", record["instance_token"])
@@ -89,14 +132,6 @@ def _load_lean_nuscenes(version: str, dataroot: str | Path):
             missing = [s["token"] for s in self.sample if "LIDAR_TOP" not in s["data"]]
             if missing:
                 raise DataError(f"{len(missing)} samples have no LIDAR_TOP keyframe, e.g. {missing[0]}", path=self.table_root)
-
-        def _read(self, name: str) -> list[dict]:
-            path = Path(self.table_root) / f"{name}.json"
-            try:
-                with open(path) as f:
-                    return json.load(f)
-            except (OSError, json.JSONDecodeError) as exc:
-                raise DataError(f"cannot read table: {exc}", path=path) from None
 
     return LeanNuScenes(version, str(dataroot))
 

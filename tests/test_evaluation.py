@@ -82,3 +82,21 @@ def test_segmentation_iou_and_scene_ap():
     assert r["seg_miou"] == pytest.approx(1.0) and r["seg_threshold"] >= 0.5
     assert average_precision([0.9, 0.8, 0.1], [1, 0, 1]) == pytest.approx((1 + 2 / 3) / 2)
     assert average_precision([0.1, 0.2], [0, 0]) is None
+
+
+def test_lean_index_is_cached_outside_the_dataroot_and_scores_the_same(synth_root, shifted_file, tmp_path, monkeypatch):
+    import perception.evaluation as ev
+
+    monkeypatch.setenv("PERCEPTION_CACHE", str(tmp_path / "cache"))
+    reads = []
+    read_table = ev._read_table
+    monkeypatch.setattr(ev, "_read_table", lambda root, name: reads.append(name) or read_table(root, name))
+    before = sorted(p.name for p in synth_root.rglob("*"))
+    first = evaluate_results_file(shifted_file, synth_root, "v1.0-mini", "mini_val", tmp_path / "first")
+    assert "sample_data" in reads and list((tmp_path / "cache" / "lean_eval_index").glob("*.tables.json"))
+    reads.clear()
+    second = evaluate_results_file(shifted_file, synth_root, "v1.0-mini", "mini_val", tmp_path / "second")
+    assert reads == []  # the cache hit: no table read
+    for key in ("nds", "map", "mate", "mase", "maoe", "mave", "maae", "per_class_ap"):
+        assert second[key] == first[key], key
+    assert sorted(p.name for p in synth_root.rglob("*")) == before
