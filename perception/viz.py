@@ -42,7 +42,8 @@ def plot_bev(path: str | Path, sample, prediction=None, grid: BEVGrid | None = N
     pts = sample.points_lidar.numpy()
     keep = (pts[:, 0] > grid.x_min) & (pts[:, 0] < grid.x_max) & (pts[:, 1] > grid.y_min) & (pts[:, 1] < grid.y_max)
     pts = pts[keep][::3]
-    panels = [("ground truth", sample.boxes_lidar.tensor.numpy(), sample.labels.numpy(), None, sample.map_masks.float().numpy())]
+    panels = [("ground truth" if sample.has_map else "ground truth (no map expansion)", sample.boxes_lidar.tensor.numpy(),
+               sample.labels.numpy(), None, sample.map_masks.float().numpy())]
     if prediction is not None:
         keep = prediction.scores.cpu().numpy() >= score_threshold
         panels.append(("prediction", prediction.boxes_lidar.tensor.cpu().numpy()[keep], prediction.labels.cpu().numpy()[keep],
