@@ -239,3 +239,19 @@ def test_train_eval_viz_on_a_read_only_dataroot_without_map_expansion(no_expansi
     finally:
         os.chmod(no_expansion_root, 0o755)
     assert _tree_state(no_expansion_root) == before
+
+
+def test_data_check_says_which_heads_train_and_counts_scene_tags(synth_root, no_expansion_root):
+    import json
+
+    from perception.data.check import check_dataroot
+
+    scenes = json.loads((synth_root / "v1.0-mini" / "scene.json").read_text())
+    expected = {t: sum(parse_scene_tags(s["description"])[i] > 0 for s in scenes) for i, t in enumerate(SCENE_TAGS)}
+    full = check_dataroot(synth_root, progress=False)
+    assert full.summary["scene_tags"] == expected
+    assert full.summary["heads"]["map segmentation"].startswith("trained and scored on all")
+    bare = check_dataroot(no_expansion_root, progress=False)
+    assert not bare.errors
+    assert bare.summary["heads"]["map segmentation"].startswith("not trained, metrics null: no map expansion")
+    assert "heads:" in bare.format() and "scenes per scene tag" in bare.format()
