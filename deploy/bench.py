@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from deploy.core import OUTPUT_NAMES, DeployCore
-from deploy.export import Manifest, export_model, export_stage_graphs
+from deploy.export import export_model, export_stage_graphs
+from deploy.manifest import Manifest
 from deploy.postprocess import Postprocessor, PostprocessSpec
 from deploy.preprocess import Preprocessor, preprocess_spec_of
 from deploy.runners import Executor, OnnxRuntimeExecutor, TorchExecutor, synchronize
@@ -114,7 +115,7 @@ def _bench_batch(cfg: ExperimentConfig, model: BEVFusionModel, batch_size: int, 
         return make_synthetic_batch(batch_size=batch_size, image_size=cfg.data.image_size, grid=model.grid,
                                     boxes_per_sample=20, background_points=points, seed=0)
     from perception.data.collate import collate_samples
-    from perception.training import build_dataset, default_splits
+    from perception.data.build import build_dataset, default_splits
 
     dataset = build_dataset(cfg, data, version, split or default_splits(version)[1], train=False, map_grid=model.map_grid,
                             info=info)

@@ -206,7 +206,8 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
     from perception.checkpoint import model_from_checkpoint
     from perception.errors import PerceptionError
     from perception.evaluation import evaluate_model
-    from perception.training import build_dataset, pick_device
+    from perception.data.build import build_dataset
+    from perception.distributed import pick_device
 
     names = conditions or list(CONDITIONS)
     unknown = [n for n in names if n not in CONDITIONS]

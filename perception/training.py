@@ -26,10 +26,9 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -43,145 +42,14 @@ from perception.checkpoint import (  # noqa: F401 (re-exported: the checkpoint A
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, init_from_checkpoint, load_checkpoint, model_card, model_state_from,
     newest_valid_checkpoint, portable_config, rng_state, save_atomic, set_rng_state)
 from perception.config import ExperimentConfig
+from perception.data.build import build_dataset, default_splits  # noqa: F401 (re-exported: their older home)
+from perception.distributed import DistInfo, TimeBudget, init_distributed, pick_device  # noqa: F401 (re-exported)
 from perception.errors import ConfigError, PerceptionError
-from perception.structures import BEVFUSION_MAP_GRID
 
 log = logging.getLogger(__name__)
 
 
-# -------------------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device: torch.device, timeout_min: float = 60.0) -> DistInfo:
-    """Join the process group when started by torchrun (RANK/WORLD_SIZE set); a no-op otherwise.
-
-    `timeout_min` bounds how long a collective waits for the other ranks (``train.dist_timeout_min``): it must
-    outlast the longest stretch one rank works alone, rank 0's devkit evaluation of the validation split.
-    """
-    from datetime import timedelta
-
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-class TimeBudget:
-    """The time-budget decisions of a run, made on rank 0 and shared with every rank, so that all ranks stop
-    at the same step and run a schedule of the same length (per-rank clocks would let one rank leave the loop,
-    or enter a collective validation, alone: a hang).
-
-    `after_step` costs one broadcast of two int64 per step, and nothing without a budget.
-
-    Args:
-        budget_s: training time allowed, seconds (None: no budget, `after_step` changes nothing).
-        adaptive: set the schedule's length from the measured step rate (only a time budget was given).
-        max_steps: the longest schedule `adaptive` may choose (``train.max_steps``).
-        dist_info: this process's rank; device: where the broadcast tensor lives (CUDA for NCCL).
-        start: the run's start, `time.time()` seconds (rank 0's clock is the one that counts).
-    """
-
-    def __init__(self, budget_s: float | None, *, adaptive: bool, max_steps: int, dist_info: DistInfo,
-                 device: torch.device, start: float):
-        self.budget_s, self.adaptive, self.max_steps = budget_s, adaptive, max_steps
-        self.dist, self.device, self.start = dist_info, device, start
-        self._rate_mark: tuple[int, float] | None = None
-
-    def after_step(self, step: int, total_steps: int) -> tuple[bool, int]:
-        """(stop now, schedule length) after optimizer step `step`, equal on every rank."""
-        if self.budget_s is None:
-            return False, total_steps
-        stop, total = False, total_steps
-        if self.dist.is_main:
-            now = time.time()
-            if self.adaptive:
-                total = self._estimate_length(step, total, now)
-            stop = now - self.start > self.budget_s
-        if self.dist.enabled:
-            shared = torch.tensor([int(stop), total], dtype=torch.int64, device=self.device)
-            dist.broadcast(shared, src=0)
-            stop, total = bool(shared[0]), int(shared[1])
-        return stop, total
-
-    def _estimate_length(self, step: int, total: int, now: float) -> int:
-        """The schedule's length from the step rate (after 10 steps, then every 25), leaving 3% of the budget
-        as margin; never more than `max_steps`."""
-        if step == 3:
-            self._rate_mark = (step, now)  # skip the first steps (worker start, allocator warm-up)
-        if self._rate_mark is None or step < 10 or (step - 10) % 25:
-            return total
-        rate = (now - self._rate_mark[1]) / max(1, step - self._rate_mark[0])
-        remaining = 0.97 * self.budget_s - (now - self.start)
-        return int(min(self.max_steps, step + max(0.0, remaining) / rate))
-
-
-def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------------------------- data
-
-
-def default_splits(version: str) -> tuple[str, str]:
-    """(train split, validation split) of a nuScenes version."""
-    return ("mini_train", "mini_val") if version.endswith("mini") else ("train", "val")
-
-
-def build_dataset(cfg: ExperimentConfig, data: str | Path, version: str, split: str | None, *, train: bool,
-                  map_grid=None, index=None, info: str | Path | None = None):
-    """The `NuScenesDataset` the experiment config describes (training augmentation when `train`).
-
-    Image resize limits in the config are relative to the scale that fits the camera width to
-    ``data.image_size``, so one config serves 1600x900 nuScenes and smaller synthetic images alike.
-    `info`: the samples of this mmdet3d v2 info file (paths relative to `data`) instead of the split's.
-    """
-    from perception.data.dataset import DatasetConfig, NuScenesDataset
-    from perception.data.transforms import BEVAugConfig, ImageAugConfig
-
-    d = cfg.data
-    grid = map_grid if map_grid is not None else cfg.grid.build()
-    # The dataset counts the keyframe sweep too (the devkit's nsweeps); the config counts the sweeps before it.
-    base = DatasetConfig(grid=grid, lidar_sweeps=d.lidar_sweeps + 1, radar_sweeps=d.radar_sweeps + 1,
-                         skip_bad_samples=d.skip_bad_samples, seed=cfg.train.seed, map=d.map,
-                         eval_map_grid=None if train else BEVFUSION_MAP_GRID)
-    if info is not None:
-        from perception.data.mmdet3d_info import read_mmdet3d_infos
-
-        index = read_mmdet3d_infos(info, data, lidar_sweeps=base.lidar_sweeps, skip_bad_samples=d.skip_bad_samples)
-    ds = NuScenesDataset(data, version, split, config=base, index=index)
-    if len(ds) == 0:
-        raise PerceptionError(f"{info}: no samples" if info is not None else f"{data}: split {split!r} of {version} has no samples")
-    src_w = float(np.median(ds.index.cam_wh[..., 0]))
-    fit = d.image_size[1] / src_w
-    image = ImageAugConfig(final_hw=tuple(d.image_size), resize_lim=(fit * d.resize_lim[0], fit * d.resize_lim[1]),
-                           bot_pct_lim=tuple(d.bot_pct_lim), rot_lim_deg=tuple(d.rot_lim_deg), flip=d.image_flip)
-    bev = None
-    if train and d.bev_aug:
-        bev = BEVAugConfig(rot_lim_deg=tuple(d.bev_rot_lim_deg), scale_lim=tuple(d.bev_scale_lim),
-                           flip_x_prob=d.bev_flip_prob, flip_y_prob=d.bev_flip_prob, trans_std=tuple(d.bev_trans_std))
-    return ds.with_config(image=image, bev_aug=bev, train=train)
 
 
 class EpochSampler(Sampler[int]):

@@ -269,7 +269,8 @@ def visualise(data: Path, out: Path, *, version: str = "v1.0-mini", sample_token
     grid = BEVGrid()
     if checkpoint is not None:
         from perception.checkpoint import model_from_checkpoint
-        from perception.training import build_dataset, pick_device
+        from perception.data.build import build_dataset
+        from perception.distributed import pick_device
 
         loaded = model_from_checkpoint(checkpoint, device=pick_device(device))
         cfg, model = loaded.config, loaded.model

@@ -218,8 +218,8 @@ def test_cli_prints_one_error_line(synth_root, tmp_path):
 
 
 def test_checkpoint_checksum_truncation_and_disk_full(tmp_path, monkeypatch):
-    from perception import training
-    from perception.training import load_checkpoint, save_atomic
+    from perception import checkpoint
+    from perception.checkpoint import load_checkpoint, save_atomic
 
     path = tmp_path / "ck.pt"
     save_atomic({"step": 1, "model": {"w": torch.ones(1000)}}, path)
@@ -243,7 +243,7 @@ def test_checkpoint_checksum_truncation_and_disk_full(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(training.os, "fsync", full)
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
     with pytest.raises(PerceptionError, match="No space left"):
         save_atomic({"step": 2, "model": {"w": torch.zeros(1000)}}, path)
     monkeypatch.undo()

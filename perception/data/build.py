@@ -1,0 +1,51 @@
+"""The `NuScenesDataset` an experiment config describes: one function used by training, evaluation,
+robustness, viz, export calibration and the benches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from perception.config import ExperimentConfig
+from perception.errors import PerceptionError
+from perception.data.dataset import DatasetConfig, NuScenesDataset
+from perception.data.transforms import BEVAugConfig, ImageAugConfig
+from perception.structures import BEVFUSION_MAP_GRID
+
+
+def default_splits(version: str) -> tuple[str, str]:
+    """(train split, validation split) of a nuScenes version."""
+    return ("mini_train", "mini_val") if version.endswith("mini") else ("train", "val")
+
+
+def build_dataset(cfg: ExperimentConfig, data: str | Path, version: str, split: str | None, *, train: bool,
+                  map_grid=None, index=None, info: str | Path | None = None):
+    """The `NuScenesDataset` the experiment config describes (training augmentation when `train`).
+
+    Image resize limits in the config are relative to the scale that fits the camera width to
+    ``data.image_size``, so one config serves 1600x900 nuScenes and smaller synthetic images alike.
+    `info`: the samples of this mmdet3d v2 info file (paths relative to `data`) instead of the split's.
+    """
+    d = cfg.data
+    grid = map_grid if map_grid is not None else cfg.grid.build()
+    # The dataset counts the keyframe sweep too (the devkit's nsweeps); the config counts the sweeps before it.
+    base = DatasetConfig(grid=grid, lidar_sweeps=d.lidar_sweeps + 1, radar_sweeps=d.radar_sweeps + 1,
+                         skip_bad_samples=d.skip_bad_samples, seed=cfg.train.seed, map=d.map,
+                         eval_map_grid=None if train else BEVFUSION_MAP_GRID)
+    if info is not None:
+        from perception.data.mmdet3d_info import read_mmdet3d_infos
+
+        index = read_mmdet3d_infos(info, data, lidar_sweeps=base.lidar_sweeps, skip_bad_samples=d.skip_bad_samples)
+    ds = NuScenesDataset(data, version, split, config=base, index=index)
+    if len(ds) == 0:
+        raise PerceptionError(f"{info}: no samples" if info is not None else f"{data}: split {split!r} of {version} has no samples")
+    src_w = float(np.median(ds.index.cam_wh[..., 0]))
+    fit = d.image_size[1] / src_w
+    image = ImageAugConfig(final_hw=tuple(d.image_size), resize_lim=(fit * d.resize_lim[0], fit * d.resize_lim[1]),
+                           bot_pct_lim=tuple(d.bot_pct_lim), rot_lim_deg=tuple(d.rot_lim_deg), flip=d.image_flip)
+    bev = None
+    if train and d.bev_aug:
+        bev = BEVAugConfig(rot_lim_deg=tuple(d.bev_rot_lim_deg), scale_lim=tuple(d.bev_scale_lim),
+                           flip_x_prob=d.bev_flip_prob, flip_y_prob=d.bev_flip_prob, trans_std=tuple(d.bev_trans_std))
+    return ds.with_config(image=image, bev_aug=bev, train=train)
