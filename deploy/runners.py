@@ -17,7 +17,6 @@ Executors take and return ``{name: torch.Tensor}``:
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deploy.export import Manifest
+from deploy.executor import Executor, synchronize  # noqa: F401 (re-exported)
+from deploy.manifest import Manifest
 from deploy.postprocess import Postprocessor
 from deploy.preprocess import Preprocessor
 from perception.data.batch import Batch
@@ -35,23 +35,6 @@ from perception.model.bevfusion import Prediction
 log = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("torch", "onnx", "tensorrt")
-
-
-class Executor(ABC):
-    """Runs one graph: named input tensors -> named output tensors (on `device`)."""
-
-    device: torch.device
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-
-    @abstractmethod
-    def run(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Outputs for `inputs` (extra keys are ignored); returns when the outputs are ready to read."""
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class TorchExecutor(Executor):
@@ -174,7 +157,7 @@ def _resolve_export(path: Path, suffixes: tuple[str, ...]) -> tuple[Manifest, Pa
 def torch_runner(model, config, *, device: torch.device | str = "cpu", precision: str = "fp32") -> Runner:
     """A runner over a `BEVFusionModel` in eager PyTorch (its `DeployCore`), with the shared pre/post-processing."""
     from deploy.core import OUTPUT_NAMES, DeployCore
-    from deploy.export import TensorSpec
+    from deploy.manifest import TensorSpec
     from deploy.postprocess import PostprocessSpec
     from deploy.preprocess import preprocess_spec_of
 
@@ -231,4 +214,20 @@ def load_runner(backend: str, path: str | Path, *, device: str | torch.device | 
         engine = Path(manifest.directory) / manifest.engines[key]
     executor = TensorRTExecutor(engine, device=device or "cuda")
     return Runner("tensorrt", manifest, executor, description=f"TensorRT {engine.name}")
+
+
+def evaluate_export(backend: str, path: str | Path, dataroot: str | Path, version: str, split: str | None,
+                    out: str | Path, *, device: str | None = None, **kwargs) -> dict:
+    """`perception eval --backend onnx|tensorrt --checkpoint EXPORT`: the export's runner (`load_runner`: onnx
+    takes an export directory or a .onnx graph in one, tensorrt an export directory with an engine or the engine
+    file) evaluated like a model (`perception.evaluation.evaluate_predictor`; `kwargs` as there), with
+    ``metrics["backend"]`` naming it."""
+    from perception.evaluation import evaluate_predictor, write_metrics
+
+    runner = load_runner(backend, path, device=device)
+    metrics = evaluate_predictor(runner, runner.manifest.experiment_config(), dataroot, version, split, out,
+                                 device=runner.device, **kwargs)
+    metrics["backend"] = runner.description
+    write_metrics(Path(out) / "metrics.json", metrics)
+    return metrics
 

@@ -200,9 +200,14 @@ def eval_cmd(
     if results is not None:
         metrics = evaluate_results_file(results, data, version, split, out, info=info)
     else:
-        metrics = evaluate_checkpoint(checkpoint, data, version, split, out, backend=backend, device=device,
-                                      modalities=_parse_modalities(modalities), batch_size=batch_size, workers=workers,
-                                      info=info)
+        common = dict(device=device, modalities=_parse_modalities(modalities), batch_size=batch_size, workers=workers,
+                      info=info)
+        if backend == "torch":
+            metrics = evaluate_checkpoint(checkpoint, data, version, split, out, **common)
+        else:  # lazy: deploy (onnx, onnxruntime, modelopt) is loaded only for exports
+            from deploy.runners import evaluate_export
+
+            metrics = evaluate_export(backend, checkpoint, data, version, split, out, **common)
     typer.echo(format_metrics(metrics, title=f"{split or info} ({version})"))
     typer.echo(f"wrote {out / 'metrics.json'}")
 

@@ -593,42 +593,39 @@ def _empty_detection_metrics() -> dict:
             "label_tp_errors": {c: dict(nan_tp) for c in DETECTION_CLASSES}}
 
 
-def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: str, split: str | None, out: str | Path, *,
-                        backend: str = "torch", device: str | None = None, modalities: Sequence[bool] | None = None,
-                        batch_size: int = 2, workers: int = 0, progress: bool = True,
-                        info: str | Path | None = None) -> dict:
-    """`perception eval --checkpoint`: evaluate a training checkpoint (torch backend) or an export of one
-    (`deploy.runners.load_runner`: onnx takes an export directory or a .onnx graph in one, tensorrt an export
-    directory with an engine or the engine file) on a split, with the same metrics.
-    `info`: evaluate the samples of this mmdet3d v2 info file instead (`split` None); see the module docstring."""
-    from perception.checkpoint import model_from_checkpoint
-    from perception.training import build_dataset, pick_device
+def evaluate_predictor(predictor, cfg, dataroot: str | Path, version: str, split: str | None, out: str | Path, *,
+                       device: torch.device, modalities: Sequence[bool] | None = None, batch_size: int = 2,
+                       workers: int = 0, progress: bool = True, info: str | Path | None = None) -> dict:
+    """Evaluate any predictor (a `BEVFusionModel`, or a deploy runner: an object with ``predict(batch)``,
+    ``eval()`` and ``map_grid``) on a split (or the samples of an mmdet3d info file, `split` None) of the
+    dataset that the experiment config `cfg` describes; writes and returns the metrics (`evaluate_model`)."""
+    from perception.data.build import build_dataset
 
     if info is not None:
         from perception.data.mmdet3d_info import info_sample_tokens
 
         split = str(info)
         check_tokens_in_tables(dataroot, version, info_sample_tokens(info), info)  # before any inference
-    if backend != "torch":
-        from deploy.runners import load_runner
+    dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=predictor.map_grid, info=info)
+    t0 = time.time()
+    metrics = evaluate_model(predictor, dataset, dataroot, version, split, out, device=device, batch_size=batch_size,
+                             workers=workers, modality_mask=modalities, progress=progress, info=info)
+    log.info("evaluated %d samples of %s with %r in %.1f s", len(dataset), split, type(predictor).__name__,
+             time.time() - t0)
+    return metrics
 
-        runner = load_runner(backend, checkpoint, device=device)
-        cfg = runner.manifest.experiment_config()
-        dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=runner.manifest.map_grid, info=info)
-        t0 = time.time()
-        metrics = evaluate_model(runner, dataset, dataroot, version, split, out, device=runner.device,
-                                 batch_size=batch_size, workers=workers, modality_mask=modalities, progress=progress,
-                                 info=info)
-        metrics["backend"] = runner.description
-        write_metrics(Path(out) / "metrics.json", metrics)
-        log.info("evaluated %d samples of %s with %r in %.1f s", len(dataset), split, runner, time.time() - t0)
-        return metrics
+
+def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: str, split: str | None, out: str | Path, *,
+                        device: str | None = None, modalities: Sequence[bool] | None = None, batch_size: int = 2,
+                        workers: int = 0, progress: bool = True, info: str | Path | None = None) -> dict:
+    """`perception eval --checkpoint CKPT.pt`: evaluate a training checkpoint with the torch model (exports are
+    evaluated by `deploy.runners.evaluate_export` with the same metrics).
+    `info`: evaluate the samples of this mmdet3d v2 info file instead (`split` None); see the module docstring."""
+    from perception.checkpoint import model_from_checkpoint
+    from perception.distributed import pick_device
+
     dev = pick_device(device)
     loaded = model_from_checkpoint(checkpoint, device=dev)
-    cfg, model = loaded.config, loaded.model
-    dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=model.map_grid, info=info)
-    t0 = time.time()
-    metrics = evaluate_model(model, dataset, dataroot, version, split, out, device=dev, batch_size=batch_size,
-                             workers=workers, modality_mask=modalities, progress=progress, info=info)
-    log.info("evaluated %d samples of %s in %.1f s", len(dataset), split, time.time() - t0)
-    return metrics
+    return evaluate_predictor(loaded.model, loaded.config, dataroot, version, split, out, device=dev,
+                              modalities=modalities, batch_size=batch_size, workers=workers, progress=progress,
+                              info=info)
