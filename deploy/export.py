@@ -16,10 +16,8 @@ An export directory holds:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,20 +26,17 @@ import torch
 from torch import Tensor
 
 from deploy.core import OUTPUT_NAMES, DeployCore
-from deploy.postprocess import Postprocessor, PostprocessSpec
+from deploy.manifest import CORE_GRAPH, MANIFEST_NAME, Manifest, TensorSpec  # noqa: F401 (re-exported)
+from deploy.postprocess import PostprocessSpec
 from deploy.preprocess import DEFAULT_SEGMENT_SIZE, Preprocessor, PreprocessSpec, preprocess_spec_of
-from perception.config import ExperimentConfig, config_from_dict
+from perception.config import ExperimentConfig
 from perception.data.batch import Batch
 from perception.errors import PerceptionError
 from perception.model.bevfusion import BEVFusionModel
 from perception.model.synthetic import make_synthetic_batch
-from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "perception-deploy/1"
-CORE_GRAPH = "core.onnx"
 DEFAULT_OPSET = 17
 
 _DESCRIPTIONS = {
@@ -59,122 +54,6 @@ _DESCRIPTIONS = {
     "rot": "(sin yaw, cos yaw)", "velocity": "(vx, vy), m/s", "attribute": "attribute logits",
     "map": "map segmentation logits on the map grid", "scene": "scene-tag logits",
 }
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: dtype as numpy names it, shape with named dynamic axes."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-    description: str = ""
-
-
-@dataclass
-class Manifest:
-    """The contents of ``manifest.json`` (see the module docstring). `directory` is where it was read from."""
-
-    graphs: dict[str, str]
-    opset: int
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    dynamic_axes: dict[str, dict[str, int]]
-    preprocessing: PreprocessSpec
-    postprocessing: PostprocessSpec
-    map_grid: BEVGrid
-    config: dict[str, Any]
-    source: dict[str, Any] = field(default_factory=dict)
-    quantization: dict[str, Any] | None = None
-    compatibility: dict[str, Any] = field(default_factory=dict)
-    engines: dict[str, str] = field(default_factory=dict)
-    directory: Path | None = None
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
-
-    def experiment_config(self) -> ExperimentConfig:
-        return config_from_dict(self.config, source=f"{self.directory or 'manifest'} config")
-
-    def preprocessor(self) -> Preprocessor:
-        return Preprocessor(self.preprocessing)
-
-    def postprocessor(self) -> Postprocessor:
-        return Postprocessor(self.postprocessing)
-
-    def graph_path(self, precision: str = "fp32") -> Path:
-        if precision not in self.graphs:
-            raise PerceptionError(f"{self.directory}: no {precision} graph in the export (has {sorted(self.graphs)})")
-        return Path(self.directory or ".") / self.graphs[precision]
-
-    def profile(self, spec: TensorSpec) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """(min, opt, max) shapes of an input for a TensorRT optimisation profile."""
-        shapes = []
-        for key in ("min", "opt", "max"):
-            shapes.append(tuple(d if isinstance(d, int) else self.dynamic_axes[d][key] for d in spec.shape))
-        return tuple(shapes)  # type: ignore[return-value]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": MANIFEST_FORMAT,
-            "graphs": self.graphs,
-            "engines": self.engines,
-            "opset": self.opset,
-            "inputs": [asdict(t) | {"shape": list(t.shape)} for t in self.inputs],
-            "outputs": [asdict(t) | {"shape": list(t.shape)} for t in self.outputs],
-            "dynamic_axes": self.dynamic_axes,
-            "preprocessing": self.preprocessing.to_json(),
-            "postprocessing": self.postprocessing.to_json(),
-            "bev_grid": asdict(self.preprocessing.grid),
-            "map_grid": asdict(self.map_grid),
-            "classes": {"detection": list(DETECTION_CLASSES), "attributes": list(ATTRIBUTES), "map": list(MAP_CLASSES),
-                        "scene_tags": list(SCENE_TAGS)},
-            "quantization": self.quantization,
-            "compatibility": self.compatibility,
-            "source": self.source,
-            "config": self.config,
-        }
-
-    def write(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
-        self.directory = directory
-        return path
-
-    @staticmethod
-    def read(directory: str | Path) -> "Manifest":
-        directory = Path(directory)
-        path = directory / MANIFEST_NAME
-        try:
-            raw = json.loads(path.read_text())
-        except OSError as exc:
-            raise PerceptionError(f"{path}: cannot read the export manifest ({exc.strerror}); is {directory} an export directory?") from None
-        except json.JSONDecodeError as exc:
-            raise PerceptionError(f"{path}: invalid JSON: {exc}") from None
-        if raw.get("format") != MANIFEST_FORMAT:
-            raise PerceptionError(f"{path}: format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-        grid = BEVGrid(**raw["bev_grid"])
-
-        def tensors(items: list[dict]) -> list[TensorSpec]:
-            return [TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t.get("description", "")) for t in items]
-
-        return Manifest(
-            graphs=dict(raw["graphs"]), opset=int(raw["opset"]), inputs=tensors(raw["inputs"]), outputs=tensors(raw["outputs"]),
-            dynamic_axes={k: {kk: int(vv) for kk, vv in v.items()} for k, v in raw["dynamic_axes"].items()},
-            preprocessing=PreprocessSpec.from_json(raw["preprocessing"]),
-            postprocessing=PostprocessSpec.from_json(raw["postprocessing"], grid), map_grid=BEVGrid(**raw["map_grid"]),
-            config=raw["config"], source=raw.get("source", {}), quantization=raw.get("quantization"),
-            compatibility=raw.get("compatibility", {}), engines=dict(raw.get("engines", {})), directory=directory,
-        )
 
 
 def _numpy_dtype(t: Tensor) -> str:
@@ -338,7 +217,7 @@ def calibration_feeds(manifest: Manifest, dataroot: str | Path, num_samples: int
     """Core inputs of `num_samples` samples of a training split (or of the mmdet3d info file `info`; evenly
     spaced, evaluation transforms), for INT8 calibration."""
     from perception.data.collate import collate_samples
-    from perception.training import build_dataset, default_splits
+    from perception.data.build import build_dataset, default_splits
 
     cfg = manifest.experiment_config()
     split = split or default_splits(version)[0]

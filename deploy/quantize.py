@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from deploy.export import Manifest
+from deploy.manifest import Manifest
 from perception.errors import PerceptionError
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from deploy.export import Manifest
-from deploy.runners import Executor
+from deploy.manifest import Manifest
+from deploy.executor import Executor
 from perception.errors import PerceptionError
 
 log = logging.getLogger(__name__)
