@@ -6,7 +6,6 @@ gives byte-identical tables and files whatever the number of workers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from perception.data.synth import camera as cam_mod
 from perception.data.synth import lidar as lidar_mod
 from perception.data.synth import radar as radar_mod
+from perception.data.synth.names import MAP_PNG, token  # noqa: F401 (re-exported)
 from perception.data.synth.rig import KEYFRAME_OFFSET_US, KEYFRAME_PERIOD_US, SWEEP_PERIOD_US, build_rig, quat_from_matrix, rot_z, yaw_quat
 from perception.data.synth.world import SIZES, World, build_world
 from perception.errors import PerceptionError
@@ -31,13 +31,6 @@ log = logging.getLogger(__name__)
 
 CHANNELS = CAMERA_CHANNELS + (LIDAR_CHANNEL,) + RADAR_CHANNELS
 LOCATIONS = ("singapore-onenorth", "boston-seaport", "singapore-queenstown", "singapore-hollandvillage")
-# The semantic-prior PNG names of the real maps (the devkit's map_expansion/bitmap.py looks them up by name).
-MAP_PNG = {
-    "singapore-onenorth": "53992ee3023e5494b90c316c183be829.png",
-    "singapore-hollandvillage": "37819e65e09e5547b8a3ceaefba56bb2.png",
-    "singapore-queenstown": "93406b464a165eaba6d9de76ca09f5da.png",
-    "boston-seaport": "36092f0b03a857c6a3403e25b4b7aab3.png",
-}
 SLOT = 520.0  # metres between scene worlds on a map canvas
 ANNOTATION_RANGE = 75.0  # objects within this distance of the ego get annotated
 
@@ -106,11 +99,6 @@ class SynthConfig:
                 raise PerceptionError(f"synth: {key} must be in [0, {hi}] (sweeps between 2 Hz keyframes), got {getattr(self, key)}")
         if self.samples_per_scene < 2:
             raise PerceptionError("synth: samples_per_scene must be at least 2")
-
-
-def token(*parts) -> str:
-    """A deterministic 32-hex token."""
-    return hashlib.md5("/".join(str(p) for p in parts).encode()).hexdigest()
 
 
 def scene_names(version: str, n: int) -> list[tuple[str, str]]:

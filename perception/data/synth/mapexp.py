@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from perception.data.synth.generate import MAP_PNG, token
+from perception.data.synth.names import MAP_PNG, token
 
 PRIOR_RES = 0.1  # metres per pixel of the semantic prior (fixed by the devkit's MapMask)
 
