@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from perception.model.bev_pool import bev_flat_index, scatter_add_rows
+from fusion.bev_pool import bev_flat_index, scatter_add_rows
 from perception.structures import BEVGrid
 
 # Columns of Batch.points_lidar: x, y, z, intensity, dt.

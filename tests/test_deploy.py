@@ -29,7 +29,7 @@ from perception.cli import app
 from perception.config import load_config
 from perception.data.collate import collate_samples
 from perception.errors import PerceptionError
-from perception.model.bev_pool import scatter_add_rows
+from fusion.bev_pool import scatter_add_rows
 from perception.model.build import build_model
 from perception.model.synthetic import make_synthetic_batch
 from perception.structures import BEVGrid

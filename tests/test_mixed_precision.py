@@ -18,7 +18,7 @@ from deploy.core import LiftSplatPooling
 from deploy.preprocess import make_pooling_plan
 from perception.config import load_config
 from perception.errors import ConfigError
-from perception.model.bev_pool import scatter_add_rows
+from fusion.bev_pool import scatter_add_rows
 from perception.model.build import build_model
 from perception.model.losses import (
     depth_loss, dice_loss, gaussian_focal_loss, masked_cross_entropy, sigmoid_focal_loss, weighted_l1,

@@ -25,7 +25,7 @@ from fusion.fuser import drop_modalities
 from fusion.lidar import LidarEncoder
 from perception.config import ExperimentConfig, load_config
 from perception.errors import ConfigError
-from perception.model.bev_pool import bev_flat_index
+from fusion.bev_pool import bev_flat_index
 from perception.model.bevfusion import BEVFusionModel, DecodeSettings, Prediction, outputs_to_predictions
 from perception.model.build import build_model
 from perception.model.camera import build_vit_backbone, layer_decay_param_groups, load_backbone_checkpoint

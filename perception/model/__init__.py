@@ -2,5 +2,5 @@
 
 Import from the submodules (`perception.model.build.build_model`, `perception.model.bevfusion.BEVFusionModel`,
 `perception.model.export.export_core_onnx`);
-this package file stays empty so that `fusion.*` can import `perception.model.bev_pool` without cycles.
+the BEV pooling shared with the point encoders lives below, in `fusion.bev_pool`.
 """

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from perception.model.bev_pool import bev_flat_index, scatter_add_rows
+from fusion.bev_pool import bev_flat_index, scatter_add_rows
 from perception.structures import BEVGrid
 
 
