@@ -178,6 +178,11 @@ class BEVGrid:
         ys = self.y_min + (np.arange(self.height) + 0.5) * self.cell
         return xs, ys
 
+    def contains_xy(self, x, y):
+        """Bool mask (numpy or torch, as `x`): x in [x_min, x_max) and y in [y_min, y_max), metres. The one
+        on-grid test of training targets and the GT-sampling database."""
+        return (x >= self.x_min) & (x < self.x_max) & (y >= self.y_min) & (y < self.y_max)
+
     def sampling_grid(self, dst: "BEVGrid") -> np.ndarray:
         """(H_dst, W_dst, 2) float32: the cell centres of `dst` in this grid's normalised (x, y) coordinates,
         as `torch.nn.functional.grid_sample(..., align_corners=False)` reads them (-1 and 1 are this grid's

@@ -49,7 +49,7 @@ class GTDatabase:
         grid = grid if grid is not None else dataset.config.grid
         for i in range(len(idx)):
             b, l, a = idx.boxes_of(i)
-            on_grid = (b[:, 0] >= grid.x_min) & (b[:, 0] < grid.x_max) & (b[:, 1] >= grid.y_min) & (b[:, 1] < grid.y_max)
+            on_grid = grid.contains_xy(b[:, 0], b[:, 1])
             b, l, a = b[on_grid], l[on_grid], a[on_grid]
             if not len(b):
                 continue

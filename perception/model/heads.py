@@ -197,8 +197,9 @@ def build_detection_targets(boxes_lidar: Tensor, labels: Tensor, attributes: Ten
     batch_index = torch.repeat_interleave(torch.arange(b, device=device), num_boxes.to(device))
     col_f = (boxes_lidar[:, 0] - grid.x_min) / grid.cell
     row_f = (boxes_lidar[:, 1] - grid.y_min) / grid.cell
-    col, row = torch.floor(col_f).long(), torch.floor(row_f).long()
-    on_grid = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    # Clamped: a centre a hair below x_max can round up to column w in float32.
+    col, row = torch.floor(col_f).long().clamp(0, w - 1), torch.floor(row_f).long().clamp(0, h - 1)
+    on_grid = grid.contains_xy(boxes_lidar[:, 0], boxes_lidar[:, 1])
 
     boxes_np = boxes_lidar.detach().cpu().numpy()
     for k in torch.nonzero(on_grid).flatten().tolist():
