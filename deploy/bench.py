@@ -8,7 +8,7 @@ Every iteration, after the warm-up, runs one batch through
      module / ONNX graph / engine with a synchronisation after it: the per-stage figures.
 Percentiles (median, p90, p99) are over the timed iterations; throughput is batch size / median total.
 
-Backends: ``torch`` (eager `DeployCore` modules, FP32 or FP16 autocast on CUDA), ``onnx`` (onnxruntime on the
+Backends: ``torch`` (eager `ExportedCore` and stage modules, FP32 or FP16 autocast on CUDA), ``onnx`` (onnxruntime on the
 graphs `deploy.export` writes into a work directory), ``tensorrt`` (engines built from those graphs). The
 model has the config's architecture with random weights unless a checkpoint is given; the input is a
 synthetic batch on the nuScenes-like rig (``points`` LiDAR points per sample) or a sample of a dataroot.
@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy.core import OUTPUT_NAMES, DeployCore
+from deploy.core import OUTPUT_NAMES, ExportedCore, stages
 from deploy.export import export_model, export_stage_graphs
 from deploy.manifest import Manifest
 from deploy.postprocess import Postprocessor, PostprocessSpec
-from deploy.preprocess import Preprocessor, preprocess_spec_of
 from deploy.runners import Executor, OnnxRuntimeExecutor, TorchExecutor, synchronize
 from perception.config import ExperimentConfig
 from perception.data.batch import Batch
@@ -57,20 +56,20 @@ class _Pipeline:
 
 
 def _torch_pipeline(model: BEVFusionModel, device: torch.device, precision: str) -> _Pipeline:
-    core = DeployCore(model)
-    stages = [(s.name, TorchExecutor(s.module, s.inputs, s.outputs, device=device, precision=precision)) for s in core.stages()]
-    return _Pipeline(TorchExecutor(core, core.input_names, OUTPUT_NAMES, device=device, precision=precision), stages)
+    core = ExportedCore(model)
+    staged = [(s.name, TorchExecutor(s.module, s.inputs, s.outputs, device=device, precision=precision)) for s in stages(model)]
+    return _Pipeline(TorchExecutor(core, core.input_names, OUTPUT_NAMES, device=device, precision=precision), staged)
 
 
 def _export_all(model: BEVFusionModel, cfg: ExperimentConfig, batch: Batch, work_dir: Path) -> tuple[Manifest, dict[str, Path], dict]:
     manifest = export_model(model, cfg, work_dir, example=batch)
-    feeds = manifest.preprocessor()(batch)
+    feeds = manifest.preprocessor()(batch).named()
     stage_paths = export_stage_graphs(model, feeds, work_dir / "stages")
     # Traced shapes of every stage input, for static TensorRT profiles of the stage graphs.
     values = dict(feeds)
-    core = DeployCore(model).eval()
+    model.eval()
     with torch.no_grad():
-        for stage in core.stages():
+        for stage in stages(model):
             out = stage.module(*(values[n] for n in stage.inputs))
             values.update(zip(stage.outputs, out if isinstance(out, tuple) else (out,)))
     shapes = {n: tuple(t.shape) for n, t in values.items()}
@@ -148,7 +147,7 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
     model.eval()
     batch = _bench_batch(cfg, model, batch_size, points, None if data is None else Path(data), version, split,
                          None if info is None else Path(info))
-    pre = Preprocessor(preprocess_spec_of(model))
+    pre = model.preprocessor
     post = Postprocessor(PostprocessSpec(grid=model.grid, decode=model.decode))
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -163,10 +162,10 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
             raise PerceptionError(f"--backend {backend!r}: expected torch, onnx or tensorrt")
 
         times: dict[str, list[float]] = {k: [] for k in (*STAGES, "core", "total")}
-        example_inputs = pre(batch.to(dev))
+        example_inputs = pre(batch.to(dev)).named()
         for i in range(warmup + iterations):
             t0 = time.perf_counter()
-            inputs = pre(batch.to(dev))
+            inputs = pre(batch.to(dev)).named()
             synchronize(dev)
             t1 = time.perf_counter()
             outputs = pipeline.core.run(inputs)

@@ -1,4 +1,5 @@
-"""`perception export`: the plugin-free core (`deploy.core.DeployCore`) as ONNX, and its ``manifest.json``.
+"""`perception export`: the model's core (`deploy.core.ExportedCore`: `BEVFusionModel.forward` itself) as ONNX,
+and its ``manifest.json``.
 
 An export directory holds:
 
@@ -7,7 +8,7 @@ An export directory holds:
   - ``core.int8.onnx`` with ``--int8``: the same graph with INT8 Q/DQ nodes (`deploy.quantize`);
   - ``manifest.json``: the graphs, every input and output (name, dtype, shape with named dynamic axes,
     meaning), the dynamic axes' min/opt/max (TensorRT optimisation profiles), the pre- and post-processing
-    settings (`deploy.preprocess.PreprocessSpec`, `deploy.postprocess.PostprocessSpec`), the BEV and map grids,
+    settings (`perception.model.preprocess.PreprocessSpec`, `deploy.postprocess.PostprocessSpec`), the BEV and map grids,
     the class lists and the experiment config;
   - ``stages/*.onnx`` when asked for (`export_stage_graphs`): one graph per stage, for per-stage latency.
 
@@ -25,14 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deploy.core import OUTPUT_NAMES, DeployCore
+from deploy.core import OUTPUT_NAMES, ExportedCore, stages
 from deploy.manifest import CORE_GRAPH, MANIFEST_NAME, Manifest, TensorSpec  # noqa: F401 (re-exported)
 from deploy.postprocess import PostprocessSpec
-from deploy.preprocess import DEFAULT_SEGMENT_SIZE, Preprocessor, PreprocessSpec, preprocess_spec_of
 from perception.config import ExperimentConfig
 from perception.data.batch import Batch
 from perception.errors import PerceptionError
 from perception.model.bevfusion import BEVFusionModel
+from perception.model.preprocess import PreprocessSpec
 from perception.model.synthetic import make_synthetic_batch
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ DEFAULT_OPSET = 17
 
 _DESCRIPTIONS = {
     "images": "normalised camera images (see preprocessing.normalization)",
-    "pool_segments": "lift-splat pooling plan: frustum-volume rows per segment, B*P = zero row (deploy.preprocess.PoolingPlan)",
+    "pool_segments": "lift-splat pooling plan: frustum-volume rows per segment, B*P = zero row (fusion.bev_pool.PoolingPlan)",
     "pool_merges": "lift-splat pooling plan: segment rows per multi-segment cell, S = zero row",
     "pool_cells": "lift-splat pooling plan: table row of each BEV cell, S + M = empty",
     "lidar2img": "LIDAR_TOP -> augmented pixels, homogeneous (cam2img @ inverse(cam2lidar))",
@@ -111,7 +112,7 @@ def export_onnx(module: torch.nn.Module, args: Sequence[Tensor], path: Path, inp
 
 def export_model(model: BEVFusionModel, config: ExperimentConfig | dict[str, Any], out_dir: str | Path, *,
                  example: Batch | None = None, opset: int = DEFAULT_OPSET, max_batch: int = 4,
-                 segment_size: int = DEFAULT_SEGMENT_SIZE, source: dict[str, Any] | None = None) -> Manifest:
+                 source: dict[str, Any] | None = None) -> Manifest:
     """Export `model`'s plugin-free core to ``out_dir/core.onnx`` and write ``out_dir/manifest.json``.
 
     Args:
@@ -120,7 +121,6 @@ def export_model(model: BEVFusionModel, config: ExperimentConfig | dict[str, Any
         example: a batch that fixes the static shapes (default: `example_batch`).
         opset: ONNX opset (>= 17).
         max_batch: largest batch of the TensorRT profiles the manifest records.
-        segment_size: K of the lift-splat pooling plan.
         source: provenance recorded in the manifest (checkpoint path, step).
 
     Returns: the written `Manifest`. Raises `PerceptionError` if the graph fails the TensorRT check.
@@ -135,9 +135,9 @@ def export_model(model: BEVFusionModel, config: ExperimentConfig | dict[str, Any
     was_training = model.training
     model.eval()
     try:
-        spec = preprocess_spec_of(model, segment_size)
-        feeds = Preprocessor(spec)(example if example is not None else example_batch(model))
-        core = DeployCore(model).eval()
+        spec = model.preprocess_spec()
+        feeds = model.prepare(example if example is not None else example_batch(model)).named()
+        core = ExportedCore(model).eval()
         with torch.no_grad():
             outputs = dict(zip(OUTPUT_NAMES, core(*feeds.values())))
         export_onnx(core, tuple(feeds.values()), out_dir / CORE_GRAPH, tuple(feeds), OUTPUT_NAMES, opset)
@@ -171,15 +171,15 @@ def export_model(model: BEVFusionModel, config: ExperimentConfig | dict[str, Any
 
 def export_stage_graphs(model: BEVFusionModel, feeds: dict[str, Tensor], out_dir: str | Path,
                         opset: int = DEFAULT_OPSET) -> dict[str, Path]:
-    """One ONNX graph per stage of `DeployCore` (camera, bev_pooling, lidar, radar, fuse_heads) in ``out_dir``,
+    """One ONNX graph per stage of the core (`deploy.core.stages`: camera, bev_pooling, lidar, radar, fuse_heads) in ``out_dir``,
     traced with the intermediate tensors of `feeds` (the core's inputs). Returns {stage: path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    core = DeployCore(model).eval()
+    model.eval()
     values = dict(feeds)
     paths = {}
     with torch.no_grad():
-        for stage in core.stages():
+        for stage in stages(model):
             args = tuple(values[n] for n in stage.inputs)
             out = stage.module(*args)
             values.update(zip(stage.outputs, out if isinstance(out, tuple) else (out,)))
@@ -228,7 +228,7 @@ def calibration_feeds(manifest: Manifest, dataroot: str | Path, num_samples: int
     feeds = []
     for i in indices:
         batch = collate_samples([dataset[i]])
-        feeds.append({k: v.cpu().numpy() for k, v in pre(batch).items()})
+        feeds.append({k: v.cpu().numpy() for k, v in pre(batch).named().items()})
     log.info("calibration: %d samples of %s", len(feeds), info or f"{dataroot}/{split}")
     return feeds
 

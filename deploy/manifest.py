@@ -9,9 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from deploy.postprocess import Postprocessor, PostprocessSpec
-from deploy.preprocess import Preprocessor, PreprocessSpec
+from perception.model.preprocess import Preprocessor, PreprocessSpec
 from perception.config import ExperimentConfig, config_from_dict
 from perception.errors import PerceptionError
 from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid

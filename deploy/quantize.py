@@ -7,7 +7,7 @@ matrix products and their inputs), FP32 elsewhere. Where ModelOpt cannot be impo
 static QDQ quantiser (symmetric, per-channel weights) does the job and the manifest says so.
 
 Layers that hold the accuracy stay in FP32 (`SENSITIVE_NODES`, regular expressions over the exported node
-names of `deploy.core.DeployCore`):
+names of `deploy.core.ExportedCore`, i.e. the model's module paths under ``/model/``):
   - the pillar feature nets' first linear layer: its input is raw metres, m/s, dBsm and seconds in one
     tensor, and one INT8 scale over +-51 m is a 0.4 m step;
   - the depth net's last convolution: the logits of a softmax over the depth bins;
@@ -33,12 +33,12 @@ log = logging.getLogger(__name__)
 
 INT8_GRAPH = "core.int8.onnx"
 SENSITIVE_NODES: tuple[str, ...] = (
-    r"^/(lidar|radar)/pfn/",
-    r"^/camera/depth_net/depth_net\.1/",
-    r"^/fuse_heads/heads/detection/[a-z_]+/[a-z_]+\.3/",
-    r"^/fuse_heads/heads/map_segmentation/net/net\.6/",
-    r"^/fuse_heads/heads/scene/",
-    r"^/camera/encoder/blocks\.\d+/attn/MatMul(_1)?$",
+    r"^/model/(lidar|radar)_encoder/pfn/",
+    r"^/model/view_transform/depth_net/depth_net\.1/",
+    r"^/model/heads/detection/[a-z_]+/[a-z_]+\.3/",
+    r"^/model/heads/map_segmentation/net/net\.6/",
+    r"^/model/heads/scene/",
+    r"^/model/camera_encoder/blocks\.\d+/attn/MatMul(_1)?$",
 )
 
 

@@ -1,12 +1,12 @@
 """Runners: one interface over PyTorch, ONNX Runtime and TensorRT.
 
-A `Runner` is the shared pre-processing (`deploy.preprocess.Preprocessor`), an `Executor` that runs the core
+A `Runner` is the shared pre-processing (`perception.model.preprocess.Preprocessor`), an `Executor` that runs the core
 on one runtime, and the shared post-processing (`deploy.postprocess.Postprocessor`). ``runner.predict(batch)``
 returns the `Prediction`s that `BEVFusionModel.predict` returns, so `perception.evaluation.run_inference`
 evaluates any runtime unchanged (``runner.eval()`` is there for it and does nothing).
 
 Executors take and return ``{name: torch.Tensor}``:
-  - `TorchExecutor`: a module (the `DeployCore`, or one of its stages) in eager PyTorch, FP32 or FP16 autocast;
+  - `TorchExecutor`: a module (the `ExportedCore`, or one of its stages) in eager PyTorch, FP32 or FP16 autocast;
   - `OnnxRuntimeExecutor`: an ONNX graph in an ``onnxruntime.InferenceSession`` (CPU, or CUDA where the
     installed onnxruntime has it);
   - `deploy.tensorrt.TensorRTExecutor`: a serialized TensorRT engine.
@@ -25,12 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from deploy.executor import Executor, synchronize  # noqa: F401 (re-exported)
-from deploy.manifest import Manifest
-from deploy.postprocess import Postprocessor
-from deploy.preprocess import Preprocessor
+from deploy.core import OUTPUT_NAMES, ExportedCore
+from deploy.manifest import Manifest, TensorSpec
+from deploy.postprocess import Postprocessor, PostprocessSpec
 from perception.data.batch import Batch
 from perception.errors import PerceptionError
 from perception.model.bevfusion import Prediction
+from perception.model.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class Runner:
     @torch.no_grad()
     def predict(self, batch: Batch) -> list[Prediction]:
         """Per-sample predictions of a batch (pre-processing, core, decoding and NMS)."""
-        inputs = self.preprocessor(batch.to(self.device))
+        inputs = self.preprocessor(batch.to(self.device)).named()
         return self.postprocessor(self.infer(inputs))
 
 
@@ -155,14 +156,9 @@ def _resolve_export(path: Path, suffixes: tuple[str, ...]) -> tuple[Manifest, Pa
 
 
 def torch_runner(model, config, *, device: torch.device | str = "cpu", precision: str = "fp32") -> Runner:
-    """A runner over a `BEVFusionModel` in eager PyTorch (its `DeployCore`), with the shared pre/post-processing."""
-    from deploy.core import OUTPUT_NAMES, DeployCore
-    from deploy.manifest import TensorSpec
-    from deploy.postprocess import PostprocessSpec
-    from deploy.preprocess import preprocess_spec_of
-
-    core = DeployCore(model.eval())
-    spec = preprocess_spec_of(model)
+    """A runner over a `BEVFusionModel` in eager PyTorch (its `ExportedCore`), with the shared pre/post-processing."""
+    core = ExportedCore(model.eval())
+    spec = model.preprocess_spec()
     manifest = Manifest(
         graphs={}, opset=0, inputs=[TensorSpec(n, "", ()) for n in core.input_names],
         outputs=[TensorSpec(n, "", ()) for n in OUTPUT_NAMES], dynamic_axes={}, preprocessing=spec,

@@ -1,19 +1,21 @@
-"""LiDAR encoder: pillar voxelisation (pre-processing, plain torch), PointPillars feature net, scatter to BEV,
-and a small 2D backbone.
+"""LiDAR encoder: pillar voxelisation (pre-processing, plain torch), PointPillars feature net, placement on the
+BEV grid, and a small 2D backbone.
 
 `PillarVoxelizer` runs outside the exportable core: it turns a concatenated point cloud with per-sample counts
-into padded pillars with a flat BEV index. `PillarEncoder` is exportable (Linear, BatchNorm, max, scatter-add,
-convs). The radar encoder (`fusion.radar`) reuses both with radar columns.
+into padded pillars and, for every BEV cell, the row of its pillar. `PillarEncoder` is exportable (Linear,
+BatchNorm, max, Gather, convs; `fusion.bev_pool`). The radar encoder (`fusion.radar`) reuses both with radar
+columns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fusion.bev_pool import bev_flat_index, scatter_add_rows
+from fusion.bev_pool import bev_flat_index, gather_bev, pillar_bev_index
 from perception.structures import BEVGrid
 
 # Columns of Batch.points_lidar: x, y, z, intensity, dt.
@@ -26,21 +28,25 @@ KEYFRAME_DT = 0.025
 
 @dataclass(frozen=True)
 class Pillars:
-    """Padded non-empty pillars of a batch.
+    """Padded non-empty pillars of a batch of B samples, and where each lies on the BEV grid.
+
+    A batch without any pillar gets one all-padding pillar (zero features, zero mask, referenced by no cell),
+    so that no runtime sees a zero-sized tensor.
 
     Attributes:
         features: (P, M, F + 5) float32: the selected point columns, then x, y, z minus the pillar's point
             mean, then x, y minus the pillar centre (LIDAR_TOP, metres); zeros for padding slots.
         point_mask: (P, M) float32, 1 for real points.
-        index: (P,) int64, ``b * H * W + row * W + col`` of each pillar on the grid.
+        bev_index: (B, H, W) int64 in [0, P]: the pillar of each BEV cell (row i along +y, column j along +x),
+            P where the cell has none.
     """
 
     features: Tensor
     point_mask: Tensor
-    index: Tensor
+    bev_index: Tensor
 
-    def __len__(self) -> int:
-        return int(self.index.shape[0])
+    def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.features, self.point_mask, self.bev_index
 
 
 class PillarVoxelizer:
@@ -65,6 +71,16 @@ class PillarVoxelizer:
     def num_features(self) -> int:
         """F + 5: channels of `Pillars.features`."""
         return len(self.feature_columns) + NUM_DECORATIONS
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings an export manifest records (the grid is recorded once, beside them)."""
+        return {"feature_columns": list(self.feature_columns), "max_points_per_pillar": self.max_points_per_pillar,
+                "max_pillars": self.max_pillars, "num_features": self.num_features}
+
+    @staticmethod
+    def from_json(d: dict[str, Any], grid: BEVGrid) -> "PillarVoxelizer":
+        return PillarVoxelizer(grid=grid, feature_columns=tuple(int(c) for c in d["feature_columns"]),
+                               max_points_per_pillar=int(d["max_points_per_pillar"]), max_pillars=int(d["max_pillars"]))
 
     @torch.no_grad()
     def __call__(self, points: Tensor, num_points: Tensor) -> Pillars:
@@ -124,21 +140,25 @@ class PillarVoxelizer:
         features[pillar_of_point, rank] = decorated
         point_mask = torch.zeros(num_pillars, m, device=device)
         point_mask[pillar_of_point, rank] = 1.0
-        return Pillars(features=features, point_mask=point_mask, index=pillar_key)
+        bev_index = pillar_bev_index(pillar_key, batch_size, grid)
+        if num_pillars == 0:  # one padding pillar, which no cell reads (index 1 is the zero row after it)
+            features, point_mask = features.new_zeros(1, m, self.num_features), point_mask.new_zeros(1, m)
+            bev_index = torch.ones_like(bev_index)
+        return Pillars(features=features, point_mask=point_mask, bev_index=bev_index)
 
 
 class PillarEncoder(nn.Module):
-    """PointPillars: per-point Linear + BatchNorm + ReLU, max over the pillar's points, scattered to the BEV
-    grid, then a small 2D conv backbone.
+    """PointPillars: per-point Linear + BatchNorm + ReLU, max over the pillar's points, laid out on the BEV
+    grid (`fusion.bev_pool.gather_bev`), then a small 2D conv backbone.
 
     Args:
         voxelizer: pre-processing that makes this encoder's `Pillars` (not called in `forward`).
         pfn_channels: pillar feature channels.
         out_channels: channels of the BEV output.
-        backbone_layers: number of 3x3 conv + BN + ReLU layers after the scatter.
+        backbone_layers: number of 3x3 conv + BN + ReLU layers on the BEV grid.
         keyframe_feature: index into `Pillars.features` of the points' time lag (s); if given, the pillar's
             keyframe-sweep points (time lag < KEYFRAME_DT) are max-pooled again on their own and those
-            `pfn_channels` are scattered beside the all-sweep ones, so the BEV keeps where a moving object is now
+            `pfn_channels` are laid out beside the all-sweep ones, so the BEV keeps where a moving object is now
             apart from where it was. None: one max over all points.
     """
 
@@ -176,19 +196,13 @@ class PillarEncoder(nn.Module):
         keyframe = (features[..., self.keyframe_feature] < KEYFRAME_DT).to(x.dtype) * point_mask  # (P, M)
         return torch.cat([pooled, (x * keyframe[..., None]).amax(dim=1)], 1)
 
-    def forward(self, features: Tensor, point_mask: Tensor, index: Tensor, batch_size: int) -> Tensor:
-        """features: (P, M, F) float; point_mask: (P, M) float; index: (P,) int64 (see `Pillars`).
+    def forward(self, features: Tensor, point_mask: Tensor, bev_index: Tensor) -> Tensor:
+        """features: (P, M, F) float; point_mask: (P, M) float; bev_index: (B, H, W) int64 in [0, P] (`Pillars`).
 
-        `batch_size` is B (in the exported graph it comes from the images' shape). P = 0 (every cloud empty) is
-        valid: the scattered grid is then all zeros.
-
-        Returns: (batch_size, out_channels, H, W) float BEV features on the grid (row along +y, column along +x).
+        Returns: (B, out_channels, H, W) float BEV features on the grid (row along +y, column along +x); a cell
+        without a pillar enters the backbone as zeros.
         """
-        x = self.pool(features, point_mask)
-        cells = self.grid.height * self.grid.width
-        bev = scatter_add_rows(x, index, batch_size * cells)
-        bev = bev.view(batch_size, self.grid.height, self.grid.width, -1).permute(0, 3, 1, 2).contiguous()
-        return self.backbone(bev)
+        return self.backbone(gather_bev(self.pool(features, point_mask), bev_index))
 
 
 class LidarEncoder(PillarEncoder):

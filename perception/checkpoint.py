@@ -240,7 +240,7 @@ def model_card(model: nn.Module) -> dict:
     and the BEV and map grids (metres, `BEVGrid` fields)."""
     enc = model.camera_encoder
     return {
-        "normalization": {"pixel_mean": enc.pixel_mean.flatten().tolist(), "pixel_std": enc.pixel_std.flatten().tolist()},
+        "normalization": {"pixel_mean": list(enc.pixel_mean), "pixel_std": list(enc.pixel_std)},
         "classes": {"detection": list(DETECTION_CLASSES), "attributes": list(ATTRIBUTES), "map": list(MAP_CLASSES),
                     "scene_tags": list(SCENE_TAGS)},
         "grid": asdict(model.grid),
@@ -350,8 +350,8 @@ def model_from_checkpoint(checkpoint: str | Path, *, device: torch.device | str 
         _check_card(card, model, path)
         norm = card["normalization"]
         enc = model.camera_encoder
-        enc.pixel_mean.copy_(torch.tensor(norm["pixel_mean"], dtype=torch.float32).view_as(enc.pixel_mean))
-        enc.pixel_std.copy_(torch.tensor(norm["pixel_std"], dtype=torch.float32).view_as(enc.pixel_std))
+        enc.pixel_mean = tuple(float(v) for v in norm["pixel_mean"])
+        enc.pixel_std = tuple(float(v) for v in norm["pixel_std"])
     model = model.to(device or "cpu").eval()
     return CheckpointModel(model, cfg, {"checkpoint": str(path), "step": ckpt.get("step"), "ema": prefer_ema and ckpt.get("ema") is not None})
 

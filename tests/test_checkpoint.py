@@ -70,7 +70,7 @@ def test_checkpoint_evaluates_after_its_pretrained_file_is_deleted(synth_root, t
 
     # the rebuilt model is the trained one, normalisation included: the same outputs on a validation sample
     loaded = model_from_checkpoint(last)
-    torch.testing.assert_close(loaded.model.camera_encoder.pixel_mean.flatten(), torch.tensor(MEAN) * 255)
+    torch.testing.assert_close(torch.tensor(loaded.model.camera_encoder.pixel_mean), torch.tensor(MEAN) * 255)
     val = build_dataset(loaded.config, synth_root, "v1.0-mini", "mini_val", train=False, map_grid=loaded.model.map_grid)
     batch = collate_samples([val[0]])
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_checkpoint_evaluates_after_its_pretrained_file_is_deleted(synth_root, t
     trained_pos = trainer.model.camera_encoder.backbone.pos_embed.detach()
     torch.testing.assert_close(wide.model.camera_encoder.backbone.pos_embed.detach(),
                                resample_abs_pos_embed(trained_pos, new_size=[6, 11], old_size=[4, 11], num_prefix_tokens=1))
-    torch.testing.assert_close(wide.model.camera_encoder.pixel_std.flatten(), torch.tensor(STD) * 255)
+    torch.testing.assert_close(torch.tensor(wide.model.camera_encoder.pixel_std), torch.tensor(STD) * 255)
     assert set(got) == set(expected) == {"heatmap", "offset", "z", "log_size", "rot", "velocity", "attribute", "map", "scene", "depth"}
     torch.testing.assert_close(got, expected)
 

@@ -9,6 +9,7 @@ checkpoint is exported once per module (with INT8) through the CLI and shared by
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +21,16 @@ import torch
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from deploy.core import OUTPUT_NAMES, DeployCore
+from deploy.core import OUTPUT_NAMES
 from deploy.export import Manifest, export_stage_graphs
-from deploy.preprocess import Preprocessor, make_pooling_plan, preprocess_spec_of
+from deploy.quantize import SENSITIVE_NODES
 from deploy.runners import OnnxRuntimeExecutor, load_runner
 from deploy.trt_compat import SOURCE_VERSION, SUPPORTED_OPS, check_model, check_onnx
 from perception.cli import app
 from perception.config import load_config
 from perception.data.collate import collate_samples
 from perception.errors import PerceptionError
-from fusion.bev_pool import scatter_add_rows
+from fusion.bev_pool import gather_bev, make_pooling_plan, pool_with_plan
 from perception.model.build import build_model
 from perception.model.synthetic import make_synthetic_batch
 from perception.structures import BEVGrid
@@ -73,7 +74,14 @@ def _dataset_batches(cfg, synth_root, model, split: str, count: int, batch_size:
 # ------------------------------------------------------------------------------------------ the core
 
 
-def test_pooling_plan_sums_like_scatter_add():
+def _add_at(rows: np.ndarray, index: np.ndarray, num: int) -> np.ndarray:
+    """Independent oracle: numpy's unbuffered sum of rows (R, C) into `num` output rows, float64."""
+    out = np.zeros((num, rows.shape[1]), np.float64)
+    np.add.at(out, index, rows.astype(np.float64))
+    return out
+
+
+def test_pooling_plan_sums_like_numpy_add_at():
     grid = BEVGrid(x_min=-4, x_max=4, y_min=-4, y_max=4, cell=1.0)  # 8 x 8 cells
     cells = grid.height * grid.width
     gen = torch.Generator().manual_seed(0)
@@ -83,43 +91,63 @@ def test_pooling_plan_sums_like_scatter_add():
     rows = torch.randn(600, 3, generator=gen, dtype=torch.float64)
     plan = make_pooling_plan(geometry, grid, segment_size=4)
     assert plan.segments.shape[1] == 4 and plan.merges.shape[0] >= 1 and plan.cells.shape == (2, 8, 8)
-
-    def gather_sum(table, index):
-        return torch.cat([table, table.new_zeros(1, table.shape[1])])[index].sum(1)
-
-    segments = gather_sum(rows, plan.segments)
-    table = torch.cat([segments, gather_sum(segments, plan.merges), rows.new_zeros(1, 3)])
-    got = table[plan.cells].view(2 * cells, 3)
-    offsets = torch.arange(2)[:, None] * (cells + 1)
-    expected = scatter_add_rows(rows, (geometry + offsets).flatten(), 2 * (cells + 1)).view(2, cells + 1, 3)[:, :cells]
-    torch.testing.assert_close(got, expected.reshape(2 * cells, 3))
+    got = pool_with_plan(rows, *plan.as_tuple())  # (2, 3, 8, 8)
+    offsets = np.arange(2)[:, None] * (cells + 1)
+    expected = _add_at(rows.numpy(), (geometry.numpy() + offsets).ravel(), 2 * (cells + 1)).reshape(2, cells + 1, 3)[:, :cells]
+    np.testing.assert_allclose(got.permute(0, 2, 3, 1).reshape(2, cells, 3).numpy(), expected, rtol=1e-12, atol=1e-12)
     # Nothing lands on the grid: one all-padding segment, every cell empty.
     empty = make_pooling_plan(torch.full((1, 10), cells), grid)
     assert empty.segments.shape[0] == 1 and bool((empty.cells == empty.segments.shape[0] + empty.merges.shape[0]).all())
+    assert not pool_with_plan(torch.randn(10, 3), *empty.as_tuple()).any()
 
 
-@pytest.mark.parametrize("kind", ["lift_splat", "bev_sample"])
-def test_plugin_free_core_equals_the_model_forward(kind):
-    cfg, model = small_model(*([] if kind == "lift_splat" else BEV_SAMPLE))
-    # An empty LiDAR cloud, a missing modality and a batch of 2.
+def test_camera_bev_of_the_model_equals_a_scatter_sum_of_each_samples_own_rig():
+    """The model's lift-splat BEV against numpy add.at of depth x context over each frustum point's cell, for a
+    batch whose two samples have different rigs (the second moved 3 m forward)."""
+    cfg, model = small_model()
+    batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=model.grid, seed=5)
+    batch.cam2lidar[1, :, 1, 3] += 3.0
+    inputs = model.prepare(batch)
+    vt = model.view_transform
+    with torch.no_grad():
+        depth, context = vt.lift(model.camera_encoder(inputs.images))
+        bev = vt.splat(depth, context, *inputs.geometry)
+    frustum = vt.rig_geometry.frustum_bev_index(batch.cam2img, batch.cam2lidar).numpy()  # (2, N*D*h*w)
+    cells = model.grid.height * model.grid.width
+    c = vt.out_channels
+    volume = (depth[:, :, None] * context[:, None]).permute(0, 1, 3, 4, 2).reshape(2, -1, c).numpy()
+    for b in range(2):
+        expected = _add_at(volume[b], frustum[b], cells + 1)[:cells]
+        np.testing.assert_allclose(bev[b].permute(1, 2, 0).reshape(cells, c).numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert not np.array_equal(frustum[0], frustum[1])
+
+
+def test_pillars_land_on_their_cells_and_an_empty_batch_is_one_padding_pillar():
+    cfg, model = small_model()
     batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=model.grid, seed=5,
-                                 lidar_points_per_sample=[0, None], modality_mask=[[True, False, True], [True, True, True]])
-    inputs = Preprocessor(preprocess_spec_of(model))(batch)
+                                 lidar_points_per_sample=[0, None])
+    pillars = model.prepare(batch).lidar
+    enc = model.lidar_encoder
     with torch.no_grad():
-        expected = model(*model.prepare(batch).as_args())
-        got = dict(zip(OUTPUT_NAMES, DeployCore(model).eval()(*inputs.values())))
-    for name in OUTPUT_NAMES:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
-    # No pillar in the whole batch: one padding pillar keeps every tensor non-empty, and the result is unchanged.
+        rows = enc.pool(pillars.features, pillars.point_mask)
+        placed = gather_bev(rows, pillars.bev_index)  # what the encoder's backbone reads
+    # Oracle: every cell of each pillar's flat key, from the pillar-centre decoration and the point offsets.
+    xy = (pillars.features[..., :2] - pillars.features[..., -2:])[:, 0]  # a real point minus its offset to the centre
+    col = torch.floor((xy[:, 0] - model.grid.x_min) / model.grid.cell).long()
+    row = torch.floor((xy[:, 1] - model.grid.y_min) / model.grid.cell).long()
+    assert int((pillars.bev_index[0] < len(rows)).sum()) == 0  # sample 0 has no LiDAR points
+    b, r, cc = torch.nonzero(pillars.bev_index < len(rows), as_tuple=True)
+    k = pillars.bev_index[b, r, cc]
+    assert torch.equal(row[k], r) and torch.equal(col[k], cc)
+    torch.testing.assert_close(placed[b, :, r, cc], rows[k])
+    assert not placed[0].any()
+    # No pillar in the whole batch: one padding pillar, every cell reads zeros: the LiDAR BEV is the backbone of zeros.
     empty = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=model.grid, lidar_points_per_sample=[0])
-    inputs = Preprocessor(preprocess_spec_of(model))(empty)
-    assert inputs["lidar_features"].shape[0] == 1 and bool((inputs["lidar_bev_index"] == 1).all())
+    lidar = model.prepare(empty).lidar
+    assert lidar.features.shape[0] == 1 and bool((lidar.bev_index == 1).all())
     with torch.no_grad():
-        torch.testing.assert_close(DeployCore(model).eval()(*inputs.values())[0], model(*model.prepare(empty).as_args())["heatmap"],
-                                   rtol=1e-4, atol=1e-5)
-
-
-# -------------------------------------------------------------------------------- export and runtimes
+        zeros = torch.zeros(1, rows.shape[1], *model.grid.shape)
+        torch.testing.assert_close(enc(*lidar.as_tuple()), enc.backbone(zeros))
 
 
 def test_manifest_describes_the_graphs(exported):
@@ -129,7 +157,7 @@ def test_manifest_describes_the_graphs(exported):
     for key in ("inputs", "outputs", "dynamic_axes", "preprocessing", "postprocessing", "bev_grid", "map_grid", "classes", "config"):
         assert key in raw, key
     assert manifest.graphs == {"fp32": "core.onnx", "int8": "core.int8.onnx"}
-    assert manifest.input_names == tuple(DeployCore(model).input_names)
+    assert manifest.input_names == model.preprocess_spec().input_names
     assert manifest.output_names == OUTPUT_NAMES
     heatmap = next(t for t in manifest.outputs if t.name == "heatmap")
     assert heatmap.dtype == "float32" and heatmap.shape == ("batch", 10, 64, 64)
@@ -149,7 +177,7 @@ def test_onnxruntime_agrees_with_pytorch_on_synthetic_samples(exported, synth_ro
     for batch in _dataset_batches(cfg, synth_root, model, "mini_val", count=2):
         with torch.no_grad():
             expected = model(*model.prepare(batch).as_args())
-        got = runner.infer(runner.preprocessor(batch))
+        got = runner.infer(runner.preprocessor(batch).named())
         assert float((got["heatmap"] - expected["heatmap"]).abs().max()) <= 1e-3
         torch_preds, onnx_preds = model.predict(batch), runner.predict(batch)
         assert any(len(p.boxes_lidar) for p in torch_preds)
@@ -170,13 +198,13 @@ def test_int8_qdq_graph_runs_in_onnxruntime(exported, synth_root, tmp_path):
     # detection outputs; the BEV decoder's convolutions are quantised.
     dq_outputs = {o for n in graph.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized = {n.name for n in graph.graph.node if dq_outputs & set(n.input)}
-    sensitive = [n.name for n in graph.graph.node if n.name.startswith(("/lidar/pfn/", "/fuse_heads/heads/detection/heatmap/heatmap.3/"))
+    sensitive = [n.name for n in graph.graph.node if n.name.startswith(("/model/lidar_encoder/pfn/", "/model/heads/detection/heatmap/heatmap.3/"))
                  or n.name.endswith(("/attn/MatMul", "/attn/MatMul_1"))]
     assert len(sensitive) >= 3 and not quantized & set(sensitive)
-    assert "/fuse_heads/bev_decoder/stage1/stage1.0/Conv" in quantized
+    assert "/model/bev_decoder/stage1/stage1.0/Conv" in quantized
     (batch,) = _dataset_batches(cfg, synth_root, model, "mini_train", count=1)
     fp32, int8 = load_runner("onnx", out), load_runner("onnx", out / "core.int8.onnx")
-    inputs = fp32.preprocessor(batch)
+    inputs = fp32.preprocessor(batch).named()
     a, b = fp32.infer(inputs), int8.infer(inputs)
     assert b["heatmap"].shape == a["heatmap"].shape and torch.isfinite(b["heatmap"]).all()
     assert float((a["heatmap"] - b["heatmap"]).abs().max()) < 0.1 * float(a["heatmap"].abs().max())
@@ -193,6 +221,13 @@ def test_int8_qdq_graph_runs_in_onnxruntime(exported, synth_root, tmp_path):
     assert check_onnx(tmp_path / "ort.int8.onnx").ok
     c = OnnxRuntimeExecutor(tmp_path / "ort.int8.onnx").run(inputs)
     assert float((a["heatmap"] - c["heatmap"]).abs().max()) < 0.1 * float(a["heatmap"].abs().max())
+
+
+def test_every_sensitive_node_pattern_names_nodes_of_the_core(exported):
+    """A renamed module must not silently quantise a layer meant to stay in FP32."""
+    names = [n.name for n in onnx.load(str(exported[3] / "core.onnx")).graph.node]
+    for pattern in SENSITIVE_NODES:
+        assert any(re.match(pattern, n) for n in names), pattern
 
 
 def test_eval_backend_onnx_on_an_export_directory(exported, synth_root, tmp_path):
@@ -227,7 +262,7 @@ def test_trt_compatibility_check(exported, tmp_path):
     for kind, extra in (("lift_splat", ()), ("bev_sample", BEV_SAMPLE)):
         c, m = (cfg, model) if kind == "lift_splat" else small_model(*extra)
         batch = make_synthetic_batch(batch_size=1, image_size=c.data.image_size, grid=m.grid)
-        graphs += export_stage_graphs(m, Preprocessor(preprocess_spec_of(m))(batch), tmp_path / kind).values()
+        graphs += export_stage_graphs(m, m.prepare(batch).named(), tmp_path / kind).values()
     for path in graphs:
         report = check_onnx(path)
         assert report.ok, report.format()
@@ -296,8 +331,8 @@ def test_tensorrt_engine_agrees_with_onnxruntime(exported, synth_root, precision
     trt_runner = load_runner("tensorrt", engine)
     ort_runner = load_runner("onnx", graph)
     (batch,) = _dataset_batches(cfg, synth_root, model, "mini_val", count=1)
-    a = ort_runner.infer(ort_runner.preprocessor(batch))
-    b = trt_runner.infer(trt_runner.preprocessor(batch.to("cuda")))
+    a = ort_runner.infer(ort_runner.preprocessor(batch).named())
+    b = trt_runner.infer(trt_runner.preprocessor(batch.to("cuda")).named())
     tolerance = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.1 * float(a["heatmap"].abs().max())}[precision]
     assert float((a["heatmap"] - b["heatmap"].cpu()).abs().max()) <= tolerance
     assert len(trt_runner.predict(batch.to("cuda"))) == 2

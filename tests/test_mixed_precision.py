@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy.core import LiftSplatPooling
-from deploy.preprocess import make_pooling_plan
 from perception.config import load_config
 from perception.errors import ConfigError
-from fusion.bev_pool import scatter_add_rows
+from fusion.bev_pool import make_pooling_plan, pool_with_plan
 from perception.model.build import build_model
 from perception.model.losses import (
     depth_loss, dice_loss, gaussian_focal_loss, masked_cross_entropy, sigmoid_focal_loss, weighted_l1,
@@ -108,16 +106,17 @@ def test_every_loss_runs_in_float32_under_autocast(dtype):
 # --------------------------------------------------------------------------------------------- pooling
 
 
-def test_scatter_add_accumulates_in_float32():
+def test_bev_pooling_accumulates_in_float32():
     gen = torch.Generator().manual_seed(0)
     # 4000 rows into 2 cells, values exact in bfloat16: the bfloat16 sums (~3000) are off by several units.
     features = (torch.rand(4000, 3, generator=gen) + 1.0).to(torch.bfloat16)
     index = torch.arange(4000) % 2
+    plan = make_pooling_plan(index[None], BEVGrid(x_min=0, x_max=2, y_min=0, y_max=1, cell=1.0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        sums = scatter_add_rows(features, index, 2)
+        sums = pool_with_plan(features, *plan.as_tuple())  # (1, 3, 1, 2)
     assert sums.dtype == torch.float32
     ref = torch.stack([features[index == r].double().sum(0) for r in range(2)])
-    torch.testing.assert_close(sums.double(), ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sums[0, :, 0].T.double(), ref, rtol=1e-6, atol=0)
     assert (features.double().sum(0) - ref.sum(0)).abs().max() < 1e-6  # sanity: the reference is exact
 
 
@@ -128,9 +127,9 @@ def test_lift_splat_under_autocast_pools_in_float32():
     lift = LiftSplat(grid=grid, in_channels=16, out_channels=8, image_size=IMAGE, feature_stride=16,
                      depth_min=1.0, depth_step=0.5, num_bins=40).eval()
     features = torch.randn(1, 6, 16, 4, 11)
-    geometry = lift.geometry(cam2img[None], cam2lidar[None])
+    geometry = lift.rig_geometry.frustum_bev_index(cam2img[None], cam2lidar[None])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        bev, depth = lift(features, geometry)
+        bev, depth = lift(features, lift.rig_geometry(cam2img[None], cam2lidar[None]))
         x = lift.depth_net(features.flatten(0, 1))  # the same bfloat16 depth net output
     assert x.dtype == torch.bfloat16
     assert bev.dtype == torch.float32 and depth.dtype == torch.float32
@@ -147,7 +146,7 @@ def test_lift_splat_under_autocast_pools_in_float32():
     torch.testing.assert_close(depth.double().flatten(0, 1), x[:, :40].softmax(1).view(6, 40, 4, 11), rtol=1e-5, atol=1e-7)
 
 
-def test_deployed_lift_splat_pooling_sums_in_float32_under_autocast():
+def test_lift_splat_pooling_of_bfloat16_inputs_sums_in_float32_under_autocast():
     grid = BEVGrid(x_min=-4, x_max=4, y_min=-4, y_max=4, cell=1.0)
     lift = LiftSplat(grid=grid, in_channels=4, out_channels=2, image_size=(16, 16), feature_stride=16,
                      depth_min=1.0, depth_step=1.0, num_bins=500)
@@ -157,7 +156,7 @@ def test_deployed_lift_splat_pooling_sums_in_float32_under_autocast():
     geometry = torch.randint(0, 3, (1, 500), generator=gen)  # 500 frustum points into 3 cells
     plan = make_pooling_plan(geometry, grid, segment_size=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bev = LiftSplatPooling(lift)(depth, context, plan.segments, plan.merges, plan.cells)
+        bev = lift.splat(depth, context, *plan.as_tuple())
     assert bev.dtype == torch.float32
     rows = depth.double().view(500, 1) * context.double().view(1, 2)
     ref = torch.zeros(grid.height * grid.width, 2, dtype=torch.float64).index_add_(0, geometry[0], rows)

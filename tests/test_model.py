@@ -12,6 +12,7 @@ import itertools
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -124,18 +125,18 @@ def test_empty_scene_and_empty_point_clouds(small_models, name):
         model.train()
 
 
-def test_precomputed_rig_geometry_gives_the_same_outputs(small_models):
+def test_rig_geometry_cache_hits_only_the_same_calibration(small_models):
     cfg, model = small_models["tiny"]
     batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=cfg.grid.build(), seed=4)
-    cam2img, cam2lidar, _ = camera_rig(cfg.data.image_size)
-    fixed = model.view_transform.geometry(cam2img[None].expand(2, -1, -1, -1), cam2lidar[None].expand(2, -1, -1, -1))
-    model.eval()
-    with torch.no_grad():
-        a = model(*model.prepare(batch).as_args())
-        b = model(*model.prepare(batch, camera_geometry=fixed).as_args())
-    model.train()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key])
+    pre = model.preprocessor
+    first = pre(batch).geometry
+    assert all(a is b for a, b in zip(pre(batch).geometry, first))  # a fixed rig: computed once
+    fresh = pre(batch, cache=False).geometry  # training: never looked up
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(fresh, first))
+    moved = batch.cam2lidar.clone()
+    moved[:, :, 0, 3] += 1.0  # the rig 1 m to the side: another plan
+    other = pre(replace(batch, cam2lidar=moved)).geometry
+    assert not torch.equal(other[2], first[2])
 
 
 def test_map_head_on_its_own_grid():
@@ -321,7 +322,7 @@ def test_hugging_face_folder_with_non_square_size_and_its_normalisation(tmp_path
     assert report.missing == [] and report.resampled == ["pos_embed 6x10 -> 4x11"]
     assert report.normalization == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
     encoder = build_model(cfg).camera_encoder
-    torch.testing.assert_close(encoder.pixel_mean.flatten(), torch.tensor([0.1, 0.2, 0.3]) * 255)
+    torch.testing.assert_close(torch.tensor(encoder.pixel_mean), torch.tensor([0.1, 0.2, 0.3]) * 255)
 
 
 def test_foreign_or_missing_checkpoint_is_a_config_error(tmp_path):
@@ -403,7 +404,7 @@ def test_lift_splat_geometry_depth_target_and_bev_sample_agree():
     assert point[1] > 20  # in front of the car (+y)
 
     # Lift-splat: the frustum point of that (camera, bin, cell) falls into the point's BEV cell.
-    index = lift.geometry(cam2img[None], cam2lidar[None]).view(6, 30, 4, 11)
+    index = lift.rig_geometry.frustum_bev_index(cam2img[None], cam2lidar[None]).view(6, 30, 4, 11)
     assert int(index[cam, depth_bin, row, col]) == int(bev_flat_index(point[0], point[1], point[2], grid))
 
     # BEVDepth labels: one LiDAR point gives one label, at that cell and bin, in that camera only.
@@ -414,7 +415,8 @@ def test_lift_splat_geometry_depth_target_and_bev_sample_agree():
 
     # Simple-BEV: lidar2img maps the point back to the cell's pixel centre.
     sample = BEVSample(grid=grid, in_channels=8, out_channels=8, image_size=SMALL_IMAGE, z_levels=4)
-    lidar2img = sample.geometry(cam2img[None], cam2lidar[None])[0, cam]
+    (lidar2img,) = sample.rig_geometry(cam2img[None], cam2lidar[None])
+    lidar2img = lidar2img[0, cam]
     uvw = lidar2img @ torch.cat([point, torch.ones(1)])
     torch.testing.assert_close(uvw[:2] / uvw[2], torch.tensor([col * 16 + 7.5, row * 16 + 7.5]), atol=1e-3, rtol=0)
 
@@ -425,8 +427,8 @@ def test_lift_splat_pools_all_depth_mass_inside_the_grid():
     lift = LiftSplat(grid=grid, in_channels=8, out_channels=4, image_size=SMALL_IMAGE, feature_stride=16,
                      depth_min=1.0, depth_step=2.0, num_bins=30).eval()
     features = torch.randn(1, 6, 8, 4, 11)
-    geometry = lift.geometry(cam2img[None], cam2lidar[None])
-    bev, depth = lift(features, geometry)
+    geometry = lift.rig_geometry.frustum_bev_index(cam2img[None], cam2lidar[None])
+    bev, depth = lift(features, lift.rig_geometry(cam2img[None], cam2lidar[None]))
     assert bev.shape == (1, 4, *grid.shape) and depth.shape == (1, 6, 30, 4, 11)
     torch.testing.assert_close(depth.sum(2), torch.ones(1, 6, 4, 11))
     # The BEV sum equals the sum of depth x context over the frustum points that land on the grid.
@@ -448,14 +450,17 @@ def test_pillar_voxelizer():
         [1.5, 1.5, 0.0, 6.0, 0.0],  # sample 1: cell (5, 5)
     ])
     pillars = vox(points, torch.tensor([5, 1]))
-    cells = grid.height * grid.width
-    assert pillars.index.tolist() == [4 * 8 + 4, cells + 5 * 8 + 5]  # sample 0 keeps only its fullest pillar
+    # sample 0 keeps only its fullest pillar (row 0), at cell (4, 4); sample 1's (row 1) at (5, 5); 2 = no pillar
+    expected = torch.full((2, 8, 8), 2)
+    expected[0, 4, 4], expected[1, 5, 5] = 0, 1
+    assert torch.equal(pillars.bev_index, expected)
     assert pillars.point_mask.tolist() == [[1.0, 1.0], [1.0, 0.0]]
     assert pillars.features.shape == (2, 2, vox.num_features)
     torch.testing.assert_close(pillars.features[0, :, 3], torch.tensor([1.0, 2.0]))  # intensity, input order
     torch.testing.assert_close(pillars.features[1, 0, -2:], torch.tensor([0.0, 0.0]))  # offset to pillar centre
-    empty = vox(torch.zeros(0, 5), torch.tensor([0, 0]))
-    assert len(empty) == 0 and empty.features.shape == (0, 2, vox.num_features)
+    empty = vox(torch.zeros(0, 5), torch.tensor([0, 0]))  # one all-padding pillar that no cell reads
+    assert empty.features.shape == (1, 2, vox.num_features) and not empty.features.any() and not empty.point_mask.any()
+    assert torch.equal(empty.bev_index, torch.ones(2, 8, 8, dtype=torch.long))
 
 
 def test_pillar_voxelizer_keeps_points_of_every_sweep():
@@ -484,7 +489,7 @@ def test_keyframe_pool_keeps_the_newest_sweep_apart():
         [-3.5, 2.5, 0.0, 4.0, 0.30],  # cell (6, 0): old points only
     ])
     pillars = vox(points, torch.tensor([4]))
-    bev = enc(pillars.features, pillars.point_mask, pillars.index, 1)  # (1, 8, 8, 8): no backbone convs
+    bev = enc(*pillars.as_tuple())  # (1, 8, 8, 8): no backbone convs
     x = enc.pfn(pillars.features.flatten(0, 1)).view(2, 8, 4) * pillars.point_mask[..., None]
     torch.testing.assert_close(bev[0, :4, 4, 4], x[0].amax(0))
     torch.testing.assert_close(bev[0, 4:, 4, 4], x[0, 0])  # the keyframe point (input order is kept)
@@ -628,16 +633,15 @@ def test_tiny_model_overfits_one_sample():
 @pytest.mark.parametrize("kind", ["lift_splat", "bev_sample"])
 def test_onnx_export_of_the_core_matches_torch(tmp_path, kind):
     ort = pytest.importorskip("onnxruntime")
-    from perception.model.export import CORE_INPUT_NAMES, export_core_onnx
+    from deploy.export import export_model
 
     extra = [] if kind == "lift_splat" else ["model.view_transform={kind: bev_sample, z_levels: 4, out_channels: 32}", "loss.depth=0"]
     cfg = small_config("tiny", *extra)
     model = build_model(cfg).eval()
     grid = cfg.grid.build()
     example = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=grid, seed=0)
-    names = export_core_onnx(model, model.prepare(example), tmp_path / "core.onnx", opset=17)
-    assert names[:7] == ("heatmap", "offset", "z", "log_size", "rot", "velocity", "attribute")
-    assert ("depth" in names) == (kind == "lift_splat")
+    names = export_model(model, cfg, tmp_path, example=example).output_names
+    assert names == ("heatmap", "offset", "z", "log_size", "rot", "velocity", "attribute", "map", "scene")
 
     session = ort.InferenceSession(str(tmp_path / "core.onnx"), providers=["CPUExecutionProvider"])
     # Another batch size, pillar counts and an empty LiDAR cloud than the export example.
@@ -646,7 +650,7 @@ def test_onnx_export_of_the_core_matches_torch(tmp_path, kind):
     inputs = model.prepare(batch)
     with torch.no_grad():
         expected = model(*inputs.as_args())
-    got = session.run(None, {n: t.numpy() for n, t in zip(CORE_INPUT_NAMES, inputs.as_args())})
+    got = session.run(None, {n: t.numpy() for n, t in inputs.named().items()})
     for name, value in zip(names, got):
         np.testing.assert_allclose(value, expected[name].numpy(), rtol=1e-3, atol=1e-4, err_msg=name)
 

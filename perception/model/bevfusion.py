@@ -1,23 +1,25 @@
 """The fused camera + LiDAR + radar BEV model.
 
-Three layers, kept apart:
-  - pre-processing (`BEVFusionModel.prepare`): uint8 images -> normalised floats, calibration -> view-transform
-    geometry, point clouds -> pillars. Plain torch, not exported.
-  - the core (`BEVFusionModel.forward`): tensors in, head output tensors out; this is what exports to ONNX.
-  - post-processing and training: `predict` (decoding, NMS) and `loss` (targets, losses).
+Three layers, kept apart, each one implementation shared by training, evaluation and every deploy runtime:
+  - pre-processing (`BEVFusionModel.prepare`, `perception.model.preprocess.Preprocessor`): uint8 images ->
+    normalised floats, calibration -> the view transform's geometry, point clouds -> pillars. Plain torch, not
+    exported.
+  - the core (`BEVFusionModel.forward`): tensors in, head output tensors out; this is the graph `deploy`
+    exports, as it is (Gather / ReduceSum BEV pooling, `fusion.bev_pool`; no plugin).
+  - post-processing (`outputs_to_predictions`: decoding, NMS) and training (`loss`: targets, losses).
 
 `forward` returns the same dict of tensors in training and eval mode.
 """
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from fusion.fuser import BEVFuser, drop_modalities
-from fusion.lidar import LidarEncoder
+from fusion.lidar import LidarEncoder, Pillars
 from fusion.radar import RadarEncoder
 from perception.config import LossConfig
 from perception.data.batch import MODALITIES, Batch
@@ -30,35 +32,9 @@ from perception.model.heads import (
 from perception.model.losses import (
     depth_loss, dice_loss, gaussian_focal_loss, masked_cross_entropy, sigmoid_focal_loss, weighted_l1,
 )
+from perception.model.preprocess import CoreInputs, Preprocessor, PreprocessSpec
 from perception.model.view_transform import LiftSplat, ViewTransform
 from perception.structures import Boxes3D, BEVGrid
-
-
-@dataclass
-class CoreInputs:
-    """The tensors `BEVFusionModel.forward` takes, in its argument order (B samples, N = 6 cameras).
-
-    Attributes:
-        images: (B, N, 3, H, W) float32, normalised with the backbone's mean/std.
-        camera_geometry: the view transform's geometry: `LiftSplat` (B, N*D*h*w) int64 flat BEV index of each
-            frustum point (H*W = dropped); `BEVSample` (B, N, 4, 4) float32 lidar2img.
-        lidar_features, lidar_point_mask, lidar_pillar_index: `fusion.lidar.Pillars` of the LiDAR sweep(s).
-        radar_features, radar_point_mask, radar_pillar_index: `Pillars` of the radar points.
-        modality_mask: (B, 3) bool, camera / lidar / radar present.
-    """
-
-    images: Tensor
-    camera_geometry: Tensor
-    lidar_features: Tensor
-    lidar_point_mask: Tensor
-    lidar_pillar_index: Tensor
-    radar_features: Tensor
-    radar_point_mask: Tensor
-    radar_pillar_index: Tensor
-    modality_mask: Tensor
-
-    def as_args(self) -> tuple[Tensor, ...]:
-        return astuple(self)
 
 
 @dataclass
@@ -150,59 +126,63 @@ class BEVFusionModel(nn.Module):
 
     # ------------------------------------------------------------------------------------ pre-processing
 
-    def prepare(self, batch: Batch, modality_mask: Tensor | None = None, camera_geometry: Tensor | None = None) -> CoreInputs:
-        """Pre-processing: a `Batch` -> `CoreInputs` on the batch's device (normalisation, voxelisation, rig
-        geometry; not part of the exported core).
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The pre-processing this model takes (what an export's manifest records)."""
+        enc = self.camera_encoder
+        return PreprocessSpec(image_size=tuple(enc.image_size), pixel_mean=enc.pixel_mean, pixel_std=enc.pixel_std,
+                              grid=self.grid, lidar=self.lidar_encoder.voxelizer, radar=self.radar_encoder.voxelizer,
+                              geometry=self.view_transform.rig_geometry)
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The model's `Preprocessor` (made again when the spec changed, e.g. a checkpoint's normalisation)."""
+        spec = self.preprocess_spec()
+        cached = self.__dict__.get("_preprocessor")
+        if cached is None or cached.spec != spec:
+            cached = Preprocessor(spec)
+            self.__dict__["_preprocessor"] = cached
+        return cached
+
+    def prepare(self, batch: Batch, modality_mask: Tensor | None = None) -> CoreInputs:
+        """Pre-processing: a `Batch` -> `CoreInputs` on the batch's device (`Preprocessor`; in training mode the
+        rig-geometry cache is skipped, augmentation makes every rig new).
 
         Args:
             batch: the data pipeline's batch.
             modality_mask: (B, 3) bool replacing the batch's (e.g. after modality dropout).
-            camera_geometry: the view transform's geometry computed once for a fixed camera rig
-                (``model.view_transform.geometry(cam2img, cam2lidar)``, batch dimension B); None computes it
-                from the batch's calibration.
         """
-        lidar = self.lidar_encoder.voxelizer(batch.points_lidar, batch.num_points_lidar)
-        radar = self.radar_encoder.voxelizer(batch.points_radar, batch.num_points_radar)
-        if camera_geometry is None:
-            camera_geometry = self.view_transform.geometry(batch.cam2img, batch.cam2lidar)
-        return CoreInputs(
-            images=self.camera_encoder.normalize(batch.images),
-            camera_geometry=camera_geometry,
-            lidar_features=lidar.features, lidar_point_mask=lidar.point_mask, lidar_pillar_index=lidar.index,
-            radar_features=radar.features, radar_point_mask=radar.point_mask, radar_pillar_index=radar.index,
-            modality_mask=batch.modality_mask if modality_mask is None else modality_mask,
-        )
+        return self.preprocessor(batch, modality_mask, cache=not self.training)
 
     # -------------------------------------------------------------------------------------------- core
 
-    def forward(self, images: Tensor, camera_geometry: Tensor, lidar_features: Tensor, lidar_point_mask: Tensor,
-                lidar_pillar_index: Tensor, radar_features: Tensor, radar_point_mask: Tensor,
-                radar_pillar_index: Tensor, modality_mask: Tensor) -> dict[str, Tensor]:
-        """The exportable core; arguments as in `CoreInputs`.
+    def forward(self, images: Tensor, geometry: tuple[Tensor, ...], lidar: Pillars, radar: Pillars,
+                modality_mask: Tensor) -> dict[str, Tensor]:
+        """The core; arguments as in `CoreInputs` (``model(*inputs.as_args())``).
 
         Returns (all float32 outside autocast, on the BEV grid where spatial):
             heatmap (B, 10, H, W) logits; offset (B, 2, H, W); z (B, 1, H, W); log_size (B, 3, H, W);
             rot (B, 2, H, W) sin/cos; velocity (B, 2, H, W); attribute (B, 8, H, W) logits;
-            map (B, 6, H, W) logits; scene (B, 6) logits; and, for `LiftSplat`, depth (B, N, D, h, w) probabilities.
+            map (B, 6, H_map, W_map) logits; scene (B, 6) logits; and, for `LiftSplat`, depth (B, N, D, h, w)
+            probabilities.
         """
-        camera_bev, depth, lidar_bev, radar_bev = self.encode(
-            images, camera_geometry, lidar_features, lidar_point_mask, lidar_pillar_index, radar_features,
-            radar_point_mask, radar_pillar_index)
-        out = self.heads(self.bev_decoder(self.fuser(camera_bev, lidar_bev, radar_bev, modality_mask)))
+        camera_bev, depth, lidar_bev, radar_bev = self.encode(images, geometry, lidar, radar)
+        out = self.fuse_heads(camera_bev, lidar_bev, radar_bev, modality_mask)
         if depth is not None:
             out["depth"] = depth
         return out
 
-    def encode(self, images: Tensor, camera_geometry: Tensor, lidar_features: Tensor, lidar_point_mask: Tensor,
-               lidar_pillar_index: Tensor, radar_features: Tensor, radar_point_mask: Tensor,
-               radar_pillar_index: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    def encode(self, images: Tensor, geometry: tuple[Tensor, ...], lidar: Pillars, radar: Pillars
+               ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """The three encoders (arguments as in `CoreInputs`) -> camera_bev, depth (None unless `LiftSplat`),
-        lidar_bev, radar_bev: (B, C_m, H, W) float32 BEV features on the grid, unmasked."""
-        batch_size = images.shape[0]
-        camera_bev, depth = self.view_transform(self.camera_encoder(images), camera_geometry)
-        lidar_bev = self.lidar_encoder(lidar_features, lidar_point_mask, lidar_pillar_index, batch_size)
-        radar_bev = self.radar_encoder(radar_features, radar_point_mask, radar_pillar_index, batch_size)
+        lidar_bev, radar_bev: (B, C_m, H, W) BEV features on the grid, unmasked."""
+        camera_bev, depth = self.view_transform(self.camera_encoder(images), geometry)
+        lidar_bev = self.lidar_encoder(*lidar.as_tuple())
+        radar_bev = self.radar_encoder(*radar.as_tuple())
         return camera_bev, depth, lidar_bev, radar_bev
+
+    def fuse_heads(self, camera_bev: Tensor, lidar_bev: Tensor, radar_bev: Tensor, modality_mask: Tensor) -> dict[str, Tensor]:
+        """Fuser (under the (B, 3) bool modality mask), BEV decoder and heads -> the head outputs of `forward`."""
+        return self.heads(self.bev_decoder(self.fuser(camera_bev, lidar_bev, radar_bev, modality_mask)))
 
     # --------------------------------------------------------------------------------------- training
 
@@ -228,10 +208,10 @@ class BEVFusionModel(nn.Module):
         if passes:
             # One fuser/decoder/heads call over the batch repeated once per pass, each copy with its own mask.
             camera_bev, depth, lidar_bev, radar_bev = self.encode(*inputs.as_args()[:-1])
-            masks = [mask] + [self._paired_mask(batch.modality_mask, drop) for drop in passes]
+            masks = [inputs.modality_mask] + [self._paired_mask(batch.modality_mask, drop) for drop in passes]
             repeat = len(masks)
             stacked = [t.repeat(repeat, *([1] * (t.dim() - 1))) for t in (camera_bev, lidar_bev, radar_bev)]
-            out_all = self.heads(self.bev_decoder(self.fuser(*stacked, torch.cat(masks))))
+            out_all = self.fuse_heads(*stacked, torch.cat(masks))
             outs = [{k: v.chunk(repeat)[i] for k, v in out_all.items()} for i in range(repeat)]
             out, paired_outs = outs[0], outs[1:]
             if depth is not None:

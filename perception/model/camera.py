@@ -273,8 +273,10 @@ class CameraEncoder(nn.Module):
         self.neck = neck
         self.out_channels = out_channels
         cfg = backbone.pretrained_cfg or {}
-        self.register_buffer("pixel_mean", torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float32).view(3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5)), dtype=torch.float32).view(3, 1, 1) * 255.0, persistent=False)
+        # The backbone's normalisation in uint8 units, per RGB channel: pre-processing
+        # (`perception.model.preprocess.Preprocessor`) feeds ``(image - pixel_mean) / pixel_std``.
+        self.pixel_mean: tuple[float, float, float] = tuple(255.0 * float(v) for v in cfg.get("mean", (0.5, 0.5, 0.5)))
+        self.pixel_std: tuple[float, float, float] = tuple(255.0 * float(v) for v in cfg.get("std", (0.5, 0.5, 0.5)))
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -288,10 +290,6 @@ class CameraEncoder(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self.backbone.blocks)
-
-    def normalize(self, images: Tensor) -> Tensor:
-        """images: (..., 3, H, W) uint8 RGB -> (..., 3, H, W) float32 normalised with the backbone's mean/std."""
-        return (images.float() - self.pixel_mean) / self.pixel_std
 
     def forward(self, images: Tensor) -> Tensor:
         """images: (B, N, 3, H, W) float, normalised -> (B, N, C, H/16, W/16) float."""
