@@ -26,17 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 
 from deploy.core import OUTPUT_NAMES, ExportedCore, stages
-from deploy.export import export_model, export_stage_graphs
+from deploy.export import export_model, export_stage_graphs, load_checkpoint_model
 from deploy.manifest import Manifest
 from deploy.postprocess import Postprocessor, PostprocessSpec
 from deploy.runners import Executor, OnnxRuntimeExecutor, TorchExecutor, synchronize
+from deploy.tensorrt import TensorRTExecutor, build_engine, import_tensorrt
 from perception.config import ExperimentConfig
 from perception.data.batch import Batch
+from perception.data.build import build_dataset, default_splits
+from perception.data.collate import collate_samples
 from perception.errors import PerceptionError
 from perception.model.bevfusion import BEVFusionModel
+from perception.model.build import build_model
+from perception.model.synthetic import make_synthetic_batch
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +92,6 @@ def _onnx_pipeline(model, cfg, batch, device, precision, work_dir: Path, threads
 
 
 def _tensorrt_pipeline(model, cfg, batch, device, precision, work_dir: Path) -> _Pipeline:
-    from deploy.tensorrt import TensorRTExecutor, build_engine, import_tensorrt
-
     import_tensorrt()
     if precision == "int8":
         raise PerceptionError("bench latency builds fp32 or fp16 engines; time INT8 engines of an --int8 export with "
@@ -96,8 +101,6 @@ def _tensorrt_pipeline(model, cfg, batch, device, precision, work_dir: Path) -> 
                                          manifest=manifest), device=device)
     stages = []
     for name, path in stage_paths.items():
-        import onnx
-
         inputs = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
         static = {n: (shapes[n], shapes[n], shapes[n]) for n in inputs}
         engine = build_engine(path, path.with_suffix(f".{precision}.engine"), precision=precision, manifest=manifest,
@@ -109,13 +112,8 @@ def _tensorrt_pipeline(model, cfg, batch, device, precision, work_dir: Path) -> 
 def _bench_batch(cfg: ExperimentConfig, model: BEVFusionModel, batch_size: int, points: int, data: Path | None,
                  version: str, split: str | None, info: Path | None = None) -> Batch:
     if data is None:
-        from perception.model.synthetic import make_synthetic_batch
-
         return make_synthetic_batch(batch_size=batch_size, image_size=cfg.data.image_size, grid=model.grid,
                                     boxes_per_sample=20, background_points=points, seed=0)
-    from perception.data.collate import collate_samples
-    from perception.data.build import build_dataset, default_splits
-
     dataset = build_dataset(cfg, data, version, split or default_splits(version)[1], train=False, map_grid=model.map_grid,
                             info=info)
     return collate_samples([dataset[i % len(dataset)] for i in range(batch_size)])
@@ -136,12 +134,8 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
     if threads:
         torch.set_num_threads(threads)
     if checkpoint is not None:
-        from deploy.export import load_checkpoint_model
-
         model, cfg, _ = load_checkpoint_model(checkpoint, tuple(cfg.data.image_size))
     else:
-        from perception.model.build import build_model
-
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
     model.eval()
@@ -206,14 +200,9 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
 
 def _environment(device: torch.device) -> dict[str, str]:
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
+    env["onnxruntime"] = ort.__version__
     try:
-        import onnxruntime as ort
-
-        env["onnxruntime"] = ort.__version__
-    except ImportError:
-        pass
-    try:
-        import tensorrt as trt
+        import tensorrt as trt  # noqa: PLC0415 - optional: only on GPU machines with TensorRT
 
         env["tensorrt"] = trt.__version__
     except ImportError:

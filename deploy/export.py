@@ -29,8 +29,13 @@ from torch import Tensor
 from deploy.core import OUTPUT_NAMES, ExportedCore, stages
 from deploy.manifest import CORE_GRAPH, MANIFEST_NAME, Manifest, TensorSpec  # noqa: F401 (re-exported)
 from deploy.postprocess import PostprocessSpec
+from deploy.quantize import quantize_export
+from deploy.trt_compat import check_onnx
+from perception.checkpoint import model_from_checkpoint
 from perception.config import ExperimentConfig
 from perception.data.batch import Batch
+from perception.data.build import build_dataset, default_splits
+from perception.data.collate import collate_samples
 from perception.errors import PerceptionError
 from perception.model.bevfusion import BEVFusionModel
 from perception.model.preprocess import PreprocessSpec
@@ -125,8 +130,6 @@ def export_model(model: BEVFusionModel, config: ExperimentConfig | dict[str, Any
 
     Returns: the written `Manifest`. Raises `PerceptionError` if the graph fails the TensorRT check.
     """
-    from deploy.trt_compat import check_onnx
-
     if opset < 17:
         raise PerceptionError(f"opset {opset}: the export needs opset 17 or later")
     out_dir = Path(out_dir)
@@ -195,30 +198,34 @@ def load_checkpoint_model(checkpoint: str | Path, image_size: tuple[int, int] | 
     """A training checkpoint's model (EMA weights when present, CPU, eval mode) and config; `image_size` (H, W)
     rebuilds the model for another image size (position embeddings resampled). Returns (model, config,
     provenance); see `perception.checkpoint.model_from_checkpoint`."""
-    from perception.checkpoint import model_from_checkpoint
-
     loaded = model_from_checkpoint(checkpoint, image_size=image_size)
     return loaded.model, loaded.config, loaded.source
 
 
-def cover_feeds(manifest: Manifest, feeds: Sequence[dict[str, np.ndarray]]) -> None:
-    """Widen the manifest's dynamic-axis maxima (TensorRT profiles) to cover the shapes of `feeds` (real samples,
-    whose rig can need a larger pooling plan than the synthetic example) and write it."""
+# Head-room of the TensorRT profile maxima over the largest pooling plan seen on real samples: the plan's
+# sizes move with the ego's pitch and the calibration from sample to sample.
+PROFILE_MARGIN = 1.25
+
+
+def cover_feeds(manifest: Manifest, feeds: Sequence[dict[str, np.ndarray]], margin: float = PROFILE_MARGIN) -> dict[str, int]:
+    """Widen the manifest's dynamic-axis maxima (TensorRT profiles) to `margin` times the sizes of `feeds` (real
+    samples: their rig, not the synthetic example's, sizes the pooling plan) and write it. Returns the largest
+    size seen per axis."""
+    seen: dict[str, int] = {}
     for spec in manifest.inputs:
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, str):
-                seen = max(int(f[spec.name].shape[axis]) for f in feeds)
-                manifest.dynamic_axes[dim]["max"] = max(manifest.dynamic_axes[dim]["max"], seen)
+                seen[dim] = max(seen.get(dim, 0), max(int(f[spec.name].shape[axis]) for f in feeds))
+    for dim, size in seen.items():
+        manifest.dynamic_axes[dim]["max"] = max(manifest.dynamic_axes[dim]["max"], math.ceil(size * margin))
     manifest.write(manifest.directory or ".")
+    return seen
 
 
 def calibration_feeds(manifest: Manifest, dataroot: str | Path, num_samples: int, *, version: str = "v1.0-mini",
                       split: str | None = None, info: str | Path | None = None) -> list[dict[str, np.ndarray]]:
     """Core inputs of `num_samples` samples of a training split (or of the mmdet3d info file `info`; evenly
     spaced, evaluation transforms), for INT8 calibration."""
-    from perception.data.collate import collate_samples
-    from perception.data.build import build_dataset, default_splits
-
     cfg = manifest.experiment_config()
     split = split or default_splits(version)[0]
     dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=manifest.map_grid, info=info)
@@ -237,19 +244,28 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, image_size
                       int8: bool = False, calib_data: str | Path | None = None, calib_samples: int = 32,
                       calib_version: str = "v1.0-mini", calib_split: str | None = None, opset: int = DEFAULT_OPSET,
                       max_batch: int = 4, calib_info: str | Path | None = None) -> Manifest:
-    """`perception export`: a checkpoint -> an export directory (FP32 graph, and with `int8` a Q/DQ graph
-    calibrated on `calib_samples` samples of `calib_data`'s training split, or of the mmdet3d info file
-    `calib_info` whose paths are relative to `calib_data`)."""
+    """`perception export`: a checkpoint -> an export directory (FP32 graph, and with `int8` a Q/DQ graph).
+
+    With `calib_data`, `calib_samples` samples of its training split (or of the mmdet3d info file `calib_info`,
+    paths relative to `calib_data`) size the TensorRT profiles (`cover_feeds`: the pooling plan of the
+    dataset's own rig, times `PROFILE_MARGIN`) and calibrate `int8`; without it the profiles come from the
+    synthetic example rig alone (twice its plan), and ``manifest.source["profiles"]`` says which."""
     if int8 and calib_data is None:
         raise PerceptionError("--int8 needs --calib-data DIR (a nuScenes dataroot whose training split calibrates)")
     model, cfg, source = load_checkpoint_model(checkpoint, image_size)
     manifest = export_model(model, cfg, out_dir, opset=opset, max_batch=max_batch, source=source)
+    manifest.source["profiles"] = "synthetic example rig, twice its pooling plan"
+    if calib_data is None:
+        manifest.write(manifest.directory or ".")
+        return manifest
+    feeds = calibration_feeds(manifest, calib_data, calib_samples, version=calib_version, split=calib_split,
+                              info=calib_info)
+    where = f"{calib_data} {calib_split or 'train split'}" if calib_info is None else str(calib_info)
+    seen = cover_feeds(manifest, feeds)
+    manifest.source["profiles"] += (f"; widened to {PROFILE_MARGIN} x the largest of {len(feeds)} samples of {where} "
+                                    f"(seen: {', '.join(f'{k} {v}' for k, v in sorted(seen.items()))})")
+    manifest.write(manifest.directory or ".")
     if int8:
-        from deploy.quantize import quantize_export
-
-        feeds = calibration_feeds(manifest, calib_data, calib_samples, version=calib_version, split=calib_split,
-                                  info=calib_info)
-        cover_feeds(manifest, feeds)
         quantize_export(manifest, feeds, source={"calib_data": str(calib_data), "split": calib_split or "train split"}
                         if calib_info is None else {"calib_data": str(calib_data), "info": str(calib_info)})
     return manifest

@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from deploy.manifest import Manifest
+from deploy.trt_compat import check_onnx
 from perception.errors import PerceptionError
 
 log = logging.getLogger(__name__)
@@ -68,7 +73,7 @@ class FeedReader:
 
 def modelopt_available() -> bool:
     try:
-        import modelopt.onnx.quantization  # noqa: F401
+        import modelopt.onnx.quantization  # noqa: F401 - optional and slow to import (seconds): probed on use
     except Exception:  # ImportError, or its own error when an optional dependency is missing
         return False
     return True
@@ -82,10 +87,9 @@ def _version(package: str) -> str:
 
 
 def _quantize_modelopt(src: Path, dst: Path, feeds, method: str, exclude: Sequence[str]) -> None:
-    from modelopt.onnx.quantization import quantize
+    from modelopt.onnx.quantization import quantize  # optional and slow to import: only when it quantises
 
     # onnxruntime's calibration subclasses expect the reader interface; ModelOpt takes it as is.
-    from onnxruntime.quantization import CalibrationDataReader
 
     class _Reader(FeedReader, CalibrationDataReader):
         pass
@@ -102,15 +106,8 @@ def _quantize_modelopt(src: Path, dst: Path, feeds, method: str, exclude: Sequen
 
 
 def _quantize_onnxruntime(src: Path, dst: Path, feeds, method: str, exclude: Sequence[str]) -> None:
-    import re
-
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     class _Reader(FeedReader, CalibrationDataReader):
         pass
-
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     # onnxruntime's calibrator needs the type and shape of every tensor it observes: infer them first.
     prepared = dst.with_name(dst.stem + ".prepared.onnx")
@@ -141,8 +138,6 @@ def quantize_graph(src: str | Path, dst: str | Path, feeds: Sequence[dict[str, n
 
     Returns: what the manifest records about the quantisation.
     """
-    import onnx
-
     if not feeds:
         raise PerceptionError("INT8 calibration needs at least one sample")
     if method not in ("max", "entropy"):
@@ -182,8 +177,6 @@ def quantize_export(manifest: Manifest, feeds: Sequence[dict[str, np.ndarray]], 
                     source: dict[str, Any] | None = None) -> Path:
     """Quantise an export directory's FP32 graph into ``core.int8.onnx``, check it for TensorRT and record
     it in the manifest (``graphs.int8``, ``quantization``, ``compatibility.int8``). Returns the graph's path."""
-    from deploy.trt_compat import check_onnx
-
     if manifest.directory is None:
         raise PerceptionError("quantize_export needs a manifest read from or written to an export directory")
     dst = Path(manifest.directory) / INT8_GRAPH

@@ -21,15 +21,19 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
 from deploy.executor import Executor, synchronize  # noqa: F401 (re-exported)
 from deploy.core import OUTPUT_NAMES, ExportedCore
+from deploy.export import load_checkpoint_model
 from deploy.manifest import Manifest, TensorSpec
 from deploy.postprocess import Postprocessor, PostprocessSpec
+from deploy.tensorrt import TensorRTExecutor
 from perception.data.batch import Batch
 from perception.errors import PerceptionError
+from perception.evaluation import evaluate_predictor, write_metrics
 from perception.model.bevfusion import Prediction
 from perception.model.preprocess import Preprocessor
 
@@ -65,8 +69,6 @@ class TorchExecutor(Executor):
 
 
 def onnxruntime_providers(device: torch.device) -> list[str]:
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in available:
@@ -80,8 +82,6 @@ class OnnxRuntimeExecutor(Executor):
     """An ONNX graph in onnxruntime with all graph optimisations; `threads` intra-op threads (default: torch's)."""
 
     def __init__(self, path: str | Path, *, device: torch.device | str = "cpu", threads: int | None = None):
-        import onnxruntime as ort
-
         self.device = torch.device(device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -185,8 +185,6 @@ def load_runner(backend: str, path: str | Path, *, device: str | torch.device | 
         raise PerceptionError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     path = Path(path)
     if backend == "torch":
-        from deploy.export import load_checkpoint_model
-
         if path.is_dir() or path.suffix not in (".pt", ".pth"):
             raise PerceptionError(f"{path}: the torch backend takes a training checkpoint (.pt)")
         model, cfg, _ = load_checkpoint_model(path)
@@ -198,8 +196,6 @@ def load_runner(backend: str, path: str | Path, *, device: str | torch.device | 
         if executor.input_names != manifest.input_names:
             raise PerceptionError(f"{graph}: inputs {executor.input_names} differ from the manifest's {manifest.input_names}")
         return Runner("onnx", manifest, executor, description=f"onnxruntime {graph.name}")
-    from deploy.tensorrt import TensorRTExecutor
-
     manifest, engine = _resolve_export(path, (".engine", ".plan"))
     if engine is None:
         if not manifest.engines:
@@ -218,8 +214,6 @@ def evaluate_export(backend: str, path: str | Path, dataroot: str | Path, versio
     takes an export directory or a .onnx graph in one, tensorrt an export directory with an engine or the engine
     file) evaluated like a model (`perception.evaluation.evaluate_predictor`; `kwargs` as there), with
     ``metrics["backend"]`` naming it."""
-    from perception.evaluation import evaluate_predictor, write_metrics
-
     runner = load_runner(backend, path, device=device)
     metrics = evaluate_predictor(runner, runner.manifest.experiment_config(), dataroot, version, split, out,
                                  device=runner.device, **kwargs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import onnx
 import torch
 from torch import Tensor
 
@@ -33,7 +34,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 def import_tensorrt():
     """The ``tensorrt`` module, or a `PerceptionError` saying how to get it."""
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # optional: only on GPU machines (NVIDIA's wheels), so imported on use
     except ImportError as exc:
         raise PerceptionError(
             "TensorRT is not installed: on a machine with an NVIDIA GPU, `pip install -e \".[tensorrt]\"` "
@@ -50,8 +51,6 @@ def _trt_logger(trt):
 
 
 def _has_qdq(onnx_path: Path) -> bool:
-    import onnx
-
     model = onnx.load(str(onnx_path), load_external_data=False)
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
@@ -167,7 +166,8 @@ class TensorRTExecutor(Executor):
         lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
         if len(lo) and any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
             raise PerceptionError(f"{self.path}: input {name!r} of shape {shape} is outside the engine's profile "
-                                  f"{tuple(lo)} .. {tuple(hi)}; re-export with a larger --max-batch or rebuild")
+                                  f"{tuple(lo)} .. {tuple(hi)}; re-export with a larger --max-batch, or with --calib-data of this "
+                                  "dataset (its camera rig sizes the pooling-plan axes), and rebuild")
 
     def run(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         trt = self.trt

@@ -298,7 +298,7 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", help="Export directory: core.onnx, manifest.json (and core.int8.onnx)."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="WIDTHxHEIGHT of the images the core takes, multiples of 16 (default: the checkpoint's data.image_size)."),
     int8: bool = typer.Option(False, "--int8", help="Also write core.int8.onnx: INT8 Q/DQ post-training quantisation (NVIDIA ModelOpt)."),
-    calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="nuScenes dataroot whose training split calibrates --int8."),
+    calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="nuScenes dataroot whose training split calibrates --int8 and sizes the TensorRT profiles to its camera rig (recommended for every export)."),
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="Calibration samples, evenly spaced over the split."),
     calib_split: Optional[str] = typer.Option(None, "--calib-split", help="Split of --calib-data (default: mini_train / train)."),
     calib_info: Optional[Path] = typer.Option(None, "--calib-info", help="mmdet3d v2 info file (.pkl; paths relative to --calib-data) whose samples calibrate, instead of --calib-split."),

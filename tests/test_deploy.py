@@ -171,6 +171,17 @@ def test_manifest_describes_the_graphs(exported):
     assert lo[0] == 1 and hi[0] >= opt[0] and lo[1:] == opt[1:] == hi[1:]
 
 
+def test_profiles_cover_the_calibration_rig_with_margin(exported, synth_root):
+    """`--calib-data` sizes the pooling-plan axes of the TensorRT profiles to the dataset's own rig."""
+    cfg, model, _, out = exported
+    manifest = Manifest.read(out)
+    assert "widened to 1.25 x the largest of 3 samples" in manifest.source["profiles"]
+    (batch,) = _dataset_batches(cfg, synth_root, model, "mini_train", count=1, batch_size=1)
+    feeds = manifest.preprocessor()(batch).named()
+    for name, axis, dim in (("pool_segments", 0, "pool_segments"), ("pool_merges", 1, "pool_merge_width")):
+        assert manifest.dynamic_axes[dim]["max"] >= 1.25 * feeds[name].shape[axis], dim
+
+
 def test_onnxruntime_agrees_with_pytorch_on_synthetic_samples(exported, synth_root):
     cfg, model, _, out = exported
     runner = load_runner("onnx", out)

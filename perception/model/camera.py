@@ -19,6 +19,8 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -94,9 +96,6 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     """
     path = _weights_file(path)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             state = load_file(str(path), device="cpu")
         except SafetensorError as exc:
