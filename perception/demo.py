@@ -46,7 +46,8 @@ def run_demo(data: Path, work_dir: Path, minutes: float, config: Path = DEFAULT_
     from perception.config import load_config
     from perception.data.check import check_dataroot
     from perception.evaluation import evaluate_model, format_metrics
-    from perception.training import RunSpec, Trainer, build_dataset
+    from perception.data.build import build_dataset
+    from perception.training import RunSpec, Trainer
 
     t_start = time.time()
     data, work_dir = Path(data), Path(work_dir)
