@@ -106,18 +106,3 @@ def gt_submission(dataroot: str | Path, version: str, split: str, out: str | Pat
             idx.ego2global[i])
     return write_submission(out, results, use_camera=False, use_lidar=False, use_radar=False, use_map=False,
                             use_external=True)
-
-
-def evaluate_submission(dataroot: str | Path, version: str, split: str, result_path: str | Path,
-                        output_dir: str | Path) -> dict:
-    """Score a submission with the devkit's DetectionEval (detection_cvpr_2019). Returns its metrics summary
-    (keys include "nd_score", "mean_ap", "tp_errors")."""
-    from nuscenes import NuScenes
-    from nuscenes.eval.detection.config import config_factory
-    from nuscenes.eval.detection.evaluate import DetectionEval
-
-    nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=False)
-    ev = DetectionEval(nusc, config_factory("detection_cvpr_2019"), result_path=str(result_path), eval_set=split,
-                       output_dir=str(output_dir), verbose=False)
-    metrics, _ = ev.evaluate()
-    return metrics.serialize()
