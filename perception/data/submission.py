@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from pyquaternion import Quaternion
 
+from perception.data.dataset import DatasetConfig, NuScenesDataset
 from perception.structures import ATTRIBUTES, DETECTION_CLASSES, Boxes3D
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,6 @@ def write_submission(path: str | Path, results: dict[str, list[dict]], *, use_ca
 def gt_submission(dataroot: str | Path, version: str, split: str, out: str | Path) -> Path:
     """Write the split's ground truth, as `NuScenesDataset` loads it (LIDAR_TOP frame, eval filtering), back
     in the global frame through `submission_entries`, with score 1. Loads no sensor files."""
-    from perception.data.dataset import DatasetConfig, NuScenesDataset
-
     ds = NuScenesDataset(dataroot, version, split, config=DatasetConfig(map="off"))
     idx = ds.index
     results = {}
