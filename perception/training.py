@@ -94,6 +94,10 @@ class TrainResult:
 
 
 class Trainer:
+    """One run of `spec` with `cfg` on this process's rank: builds the model, data, optimizer and schedule
+    (and resumes them with ``spec.resume``); `fit` trains, validates and checkpoints; `close` leaves the
+    process group."""
+
     def __init__(self, cfg: ExperimentConfig, spec: RunSpec):
         self.cfg, self.spec = cfg, spec
         t = cfg.train
