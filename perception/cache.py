@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
+import numpy as np
+
 from perception.errors import PerceptionError
 
 ENV_VAR = "PERCEPTION_CACHE"
@@ -65,8 +67,6 @@ def table_fingerprint(dataroot: str | Path, version: str) -> dict[str, list[int]
 
 def array_digest(*arrays) -> str:
     """SHA-256 (hex) of numpy arrays' dtypes, shapes and bytes (string arrays by their text), for cache keys."""
-    import numpy as np
-
     h = hashlib.sha256()
     for a in arrays:
         a = np.asarray(a)

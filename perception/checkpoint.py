@@ -34,10 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from perception.config import ExperimentConfig, config_from_dict
 from perception.errors import PerceptionError
+from perception.model.build import build_model
 from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS
 
 log = logging.getLogger(__name__)
@@ -258,8 +260,6 @@ def model_state_from(ckpt: dict, prefer_ema: bool = True) -> dict:
 def resample_pos_embed(state: dict[str, Tensor], model: nn.Module, trained_size: tuple[int, int]) -> None:
     """Resample the camera ViT's position embedding in `state`, made for images of `trained_size` (H, W), to
     `model`'s patch grid in place (bicubic, timm's `resample_abs_pos_embed`)."""
-    from timm.layers import resample_abs_pos_embed
-
     key = "camera_encoder.backbone.pos_embed"
     backbone = model.camera_encoder.backbone
     if key not in state or state[key].shape == backbone.pos_embed.shape:
@@ -318,8 +318,6 @@ def model_from_checkpoint(checkpoint: str | Path, *, device: torch.device | str 
 
     Raises PerceptionError naming the file for an unreadable or foreign checkpoint, or weights that do not fit.
     """
-    from perception.model.build import build_model
-
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
     if "config" not in ckpt:

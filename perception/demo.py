@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from perception.config import load_config
+from perception.data.build import build_dataset
+from perception.data.check import check_dataroot
+from perception.data.collate import collate_samples
+from perception.data.synth.generate import SynthConfig, dataset_exists, generate
 from perception.errors import PerceptionError
+from perception.evaluation import evaluate_model, format_metrics
+from perception.training import RunSpec, Trainer
+from perception.viz import agg_pyplot, plot_bev
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +37,6 @@ SENSOR_SUBSETS: dict[str, tuple[bool, bool, bool]] = {
 
 def ensure_synthetic(data: Path, version: str = "v1.0-mini") -> None:
     """Write the default synthetic mini set into `data` unless a dataset is already there."""
-    from perception.data.synth.generate import SynthConfig, dataset_exists, generate
-
     if dataset_exists(data, version):
         log.info("using the dataset in %s", data)
         return
@@ -43,11 +49,6 @@ def ensure_synthetic(data: Path, version: str = "v1.0-mini") -> None:
 def run_demo(data: Path, work_dir: Path, minutes: float, config: Path = DEFAULT_CONFIG, overrides: Sequence[str] = (),
              progress: bool = True) -> dict:
     """Returns the all-sensor metrics; see the module docstring for what is written."""
-    from perception.config import load_config
-    from perception.data.check import check_dataroot
-    from perception.evaluation import evaluate_model, format_metrics
-    from perception.training import RunSpec, Trainer, build_dataset
-
     t_start = time.time()
     data, work_dir = Path(data), Path(work_dir)
     ensure_synthetic(data)
@@ -93,13 +94,7 @@ def _subset_table(clean: dict, subsets: dict[str, dict]) -> str:
 
 
 def _pictures(work_dir: Path, history: list[dict], model, val_set, device) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from perception.viz import plot_bev
-
+    plt = agg_pyplot()
     out = []
     steps = [h["step"] for h in history if "total" in h]
     if steps:
@@ -118,8 +113,6 @@ def _pictures(work_dir: Path, history: list[dict], model, val_set, device) -> li
         fig.savefig(path, dpi=100)
         plt.close(fig)
         out.append(path)
-    from perception.data.collate import collate_samples
-
     sample = val_set[len(val_set) // 2]
     batch = collate_samples([sample]).to(device)
     model.eval()
@@ -132,8 +125,6 @@ def _pictures(work_dir: Path, history: list[dict], model, val_set, device) -> li
 
 def _write_report(work_dir: Path, cfg, result, metrics: dict, subsets: dict, pictures: list[Path], minutes: float,
                   train_s: float, total_s: float) -> None:
-    from perception.evaluation import format_metrics
-
     lines = [
         "# Demo report",
         "",

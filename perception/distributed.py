@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,8 +33,6 @@ def init_distributed(device: torch.device, timeout_min: float = 60.0) -> DistInf
     `timeout_min` bounds how long a collective waits for the other ranks (``train.dist_timeout_min``): it must
     outlast the longest stretch one rank works alone, rank 0's devkit evaluation of the validation split.
     """
-    from datetime import timedelta
-
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
     if not dist.is_initialized():

@@ -26,6 +26,7 @@ and robustness ratios. Predictions alone can still be drawn with `perception viz
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -34,12 +35,25 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
+from unittest import mock
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from perception.cache import atomic_write, cache_path, table_fingerprint
+from perception.checkpoint import model_from_checkpoint
+from perception.data.build import build_dataset
+from perception.data.collate import collate_samples
+from perception.data.dataset import split_scene_names
+from perception.data.mmdet3d_info import info_sample_tokens
+from perception.data.submission import submission_entries, write_submission
+from perception.distributed import pick_device
 from perception.errors import DataError, PerceptionError
-from perception.structures import BEVFUSION_MAP_GRID, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid
+from perception.structures import (ATTRIBUTES, BEVFUSION_MAP_GRID, CLASS_ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES,
+                                   SCENE_TAGS, BEVGrid)
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +83,6 @@ def lean_eval_tables(version: str, dataroot: str | Path) -> dict[str, list[dict]
     LIDAR_TOP keyframes and their poses are kept. Cached as JSON in ``$PERCEPTION_CACHE/lean_eval_index``
     (`perception.cache`), keyed by the dataroot and the tables' sizes and mtimes; never in the dataroot. A
     cache that cannot be written is logged and skipped."""
-    from perception.cache import atomic_write, cache_path, table_fingerprint
-
     table_root = Path(dataroot) / version
     key = {"format": 1, "dataroot": str(Path(dataroot).resolve()), "version": version,
            "tables": table_fingerprint(dataroot, version)}
@@ -107,7 +119,7 @@ def lean_eval_tables(version: str, dataroot: str | Path) -> dict[str, list[dict]
 
 def _load_lean_nuscenes(version: str, dataroot: str | Path):
     """A `nuscenes.NuScenes` holding only what `DetectionEval` needs (see the module docstring)."""
-    from nuscenes.nuscenes import NuScenes
+    from nuscenes.nuscenes import NuScenes  # heavy: the devkit takes ~1 s to import
 
     class LeanNuScenes(NuScenes):
         def __init__(self, version: str, dataroot: str):
@@ -141,8 +153,6 @@ MAX_BOXES_PER_SAMPLE = 500  # the devkit's limit (detection_cvpr_2019)
 
 def split_sample_tokens(dataroot: str | Path, version: str, split: str) -> set[str]:
     """Sample tokens of a split, read from the scene and sample tables (no devkit load)."""
-    from perception.data.dataset import split_scene_names
-
     names = split_scene_names(version, split, dataroot)
     table = Path(dataroot) / version
     try:
@@ -183,8 +193,6 @@ def validate_submission(path: str | Path, expected_tokens: set[str]) -> dict:
     that the class cannot have, non-finite numbers, non-positive sizes, scores outside [0, 1], and more than
     500 boxes in a sample. Returns the parsed submission.
     """
-    from perception.structures import ATTRIBUTES, CLASS_ATTRIBUTES
-
     path = Path(path)
     try:
         sub = json.loads(path.read_text())
@@ -247,12 +255,8 @@ def detection_eval(dataroot: str | Path, version: str, split: str, submission: s
         (`load_prediction_of_sample_tokens`, `load_gt_of_sample_tokens`), whose one lookup of the split's samples
         (`get_samples_of_custom_split`) is answered with these tokens while `DetectionEval` is built.
     """
-    import contextlib
-    from unittest import mock
-
-    import nuscenes.eval.detection.evaluate as devkit_evaluate
-    from nuscenes.eval.common.config import config_factory
-    from nuscenes.eval.detection.evaluate import DetectionEval
+    import nuscenes.eval.detection.evaluate as devkit_evaluate  # heavy: the devkit takes ~1 s to import
+    from nuscenes.eval.common.config import config_factory  # heavy: the devkit takes ~1 s to import
 
     if sample_tokens is not None:
         check_tokens_in_tables(dataroot, version, sample_tokens, split)
@@ -269,8 +273,8 @@ def detection_eval(dataroot: str | Path, version: str, split: str, submission: s
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         with scope:
-            ev = DetectionEval(nusc, config_factory("detection_cvpr_2019"), result_path=str(submission),
-                               eval_set=eval_set, output_dir=str(out_dir / "detection"), verbose=False)
+            ev = devkit_evaluate.DetectionEval(nusc, config_factory("detection_cvpr_2019"), result_path=str(submission),
+                                               eval_set=eval_set, output_dir=str(out_dir / "detection"), verbose=False)
     except AssertionError as exc:  # the devkit reports a bad submission with bare asserts
         raise PerceptionError(f"{submission}: not a valid submission for split {split}: {exc}") from None
     metrics, _ = ev.evaluate()
@@ -409,15 +413,11 @@ def run_inference(model, loader: Iterable, device: torch.device, modality_mask: 
         (map masks, scene tags) and the submission's frames are taken from the untransformed batch.
     Map IoU counts only samples with `has_map`, scene scores only samples with `has_scene_tags`.
     """
-    from perception.data.submission import submission_entries
-
     out = InferenceOutput({}, SegmentationStats(), [], [])
     map_grid = model.map_grid
     model.eval()
     it = loader
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(loader, desc=desc, unit="batch", leave=False)
     for batch in it:
         batch = batch.to(device)
@@ -506,8 +506,6 @@ def evaluate_results_file(submission: str | Path, dataroot: str | Path, version:
     t0 = time.time()
     out = Path(out)
     if info is not None:
-        from perception.data.mmdet3d_info import info_sample_tokens
-
         devkit = detection_eval(dataroot, version, str(info), submission, out, sample_tokens=info_sample_tokens(info))
     else:
         devkit = detection_eval(dataroot, version, split, submission, out)
@@ -523,10 +521,6 @@ def evaluate_results_file(submission: str | Path, dataroot: str | Path, version:
 
 
 def _shard_loader(dataset, batch_size: int, workers: int, rank: int, world: int):
-    from torch.utils.data import DataLoader
-
-    from perception.data.collate import collate_samples
-
     indices = list(range(rank, len(dataset), world))
     return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, collate_fn=collate_samples)
 
@@ -535,8 +529,6 @@ def gather_inference(out: InferenceOutput, dist_info) -> InferenceOutput | None:
     """Merge every rank's `InferenceOutput` on rank 0 (None on the other ranks)."""
     if dist_info is None or not dist_info.enabled:
         return out
-    import torch.distributed as dist
-
     gathered = [None] * dist_info.world_size if dist_info.is_main else None
     dist.gather_object(out, gathered, dst=0)
     if not dist_info.is_main:
@@ -555,8 +547,6 @@ def evaluate_model(model, dataset, dataroot: str | Path, version: str, split: st
     (rank 0; None on other ranks). Every sample of the split gets an entry ([] when nothing is detected).
     `info`: the dataset holds this mmdet3d info file's samples; detection is scored on exactly those (`split`
     only names them in messages)."""
-    from perception.data.submission import write_submission
-
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
     loader = _shard_loader(dataset, batch_size, workers, rank, world)
     out = gather_inference(run_inference(model, loader, device, modality_mask, progress=progress and rank == 0,
@@ -599,11 +589,7 @@ def evaluate_predictor(predictor, cfg, dataroot: str | Path, version: str, split
     """Evaluate any predictor (a `BEVFusionModel`, or a deploy runner: an object with ``predict(batch)``,
     ``eval()`` and ``map_grid``) on a split (or the samples of an mmdet3d info file, `split` None) of the
     dataset that the experiment config `cfg` describes; writes and returns the metrics (`evaluate_model`)."""
-    from perception.data.build import build_dataset
-
     if info is not None:
-        from perception.data.mmdet3d_info import info_sample_tokens
-
         split = str(info)
         check_tokens_in_tables(dataroot, version, info_sample_tokens(info), info)  # before any inference
     dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=predictor.map_grid, info=info)
@@ -621,9 +607,6 @@ def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: s
     """`perception eval --checkpoint CKPT.pt`: evaluate a training checkpoint with the torch model (exports are
     evaluated by `deploy.runners.evaluate_export` with the same metrics).
     `info`: evaluate the samples of this mmdet3d v2 info file instead (`split` None); see the module docstring."""
-    from perception.checkpoint import model_from_checkpoint
-    from perception.distributed import pick_device
-
     dev = pick_device(device)
     loaded = model_from_checkpoint(checkpoint, device=dev)
     return evaluate_predictor(loaded.model, loaded.config, dataroot, version, split, out, device=dev,

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from perception.checkpoint import model_from_checkpoint
 from perception.data.batch import Batch
+from perception.data.build import build_dataset
+from perception.data.mmdet3d_info import info_sample_tokens
+from perception.distributed import pick_device
+from perception.errors import PerceptionError
+from perception.evaluation import check_tokens_in_tables, evaluate_model
+from perception.viz import agg_pyplot
 
 log = logging.getLogger(__name__)
 # The devkit's true-positive errors kept per condition (translation, scale, orientation, velocity, attribute).
@@ -203,12 +210,6 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
                    workers: int = 0, progress: bool = True, info: str | Path | None = None) -> dict:
     """Evaluate a checkpoint under every condition; write robustness.json, robustness.md and a bar chart.
     `info`: the samples of this mmdet3d v2 info file instead of `split` (scored against the dataroot's tables)."""
-    from perception.checkpoint import model_from_checkpoint
-    from perception.errors import PerceptionError
-    from perception.evaluation import evaluate_model
-    from perception.data.build import build_dataset
-    from perception.distributed import pick_device
-
     names = conditions or list(CONDITIONS)
     unknown = [n for n in names if n not in CONDITIONS]
     if unknown:
@@ -216,9 +217,6 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
     if "clean" not in names:
         names = ["clean"] + names
     if info is not None:
-        from perception.data.mmdet3d_info import info_sample_tokens
-        from perception.evaluation import check_tokens_in_tables
-
         split = str(info)
         check_tokens_in_tables(dataroot, version, info_sample_tokens(info), info)  # before any inference
     dev = pick_device(device)
@@ -261,11 +259,7 @@ def format_robustness(results: dict[str, dict], checkpoint, split: str) -> str:
 
 
 def plot_robustness(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     names = list(results)
     fig, ax = plt.subplots(figsize=(10, 4))
     x = np.arange(len(names))

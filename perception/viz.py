@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from types import ModuleType
 
+import cv2
 import numpy as np
 
-from perception.structures import DETECTION_CLASSES, MAP_CLASSES, BEVGrid
+from perception.checkpoint import model_from_checkpoint
+from perception.data.build import build_dataset
+from perception.data.collate import collate_samples
+from perception.data.dataset import DatasetConfig, NuScenesDataset
+from perception.data.mmdet3d_info import read_mmdet3d_infos
+from perception.data.transforms import ImageAugConfig
+from perception.distributed import pick_device
+from perception.errors import PerceptionError
+from perception.structures import CAMERA_CHANNELS, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid
 
 log = logging.getLogger(__name__)
 
 # One colour per detection class (matplotlib tab10), shared by every picture.
 CLASS_COLOURS = {name: f"C{i}" for i, name in enumerate(DETECTION_CLASSES)}
+
+
+def agg_pyplot() -> ModuleType:
+    """`matplotlib.pyplot` on the Agg backend (pictures written to files; no display needed)."""
+    import matplotlib  # heavy: matplotlib takes ~0.3 s to import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy: matplotlib takes ~0.3 s to import
+
+    return plt
 
 
 def _box_outline(box: np.ndarray) -> np.ndarray:
@@ -32,11 +53,7 @@ def plot_bev(path: str | Path, sample, prediction=None, grid: BEVGrid | None = N
 
     sample: a `perception.data.dataset.Sample`; prediction: a `perception.model.bevfusion.Prediction` or None.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     grid = grid or BEVGrid()
     extent = (grid.x_min, grid.x_max, grid.y_min, grid.y_max)
     pts = sample.points_lidar.numpy()
@@ -102,7 +119,7 @@ GT_BGR = (60, 220, 60)
 
 
 def _bgr(name: str) -> tuple[int, int, int]:
-    import matplotlib.colors as mcolors
+    import matplotlib.colors as mcolors  # heavy: matplotlib takes ~0.3 s to import
 
     r, g, b = mcolors.to_rgb(CLASS_COLOURS[name])
     return int(b * 255), int(g * 255), int(r * 255)
@@ -114,8 +131,6 @@ def draw_boxes_on_image(image_bgr: np.ndarray, corners_lidar: np.ndarray, cam2li
 
     cam2lidar (4, 4), cam2img (3, 3) of that (augmented) image; edges with an end behind the camera are skipped.
     """
-    import cv2
-
     lidar2cam = np.linalg.inv(cam2lidar)
     h, w = image_bgr.shape[:2]
     for k, corners in enumerate(corners_lidar):
@@ -137,10 +152,6 @@ def draw_boxes_on_image(image_bgr: np.ndarray, corners_lidar: np.ndarray, cam2li
 def camera_mosaic(sample, prediction=None, score_threshold: float = 0.3) -> np.ndarray:
     """(2H, 3W, 3) uint8 BGR: the six cameras with ground-truth boxes (green) and predictions (class colours,
     with scores). `sample` images are (6, 3, H, W) uint8 RGB with their `cam2img` / `cam2lidar`."""
-    import cv2
-
-    from perception.structures import CAMERA_CHANNELS
-
     gt_corners = sample.boxes_lidar.corners().numpy()
     pred_corners, pred_colours, pred_text = np.zeros((0, 8, 3)), [], []
     if prediction is not None:
@@ -166,8 +177,6 @@ def camera_mosaic(sample, prediction=None, score_threshold: float = 0.3) -> np.n
 
 
 def scene_tag_text(sample, prediction=None, threshold: float = 0.5) -> str:
-    from perception.structures import SCENE_TAGS
-
     true = [t for t, v in zip(SCENE_TAGS, sample.scene_tags.tolist()) if v > 0.5]
     text = "tags: " + (", ".join(true) or "-")
     if prediction is not None:
@@ -204,8 +213,6 @@ def write_ply_boxes(path: Path, corners: np.ndarray, colours_rgb: list[tuple[int
 
 def show_open3d(points_ply: Path, boxes_ply: list[Path]) -> bool:
     """Open the Open3D viewer if Open3D is installed and a display exists; returns whether it was shown."""
-    import os
-
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
         return False
     try:
@@ -226,19 +233,11 @@ def visualise(data: Path, out: Path, *, version: str = "v1.0-mini", sample_token
     """`perception viz`: pictures (and optionally an MP4) for one sample or every sample of a scene.
     `info`: the samples of this mmdet3d v2 info file (no tables needed): `sample_token` one of them, or None for
     all; info files name no scenes."""
-    import cv2
-    import matplotlib.colors as mcolors
-    from nuscenes.nuscenes import NuScenes
-
-    from perception.data.collate import collate_samples
-    from perception.data.dataset import DatasetConfig, NuScenesDataset
-    from perception.data.transforms import ImageAugConfig
-    from perception.errors import PerceptionError
+    import matplotlib.colors as mcolors  # heavy: matplotlib takes ~0.3 s to import
+    from nuscenes.nuscenes import NuScenes  # heavy: the devkit takes ~1 s to import
 
     index = None
     if info is not None:
-        from perception.data.mmdet3d_info import read_mmdet3d_infos
-
         if scene is not None:
             raise PerceptionError("viz --info: info files name no scenes; give --sample TOKEN or neither (every sample)")
         index = read_mmdet3d_infos(info, data)
@@ -268,10 +267,6 @@ def visualise(data: Path, out: Path, *, version: str = "v1.0-mini", sample_token
     model, model_ds = None, None
     grid = BEVGrid()
     if checkpoint is not None:
-        from perception.checkpoint import model_from_checkpoint
-        from perception.data.build import build_dataset
-        from perception.distributed import pick_device
-
         loaded = model_from_checkpoint(checkpoint, device=pick_device(device))
         cfg, model = loaded.config, loaded.model
         model_ds = build_dataset(cfg, data, version, None, train=False, map_grid=model.map_grid, info=info)

@@ -21,9 +21,10 @@ import torch
 from perception.checkpoint import (CHECKPOINT_FORMAT, init_from_checkpoint, load_checkpoint, model_from_checkpoint,
                                    rng_state, save_atomic, set_rng_state)
 from perception.config import load_config
+from perception.data.build import build_dataset
 from perception.errors import PerceptionError
 from perception.structures import DETECTION_CLASSES, MAP_CLASSES
-from perception.training import RunSpec, Trainer, build_dataset
+from perception.training import RunSpec, Trainer
 from tests.test_training import FAST, TINY
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,13 +28,14 @@ from deploy.runners import OnnxRuntimeExecutor, load_runner
 from deploy.trt_compat import SOURCE_VERSION, SUPPORTED_OPS, check_model, check_onnx
 from perception.cli import app
 from perception.config import load_config
+from perception.data.build import build_dataset
 from perception.data.collate import collate_samples
 from perception.errors import PerceptionError
 from fusion.bev_pool import gather_bev, make_pooling_plan, pool_with_plan
 from perception.model.build import build_model
 from perception.model.synthetic import make_synthetic_batch
 from perception.structures import BEVGrid
-from perception.training import build_dataset, save_atomic
+from perception.training import save_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.image_size=[64, 176]", "grid.cell=1.6", "model.fuser.modality_dropout=0"]

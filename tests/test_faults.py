@@ -300,7 +300,7 @@ def test_prediction_with_absent_and_empty_sensors_per_sample(synth_root):
     from perception.data.collate import collate_samples
     from perception.model.build import build_model
     from perception.robustness import _keep_points
-    from perception.training import build_dataset
+    from perception.data.build import build_dataset
     from tests.test_training import FAST, TINY
 
     cfg = load_config(TINY, FAST)

@@ -179,7 +179,7 @@ def test_evaluation_without_map_expansion_reports_null_seg_metrics(no_expansion_
     import json
 
     from perception.evaluation import evaluate_model
-    from perception.training import build_dataset
+    from perception.data.build import build_dataset
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["data.image_size=[64,176]", "grid.cell=1.6",
                                                       "data.lidar_sweeps=1", "data.radar_sweeps=1"])

@@ -24,7 +24,8 @@ from perception.model.losses import (
 from perception.model.synthetic import camera_rig, make_synthetic_batch
 from perception.model.view_transform import LiftSplat
 from perception.structures import BEVGrid
-from perception.training import RunSpec, Trainer, autocast_dtype
+from perception.schedule import autocast_dtype
+from perception.training import RunSpec, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 HALF = [torch.bfloat16, torch.float16]

@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from perception.cli import app
-from perception.data.submission import boxes_lidar_to_global, evaluate_submission, write_submission
+from perception.data.submission import boxes_lidar_to_global, write_submission
+from perception.evaluation import detection_eval
 from perception.structures import Boxes3D
 
 
@@ -47,7 +48,7 @@ def _oracle_nds(nusc, split, tmp_path) -> tuple[float, int]:
                                             attribute_name=b.attribute_name))
     path = write_submission(tmp_path / "oracle.json", results, use_camera=False, use_lidar=False, use_radar=False,
                             use_map=False, use_external=True)
-    m = evaluate_submission(nusc.dataroot, nusc.version, split, path, tmp_path / "oracle_eval")
+    m = detection_eval(nusc.dataroot, nusc.version, split, path, tmp_path / "oracle_eval", nusc=nusc)
     return m["nd_score"], len({b.detection_name for b in gt.all})
 
 
@@ -59,7 +60,7 @@ def test_gt_submission_scores_perfectly(synth_root, synth_nusc, tmp_path):
     sub = json.loads(out.read_text())
     assert set(sub["results"]) == {s["token"] for s in synth_nusc.sample
                                    if synth_nusc.get("scene", s["scene_token"])["name"] in ("scene-0103", "scene-0916")}
-    m = evaluate_submission(synth_root, "v1.0-mini", "mini_val", out, tmp_path / "eval")
+    m = detection_eval(synth_root, "v1.0-mini", "mini_val", out, tmp_path / "eval", nusc=synth_nusc)
     tp = m["tp_errors"]
     oracle, n_classes = _oracle_nds(synth_nusc, "mini_val", tmp_path)
     # Classes without any ground truth in the split score AP 0 and TP errors 1 for every submission, so the

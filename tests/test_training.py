@@ -15,7 +15,8 @@ import torch
 import torch.multiprocessing as mp
 
 from perception.config import load_config
-from perception.training import EpochSampler, RunSpec, Trainer, load_checkpoint
+from perception.data.loader import EpochSampler
+from perception.training import RunSpec, Trainer, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -52,7 +52,7 @@ def test_viz_without_and_with_checkpoint(synth_root, synth_nusc, tiny_checkpoint
 
 
 def test_conditions_change_what_they_should(synth_root):
-    from perception.training import build_dataset
+    from perception.data.build import build_dataset
 
     cfg = load_config(TINY, FAST)
     ds = build_dataset(cfg, synth_root, "v1.0-mini", "mini_val", train=False)

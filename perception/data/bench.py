@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from perception.data.collate import collate_samples
 from perception.data.dataset import DatasetConfig, NuScenesDataset
+from perception.data.mmdet3d_info import read_mmdet3d_infos
 from perception.data.transforms import BEVAugConfig
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,6 @@ def run_data_bench(dataroot: str | Path, version: str = "v1.0-mini", split: str 
     of this mmdet3d v2 info file instead of `split`'s)."""
     index = None
     if info is not None:
-        from perception.data.mmdet3d_info import read_mmdet3d_infos
-
         index = read_mmdet3d_infos(info, dataroot, lidar_sweeps=lidar_sweeps)
     base = NuScenesDataset(dataroot, version, split, config=DatasetConfig(
         train=True, bev_aug=BEVAugConfig(), lidar_sweeps=lidar_sweeps, radar_sweeps=radar_sweeps), index=index)

@@ -10,6 +10,7 @@ import numpy as np
 from perception.config import ExperimentConfig
 from perception.errors import PerceptionError
 from perception.data.dataset import DatasetConfig, NuScenesDataset
+from perception.data.mmdet3d_info import read_mmdet3d_infos
 from perception.data.transforms import BEVAugConfig, ImageAugConfig
 from perception.structures import BEVFUSION_MAP_GRID
 
@@ -34,8 +35,6 @@ def build_dataset(cfg: ExperimentConfig, data: str | Path, version: str, split: 
                          skip_bad_samples=d.skip_bad_samples, seed=cfg.train.seed, map=d.map,
                          eval_map_grid=None if train else BEVFUSION_MAP_GRID)
     if info is not None:
-        from perception.data.mmdet3d_info import read_mmdet3d_infos
-
         index = read_mmdet3d_infos(info, data, lidar_sweeps=base.lidar_sweeps, skip_bad_samples=d.skip_bad_samples)
     ds = NuScenesDataset(data, version, split, config=base, index=index)
     if len(ds) == 0:

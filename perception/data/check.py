@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from perception.errors import PerceptionError
+from perception.structures import SCENE_TAGS, parse_scene_tags
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +306,8 @@ def _check_tables(root: Path, version: str, t: dict[str, list[dict]], report: Re
 
 
 def _summarise(t: dict[str, list[dict]], version: str, report: Report) -> None:
-    from nuscenes.eval.detection.utils import category_to_detection_name
-    from nuscenes.utils.splits import create_splits_scenes
+    from nuscenes.eval.detection.utils import category_to_detection_name  # heavy: the devkit takes ~1 s to import
+    from nuscenes.utils.splits import create_splits_scenes  # heavy: the devkit takes ~1 s to import
 
     s = report.summary
     s["scenes"] = len(t["scene"])
@@ -337,7 +340,7 @@ def _summarise(t: dict[str, list[dict]], version: str, report: Report) -> None:
 
 def _check_devkit(root: Path, version: str, report: Report) -> None:
     try:
-        from nuscenes.nuscenes import NuScenes
+        from nuscenes.nuscenes import NuScenes  # heavy: the devkit takes ~1 s to import
 
         NuScenes(version, str(root), verbose=False)
     except Exception as exc:  # the devkit raises anything from KeyError to AssertionError
@@ -353,7 +356,7 @@ def _check_maps(root: Path, t: dict[str, list[dict]], report: Report) -> None:
             report.warn("missing_map_expansion", path, "map expansion not installed: BEV map segmentation targets are unavailable for this location")
             continue
         try:
-            from nuscenes.map_expansion.map_api import NuScenesMap
+            from nuscenes.map_expansion.map_api import NuScenesMap  # heavy: the devkit takes ~1 s to import
 
             m = NuScenesMap(dataroot=str(root), map_name=loc)
         except Exception as exc:
@@ -370,8 +373,6 @@ def _check_maps(root: Path, t: dict[str, list[dict]], report: Report) -> None:
 def _summarise_heads(root: Path, t: dict[str, list[dict]], report: Report) -> None:
     """Which heads this dataroot trains and why: scene tags per tag (`SCENE_TAG_KEYWORDS` on the scene
     descriptions), map segmentation on the samples whose location has its map expansion (data.map=auto)."""
-    from perception.structures import SCENE_TAGS, parse_scene_tags
-
     s = report.summary
     tags = {r.get("token"): parse_scene_tags(str(r.get("description", ""))) for r in t["scene"]}
     s["scene_tags"] = {name: int(sum(v[i] > 0 for v in tags.values())) for i, name in enumerate(SCENE_TAGS)}
@@ -406,8 +407,6 @@ def _summarise_heads(root: Path, t: dict[str, list[dict]], report: Report) -> No
 def _iter_with_progress(items: list, progress: bool, desc: str) -> Iterable:
     if not progress:
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="file", leave=False)
 
 
@@ -453,7 +452,7 @@ def _decode_problem(path: Path, modality: str, sd: dict, size: int) -> str | Non
             return f"{int(bad.sum())} of {len(pts)} LiDAR points are NaN or inf"
         return None
     if modality == "radar":
-        from nuscenes.utils.data_classes import RadarPointCloud
+        from nuscenes.utils.data_classes import RadarPointCloud  # heavy: the devkit takes ~1 s to import
 
         try:
             RadarPointCloud.from_file(str(path))
@@ -461,8 +460,6 @@ def _decode_problem(path: Path, modality: str, sd: dict, size: int) -> str | Non
             return f"radar .pcd unreadable by the devkit ({type(exc).__name__}: {exc or 'bad header, record size or missing trailing byte'})"
         return None
     if modality == "camera":
-        from PIL import Image
-
         try:
             with Image.open(path) as img:
                 img.load()

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pyquaternion import Quaternion
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -178,7 +179,7 @@ def split_scene_names(version: str, split: str | None, dataroot: str | Path) -> 
     None (split None or "all") means every scene."""
     if split in (None, "all"):
         return None
-    from nuscenes.utils.splits import create_splits_scenes
+    from nuscenes.utils.splits import create_splits_scenes  # heavy: the devkit takes ~1 s to import
 
     standard = create_splits_scenes()
     if split in standard:
@@ -208,10 +209,9 @@ def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tupl
     Velocities are `nusc.box_velocity` (global, centred difference) rotated into LIDAR_TOP; NaN (a single
     annotation or a gap) becomes 0.
     """
-    from nuscenes.eval.detection.utils import category_to_detection_name
-    from nuscenes.utils.data_classes import Box
-    from nuscenes.utils.geometry_utils import points_in_box
-    from pyquaternion import Quaternion
+    from nuscenes.eval.detection.utils import category_to_detection_name  # heavy: the devkit takes ~1 s to import
+    from nuscenes.utils.data_classes import Box  # heavy: the devkit takes ~1 s to import
+    from nuscenes.utils.geometry_utils import points_in_box  # heavy: the devkit takes ~1 s to import
 
     attr_name = {a["token"]: a["name"] for a in nusc.attribute}
     rows: dict[str, list] = {k: [] for k in (
@@ -435,7 +435,7 @@ class NuScenesDataset(Dataset):
         self.gt_sampler = gt_sampler
         self.bad_samples: list[tuple[str, str]] = []
         if index is None:
-            from nuscenes import NuScenes
+            from nuscenes import NuScenes  # heavy: the devkit takes ~1 s to import
 
             scenes = split_scene_names(version, split, dataroot)
             if not (Path(dataroot) / version).is_dir():

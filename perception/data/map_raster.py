@@ -60,7 +60,7 @@ class MapRasterizer:
 
     def _map(self, location: str):
         if location not in self._maps:
-            from nuscenes.map_expansion.map_api import NuScenesMap
+            from nuscenes.map_expansion.map_api import NuScenesMap  # heavy: the devkit takes ~1 s to import
 
             path = self.path_of(location)
             if not path.exists():

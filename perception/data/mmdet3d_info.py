@@ -41,8 +41,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pyquaternion import Quaternion
 
-from perception.data.dataset import SampleIndex, _str_array
+from perception.data.dataset import SampleIndex, _str_array, split_scene_names
 from perception.data.loading import check_rotation, invert_rigid
 from perception.errors import DataError
 from perception.structures import CAMERA_CHANNELS, DETECTION_CLASSES, LIDAR_CHANNEL, SCENE_TAGS, Boxes3D
@@ -84,8 +86,6 @@ def _resolve(dataroot: Path, path: str, default_dir: str) -> str:
 
 def _image_wh(path: Path, token: str) -> tuple[int, int]:
     """(width, height) from the image file's header (PIL reads the header only; nothing is decoded)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return im.size
@@ -360,11 +360,8 @@ def write_mmdet3d_infos(dataroot: str | Path, version: str, split: str | None, o
     Args: split: a devkit split name or a name in `<dataroot>/<version>/splits.json`; None for every scene.
     Returns: `out`.
     """
-    from nuscenes import NuScenes
-    from nuscenes.eval.detection.utils import category_to_detection_name
-    from pyquaternion import Quaternion
-
-    from perception.data.dataset import split_scene_names
+    from nuscenes import NuScenes  # heavy: the devkit takes ~1 s to import
+    from nuscenes.eval.detection.utils import category_to_detection_name  # heavy: the devkit takes ~1 s to import
 
     scenes = split_scene_names(version, split, dataroot)
     nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=False)

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from pyquaternion import Quaternion
 
+from perception.data.dataset import DatasetConfig, NuScenesDataset
 from perception.structures import ATTRIBUTES, DETECTION_CLASSES, Boxes3D
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,6 @@ def write_submission(path: str | Path, results: dict[str, list[dict]], *, use_ca
 def gt_submission(dataroot: str | Path, version: str, split: str, out: str | Path) -> Path:
     """Write the split's ground truth, as `NuScenesDataset` loads it (LIDAR_TOP frame, eval filtering), back
     in the global frame through `submission_entries`, with score 1. Loads no sensor files."""
-    from perception.data.dataset import DatasetConfig, NuScenesDataset
-
     ds = NuScenesDataset(dataroot, version, split, config=DatasetConfig(map="off"))
     idx = ds.index
     results = {}
@@ -106,18 +105,3 @@ def gt_submission(dataroot: str | Path, version: str, split: str, out: str | Pat
             idx.ego2global[i])
     return write_submission(out, results, use_camera=False, use_lidar=False, use_radar=False, use_map=False,
                             use_external=True)
-
-
-def evaluate_submission(dataroot: str | Path, version: str, split: str, result_path: str | Path,
-                        output_dir: str | Path) -> dict:
-    """Score a submission with the devkit's DetectionEval (detection_cvpr_2019). Returns its metrics summary
-    (keys include "nd_score", "mean_ap", "tp_errors")."""
-    from nuscenes import NuScenes
-    from nuscenes.eval.detection.config import config_factory
-    from nuscenes.eval.detection.evaluate import DetectionEval
-
-    nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=False)
-    ev = DetectionEval(nusc, config_factory("detection_cvpr_2019"), result_path=str(result_path), eval_set=split,
-                       output_dir=str(output_dir), verbose=False)
-    metrics, _ = ev.evaluate()
-    return metrics.serialize()

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from perception.data.synth import camera as cam_mod
 from perception.data.synth import lidar as lidar_mod
 from perception.data.synth import radar as radar_mod
+from perception.data.synth.mapexp import write_maps
 from perception.data.synth.names import MAP_PNG, token  # noqa: F401 (re-exported)
 from perception.data.synth.rig import KEYFRAME_OFFSET_US, KEYFRAME_PERIOD_US, SWEEP_PERIOD_US, build_rig, quat_from_matrix, rot_z, yaw_quat
 from perception.data.synth.world import SIZES, World, build_world
@@ -103,7 +104,7 @@ class SynthConfig:
 
 def scene_names(version: str, n: int) -> list[tuple[str, str]]:
     """(name, split) for n scenes, names taken from the devkit's real split lists."""
-    from nuscenes.utils.splits import create_splits_scenes
+    from nuscenes.utils.splits import create_splits_scenes  # heavy: the devkit takes ~1 s to import
 
     splits = create_splits_scenes()
     if version.endswith("mini"):
@@ -350,8 +351,6 @@ def _map_geometry(world: World) -> dict:
 
 def generate(dataroot: str | Path, cfg: SynthConfig, workers: int = 0, progress: bool = True) -> Path:
     """Write the dataset under `dataroot`; returns the table folder (`dataroot/version`)."""
-    from perception.data.synth.mapexp import write_maps
-
     cfg.validate()
     root = Path(dataroot)
     table_dir = root / cfg.version

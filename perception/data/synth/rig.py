@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from pyquaternion import Quaternion
 
 from perception.structures import CAMERA_CHANNELS, LIDAR_CHANNEL, RADAR_CHANNELS
 
@@ -46,8 +47,6 @@ def rot_z(yaw: float) -> np.ndarray:
 
 def quat_from_matrix(R: np.ndarray) -> list[float]:
     """Unit quaternion [w, x, y, z] of a rotation matrix, w >= 0."""
-    from pyquaternion import Quaternion
-
     q = Quaternion(matrix=R, rtol=1e-6, atol=1e-6).normalised
     v = [q.w, q.x, q.y, q.z]
     if v[0] < 0:
