@@ -41,9 +41,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from perception.checkpoint import (  # noqa: F401 (re-exported: the checkpoint API's older home)
-    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, init_from_checkpoint, load_checkpoint, model_card, model_state_from,
-    newest_valid_checkpoint, portable_config, rng_state, save_atomic, set_rng_state)
+from perception.checkpoint import (
+    init_from_checkpoint, model_card, newest_valid_checkpoint, portable_config, rng_state, save_atomic, set_rng_state)
 from perception.config import ExperimentConfig, TrainConfig
 from perception.data.batch import Batch
 from perception.data.build import build_dataset, default_splits

@@ -26,6 +26,7 @@ from deploy.export import Manifest, export_stage_graphs
 from deploy.quantize import SENSITIVE_NODES
 from deploy.runners import OnnxRuntimeExecutor, load_runner
 from deploy.trt_compat import SOURCE_VERSION, SUPPORTED_OPS, check_model, check_onnx
+from perception.checkpoint import save_atomic
 from perception.cli import app
 from perception.config import load_config
 from perception.data.build import build_dataset
@@ -35,7 +36,6 @@ from fusion.bev_pool import gather_bev, make_pooling_plan, pool_with_plan
 from perception.model.build import build_model
 from perception.model.synthetic import make_synthetic_batch
 from perception.structures import BEVGrid
-from perception.training import save_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.image_size=[64, 176]", "grid.cell=1.6", "model.fuser.modality_dropout=0"]

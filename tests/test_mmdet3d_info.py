@@ -302,7 +302,7 @@ def test_viz_robustness_and_bench_take_info(synth_root, val_info, tiny_checkpoin
 def test_export_calibration_and_latency_bench_take_info(tmp_path):
     """INT8 calibration on the fixture's samples (`export --calib-info`) and `bench latency --info`."""
     from perception.model.build import build_model
-    from perception.training import save_atomic
+    from perception.checkpoint import save_atomic
 
     small = ["data.image_size=[64,176]", "grid.cell=1.6", "data.lidar_sweeps=2"]
     cfg = load_config(TINY, small)

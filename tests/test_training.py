@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 
 from perception.config import load_config
 from perception.data.loader import EpochSampler
-from perception.training import RunSpec, Trainer, load_checkpoint
+from perception.checkpoint import init_from_checkpoint, load_checkpoint, model_state_from
+from perception.training import RunSpec, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -159,7 +160,6 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(synth_root, 
 
 def test_init_from_reports_missing_and_unexpected(tmp_path, caplog):
     from perception.model.build import build_model
-    from perception.training import init_from_checkpoint
 
     cfg = load_config(TINY, FAST)
     model = build_model(cfg)
@@ -190,7 +190,6 @@ def test_demo_writes_checkpoint_metrics_submission_and_report(synth_root, tmp_pa
 
 
 def test_ema_weights_are_kept_checkpointed_and_evaluated(synth_root, tmp_path):
-    from perception.training import model_state_from
 
     cfg = load_config(TINY, FAST + ["train.ema_decay=0.9"])
     trainer = Trainer(cfg, RunSpec(data=synth_root, work_dir=tmp_path, max_steps=2, device="cpu", progress=False))
