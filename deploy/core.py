@@ -34,8 +34,7 @@ class ExportedCore(nn.Module):
         self.input_names = core_input_names(self.geometry_names)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(*CoreInputs.from_flat(inputs, self.geometry_names).as_args())
-        return tuple(out[name] for name in OUTPUT_NAMES)
+        return _in_output_order(self.model(*CoreInputs.from_flat(inputs, self.geometry_names).as_args()))
 
 
 class _Stage(nn.Module):
@@ -60,6 +59,10 @@ class StageSpec:
     outputs: tuple[str, ...]
 
 
+def _in_output_order(out: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    return tuple(out[name] for name in OUTPUT_NAMES)
+
+
 def stages(model: BEVFusionModel) -> tuple[StageSpec, ...]:
     """The stages of ``model.forward`` in execution order, for timing and per-stage export."""
     vt = model.view_transform
@@ -71,6 +74,6 @@ def stages(model: BEVFusionModel) -> tuple[StageSpec, ...]:
                   (*vt.lift_names, *vt.rig_geometry.input_names), ("camera_bev",)),
         StageSpec("lidar", _Stage(model, lambda m, *x: m.lidar_encoder(*x)), pillars("lidar"), ("lidar_bev",)),
         StageSpec("radar", _Stage(model, lambda m, *x: m.radar_encoder(*x)), pillars("radar"), ("radar_bev",)),
-        StageSpec("fuse_heads", _Stage(model, lambda m, *x: tuple(m.fuse_heads(*x)[n] for n in OUTPUT_NAMES)),
+        StageSpec("fuse_heads", _Stage(model, lambda m, *x: _in_output_order(m.fuse_heads(*x))),
                   ("camera_bev", "lidar_bev", "radar_bev", "modality_mask"), OUTPUT_NAMES),
     )

@@ -13,6 +13,7 @@ from deploy.postprocess import Postprocessor, PostprocessSpec
 from perception.model.preprocess import Preprocessor, PreprocessSpec
 from perception.config import ExperimentConfig, config_from_dict
 from perception.errors import PerceptionError
+from perception.model.build import rig_geometry_from_json
 from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class Manifest:
         return Manifest(
             graphs=dict(raw["graphs"]), opset=int(raw["opset"]), inputs=tensors(raw["inputs"]), outputs=tensors(raw["outputs"]),
             dynamic_axes={k: {kk: int(vv) for kk, vv in v.items()} for k, v in raw["dynamic_axes"].items()},
-            preprocessing=PreprocessSpec.from_json(raw["preprocessing"]),
+            preprocessing=PreprocessSpec.from_json(raw["preprocessing"], rig_geometry_from_json),
             postprocessing=PostprocessSpec.from_json(raw["postprocessing"], grid), map_grid=BEVGrid(**raw["map_grid"]),
             config=raw["config"], source=raw.get("source", {}), quantization=raw.get("quantization"),
             compatibility=raw.get("compatibility", {}), engines=dict(raw.get("engines", {})), directory=directory,

@@ -7,6 +7,7 @@ in sizes and the timm name). The view transform is chosen by the type of ``cfg.m
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fusion.fuser import BEVFuser
 from fusion.lidar import LidarEncoder
@@ -18,7 +19,8 @@ from perception.model.bevfusion import BEVFusionModel, DecodeSettings
 from perception.model.camera import CameraEncoder, SimpleFeaturePyramid, build_vit_backbone, load_backbone_checkpoint
 from perception.model.decoder import BEVDecoder
 from perception.model.heads import BEVHeads, CenterHead, MapHead, SceneHead
-from perception.model.view_transform import BEVSample, LiftSplat, ViewTransform
+from perception.model.view_transform import (
+    BEVSample, BEVSampleGeometry, LiftSplat, LiftSplatGeometry, RigGeometry, ViewTransform)
 from perception.structures import BEVGrid
 
 logger = logging.getLogger(__name__)
@@ -36,13 +38,26 @@ def build_camera_encoder(cfg: CameraConfig, image_size: tuple[int, int]) -> Came
     return encoder
 
 
+# The rig geometries an export manifest can name (``preprocessing.view_transform.kind``), one per view transform.
+RIG_GEOMETRIES: tuple[type[RigGeometry], ...] = (LiftSplatGeometry, BEVSampleGeometry)
+
+
 def build_view_transform(cfg: LiftSplatConfig | BEVSampleConfig, grid: BEVGrid, camera: CameraEncoder) -> ViewTransform:
+    """The view transform of ``model.view_transform`` (its ``kind`` picks the class)."""
     if isinstance(cfg, LiftSplatConfig):
         return LiftSplat(grid=grid, in_channels=camera.out_channels, out_channels=cfg.out_channels,
                          image_size=camera.image_size, feature_stride=camera.feature_stride,
                          depth_min=cfg.depth_min, depth_step=cfg.depth_step, num_bins=cfg.num_depth_bins)
     return BEVSample(grid=grid, in_channels=camera.out_channels, out_channels=cfg.out_channels,
                      image_size=camera.image_size, z_levels=cfg.z_levels)
+
+
+def rig_geometry_from_json(d: dict[str, Any], grid: BEVGrid, image_size: tuple[int, int]) -> RigGeometry:
+    """The `RigGeometry` an export manifest's ``preprocessing.view_transform`` records."""
+    kinds = {cls.kind: cls for cls in RIG_GEOMETRIES}
+    if d.get("kind") not in kinds:
+        raise ConfigError(f"preprocessing.view_transform.kind {d.get('kind')!r}: expected one of {sorted(kinds)}")
+    return kinds[d["kind"]].from_json(d, grid, image_size)
 
 
 def build_lidar_encoder(cfg: PillarConfig, grid: BEVGrid) -> LidarEncoder:

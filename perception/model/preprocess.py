@@ -16,14 +16,14 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from fusion.lidar import Pillars, PillarVoxelizer
 from perception.data.batch import Batch
-from perception.model.view_transform import RigGeometry, geometry_from_json
+from perception.model.view_transform import RigGeometry
 from perception.structures import BEVGrid
 
 PILLAR_INPUTS: tuple[str, ...] = ("features", "point_mask", "bev_index")
@@ -108,13 +108,16 @@ class PreprocessSpec:
         }
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "PreprocessSpec":
+    def from_json(d: dict[str, Any], read_geometry: Callable[[dict[str, Any], BEVGrid, tuple[int, int]], RigGeometry]
+                  ) -> "PreprocessSpec":
+        """The spec a manifest records; `read_geometry` (``perception.model.build.rig_geometry_from_json``)
+        makes the view transform's geometry from its ``view_transform`` entry."""
         grid = BEVGrid(**d["grid"])
         image_size = (int(d["image_size"][0]), int(d["image_size"][1]))
         return PreprocessSpec(
             image_size=image_size, pixel_mean=tuple(d["pixel_mean"]), pixel_std=tuple(d["pixel_std"]), grid=grid,
             lidar=PillarVoxelizer.from_json(d["lidar"], grid), radar=PillarVoxelizer.from_json(d["radar"], grid),
-            geometry=geometry_from_json(d["view_transform"], grid, image_size),
+            geometry=read_geometry(d["view_transform"], grid, image_size),
         )
 
 

@@ -4,7 +4,8 @@ A view transform is three pieces, each used by training, evaluation and every ru
 
   - its rig geometry (`RigGeometry`, pre-processing, no weights): the calibration -> the geometry tensors
     the core takes. Plain torch outside the exported core (it may sort or invert matrices); `Preprocessor`
-    (`perception.model.preprocess`) builds it from the export manifest with `geometry_from_json`.
+    (`perception.model.preprocess`) builds it from the export manifest
+    (`perception.model.build.rig_geometry_from_json`).
   - `lift`: image features -> the per-image tensors that are pooled (the camera stage of the core).
   - `splat`: those tensors and the geometry -> BEV features (the pooling stage).
 
@@ -17,8 +18,8 @@ Two transforms:
     inverse(cam2lidar)`` (`BEVSampleGeometry`) and image features bilinearly sampled there (``GridSample``),
     averaged over the cameras that see the voxel, and the Z layers folded into channels.
 
-A new transform: a `ViewTransform` subclass with its `RigGeometry`, one entry in
-`perception.model.build.build_view_transform` and its geometry class in `GEOMETRIES`.
+A new transform: a module with a `ViewTransform` subclass and its `RigGeometry`, and its entry in
+`perception.model.build` (its config in `build_view_transform`, its geometry in `RIG_GEOMETRIES`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class RigGeometry(ABC):
     @abstractmethod
     def to_json(self) -> dict[str, Any]:
         """The manifest's ``preprocessing.view_transform`` (with ``kind``)."""
+
+    @staticmethod
+    @abstractmethod
+    def from_json(d: dict[str, Any], grid: BEVGrid, image_size: tuple[int, int]) -> "RigGeometry":
+        """The geometry `to_json` wrote, on `grid` for images of `image_size` (H, W)."""
 
 
 class LiftSplatGeometry(RigGeometry):
@@ -147,17 +153,6 @@ class BEVSampleGeometry(RigGeometry):
     @staticmethod
     def from_json(d: dict[str, Any], grid: BEVGrid, image_size: tuple[int, int]) -> "BEVSampleGeometry":
         return BEVSampleGeometry(z_levels=int(d["z_levels"]))
-
-
-# Every rig geometry a manifest can name, by `RigGeometry.kind`.
-GEOMETRIES: dict[str, type] = {cls.kind: cls for cls in (LiftSplatGeometry, BEVSampleGeometry)}
-
-
-def geometry_from_json(d: dict[str, Any], grid: BEVGrid, image_size: tuple[int, int]) -> RigGeometry:
-    """The `RigGeometry` a manifest's ``preprocessing.view_transform`` records."""
-    if d.get("kind") not in GEOMETRIES:
-        raise ValueError(f"preprocessing.view_transform.kind {d.get('kind')!r}: expected one of {sorted(GEOMETRIES)}")
-    return GEOMETRIES[d["kind"]].from_json(d, grid, image_size)
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
