@@ -13,7 +13,9 @@ A training checkpoint's payload (`perception.training.Trainer.state_dict`) holds
 (`rng_state`), ``version`` and what rebuilds and runs the model anywhere:
   - ``config``: the resolved experiment config without machine-local weight paths (`portable_config`:
     ``model.camera.pretrained`` is null: those weights are in ``model`` already);
-  - ``provenance``: the file names of those weights (``{"model.camera.pretrained": "vit.pth"}``);
+  - ``provenance``: what those weights were: ``{"model.camera.pretrained": "vit.pth" (a file name), "dinov2-small"
+    (a registered name) or "timm:NAME", "model.camera.pretrained_sha256": SHA-256 of the tensors file}``, and for
+    registered weights ``..._arch``, ``..._licence``, ``..._source`` (``package==version``);
   - ``model_card`` (`model_card`): the image normalisation, the class lists, the BEV and map grids.
 
 `model_from_checkpoint` is the one "checkpoint -> model" path of evaluation, robustness, viz and export.
@@ -225,13 +227,22 @@ def newest_valid_checkpoint(ckpt_dir: Path, map_location="cpu") -> tuple[Path, d
 # -------------------------------------------------------------------------------- model <-> checkpoint
 
 
-def portable_config(cfg: ExperimentConfig) -> tuple[dict, dict]:
+def portable_config(cfg: ExperimentConfig, camera_weights: dict | None = None) -> tuple[dict, dict]:
     """(config, provenance): `cfg` as JSON data without machine-local weight paths (``model.camera.pretrained``
-    null: the weights it loaded are in the checkpoint's state dict), and the file names that were removed."""
+    null: the weights it loaded are in the checkpoint's state dict), and what was removed.
+
+    Args:
+        cfg: the experiment config.
+        camera_weights: the built model's ``camera_encoder.weights_provenance`` (`resolve_pretrained`'s:
+            ``name``, ``sha256``, ...); without it only the file name (or registered name) is recorded.
+    """
     raw = cfg.model_dump(mode="json")
-    provenance = {}
+    provenance: dict[str, Any] = {}
     if cfg.model.camera.pretrained is not None:
-        provenance["model.camera.pretrained"] = Path(cfg.model.camera.pretrained).name
+        weights = dict(camera_weights or {})
+        provenance["model.camera.pretrained"] = weights.pop("name", None) or Path(cfg.model.camera.pretrained).name
+        for key, value in sorted(weights.items()):
+            provenance[f"model.camera.pretrained_{key}"] = value
         raw["model"]["camera"]["pretrained"] = None
     return raw, provenance
 
@@ -309,8 +320,8 @@ def model_from_checkpoint(checkpoint: str | Path, *, device: torch.device | str 
     Args:
         checkpoint: a training checkpoint (.pt) of this stack.
         device: where the model goes (default CPU).
-        image_size: (H, W) to rebuild the model for another camera image size (multiples of 16; the ViT
-            position embeddings are resampled); None keeps the trained ``data.image_size``.
+        image_size: (H, W) to rebuild the model for another camera image size (multiples of the backbone's patch
+            size, 16 or 14; the ViT position embeddings are resampled); None keeps the trained ``data.image_size``.
         prefer_ema: use the EMA weights when the checkpoint has them.
 
     Format-1 checkpoints (no ``model_card``) get their normalisation from ``model.camera.pretrained``'s

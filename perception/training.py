@@ -156,7 +156,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything `_resume` restores, and what rebuilds the model anywhere (see `perception.checkpoint`)."""
-        config, provenance = portable_config(self.cfg)
+        config, provenance = portable_config(self.cfg, self.model.camera_encoder.weights_provenance)
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),

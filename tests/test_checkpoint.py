@@ -51,13 +51,14 @@ def test_checkpoint_evaluates_after_its_pretrained_file_is_deleted(synth_root, t
     trainer.fit()
     trainer.close()
     last = tmp_path / "w" / "checkpoints" / "last.pt"
+    vit_sha = hashlib.sha256((tmp_path / "vit" / "model.safetensors").read_bytes()).hexdigest()
     shutil.rmtree(tmp_path / "vit")
     metrics = evaluate_checkpoint(last, synth_root, "v1.0-mini", "mini_val", tmp_path / "eval", device="cpu", progress=False)
     assert 0.0 <= metrics["nds"] <= 1.0 and metrics["num_samples"] == 6
 
     ckpt = load_checkpoint(last)
     assert ckpt["config"]["model"]["camera"]["pretrained"] is None
-    assert ckpt["provenance"] == {"model.camera.pretrained": "vit"}
+    assert ckpt["provenance"] == {"model.camera.pretrained": "vit", "model.camera.pretrained_sha256": vit_sha}
     card = ckpt["model_card"]
     np.testing.assert_allclose(card["normalization"]["pixel_mean"], np.array(MEAN) * 255, rtol=1e-6)
     np.testing.assert_allclose(card["normalization"]["pixel_std"], np.array(STD) * 255, rtol=1e-6)

@@ -72,7 +72,7 @@ class BEVFusionModel(nn.Module):
     """Camera + LiDAR + radar BEV perception with detection, map segmentation and scene-tag heads.
 
     Args:
-        camera_encoder: images -> stride-16 features.
+        camera_encoder: images -> features at the patch stride (16, or 14 for DINOv2).
         view_transform: image features -> camera BEV features on `grid`.
         lidar_encoder, radar_encoder: pillars -> BEV features on `grid` (each carries its voxeliser).
         fuser: masked fusion of the three BEV feature maps.

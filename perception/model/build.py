@@ -21,18 +21,27 @@ from perception.model.decoder import BEVDecoder
 from perception.model.heads import BEVHeads, CenterHead, MapHead, SceneHead
 from perception.model.view_transform import (
     BEVSample, BEVSampleGeometry, LiftSplat, LiftSplatGeometry, RigGeometry, ViewTransform)
+from perception.model.weights import resolve_pretrained
 from perception.structures import BEVGrid
 
 logger = logging.getLogger(__name__)
 
 
 def build_camera_encoder(cfg: CameraConfig, image_size: tuple[int, int]) -> CameraEncoder:
-    """ViT backbone (+ optional local checkpoint, frozen blocks, gradient checkpointing) and its pyramid neck."""
+    """ViT backbone (+ optional pretrained weights, frozen blocks, gradient checkpointing) and its pyramid neck.
+
+    ``cfg.pretrained`` is resolved by `perception.model.weights.resolve_pretrained` (a registered name is fetched
+    into the cache on first use); registered weights need ``cfg.backbone`` to be their timm architecture.
+    """
     backbone = build_vit_backbone(cfg.backbone, image_size, blocks=cfg.blocks, drop_path_rate=cfg.drop_path_rate)
-    if cfg.pretrained is not None:
-        load_backbone_checkpoint(backbone, cfg.pretrained)
+    path, provenance = resolve_pretrained(cfg.pretrained)
+    if "arch" in provenance and provenance["arch"] != cfg.backbone:
+        raise ConfigError(f"model.camera.pretrained: {provenance['name']} are weights of {provenance['arch']}; set "
+                          f"model.camera.backbone: {provenance['arch']} (it is {cfg.backbone})")
+    if path is not None:
+        load_backbone_checkpoint(backbone, path)
     encoder = CameraEncoder(backbone=backbone, neck=SimpleFeaturePyramid(backbone.embed_dim, cfg.out_channels),
-                            out_channels=cfg.out_channels)
+                            out_channels=cfg.out_channels, weights_provenance=provenance)
     encoder.freeze_blocks(cfg.freeze_blocks)
     encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     return encoder

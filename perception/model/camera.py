@@ -1,10 +1,11 @@
 """Camera encoder: a timm ViT backbone with a ViTDet-style simple feature pyramid, and its fine-tuning tools.
 
 What is here:
-  - `build_vit_backbone`: a timm ViT (any `vit_*` with patch 16) built for our image size, no classifier.
+  - `build_vit_backbone`: a timm ViT (any plain `vit_*` with square patches: 16, or 14 for DINOv2) built for our
+    image size, no classifier.
   - `load_backbone_checkpoint`: loads a local timm / Hugging Face checkpoint (``weights_only=True``), resamples
     the position embeddings to our patch grid, filters foreign keys and logs missing/unexpected ones.
-  - `SimpleFeaturePyramid`, `CameraEncoder`: stride-16 features for the view transform.
+  - `SimpleFeaturePyramid`, `CameraEncoder`: features at the patch stride (16 or 14) for the view transform.
   - `layer_decay_param_groups`: optimizer parameter groups with layer-wise lr decay over the ViT blocks.
 """
 
@@ -26,6 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from perception.errors import ConfigError
+from perception.model.weights import POS_EMBED_ANTIALIAS_KEY, safetensors_metadata, weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +37,10 @@ _WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "camera_encoder.backbone.
 
 def build_vit_backbone(name: str, image_size: tuple[int, int], *, blocks: int | None = None,
                        drop_path_rate: float = 0.0) -> VisionTransformer:
-    """A randomly initialised timm ViT for `image_size` (H, W), without classifier or pooling.
+    """A randomly initialised timm ViT for `image_size` (H, W) pixels, without classifier or pooling.
 
-    Raises `ConfigError` if `name` is not a timm model or not a plain ViT with 16-pixel patches.
+    Raises `ConfigError` if `name` is not a timm model or not a plain ViT with square patches, or (naming
+    ``data.image_size``) if H or W is not a multiple of its patch size.
     """
     kwargs: dict = {"img_size": image_size, "num_classes": 0, "global_pool": "", "drop_path_rate": drop_path_rate}
     if blocks is not None:
@@ -48,8 +51,12 @@ def build_vit_backbone(name: str, image_size: tuple[int, int], *, blocks: int | 
         raise ConfigError(f"model.camera.backbone: cannot build timm model {name!r}: {exc}") from exc
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"model.camera.backbone: {name!r} is a {type(model).__name__}, expected a timm VisionTransformer")
-    if tuple(model.patch_embed.patch_size) != (16, 16):
-        raise ConfigError(f"model.camera.backbone: {name!r} has patch size {model.patch_embed.patch_size}, expected 16")
+    ph, pw = model.patch_embed.patch_size
+    if ph != pw:
+        raise ConfigError(f"model.camera.backbone: {name!r} has patch size {model.patch_embed.patch_size}, expected square patches")
+    if image_size[0] % ph or image_size[1] % pw:
+        raise ConfigError(f"data.image_size {tuple(image_size)}: H and W must be multiples of the patch size {ph} of "
+                          f"model.camera.backbone {name!r}")
     return model
 
 
@@ -76,25 +83,12 @@ class CheckpointReport:
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
-def _weights_file(path: Path) -> Path:
-    """The weights file of `path`: the file itself, or the weights inside a Hugging Face model folder."""
-    path = Path(path)
-    if path.is_dir():
-        for candidate in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-            if (path / candidate).is_file():
-                return path / candidate
-        raise ConfigError(f"model.camera.pretrained: {path} holds no model.safetensors or pytorch_model.bin")
-    if not path.is_file():
-        raise ConfigError(f"model.camera.pretrained: {path} does not exist")
-    return path
-
-
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """Tensors of a local checkpoint: ``.safetensors``, a torch file (``.pth``/``.pt``/``.bin``, read with
     ``weights_only=True``), or a Hugging Face model folder holding ``model.safetensors`` or ``pytorch_model.bin``.
     Nested ``state_dict`` / ``model`` / ``state_dict_ema`` entries are unwrapped.
     """
-    path = _weights_file(path)
+    path = weights_file(path)
     if path.suffix == ".safetensors":
         try:
             state = load_file(str(path), device="cpu")
@@ -117,7 +111,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 def read_hf_config(path: Path) -> dict:
     """The ``pretrained_cfg`` of the timm / Hugging Face ``config.json`` beside the weights (or in the folder),
     with ``model_args`` merged in under the key ``model_args``; {} when there is none."""
-    weights = _weights_file(path)
+    weights = weights_file(path)
     config_file = weights.parent / "config.json"
     if not config_file.is_file():
         return {}
@@ -168,17 +162,24 @@ def load_backbone_checkpoint(backbone: VisionTransformer, path: Path) -> Checkpo
     entries or ``module.``/``backbone.`` prefixes. Torch files are read with ``weights_only=True``.
 
     Position embeddings made for another image size are resampled (bicubic, timm's `resample_abs_pos_embed`) to
-    the backbone's patch grid (the source grid: see `_source_patch_grid`). Keys of another shape are skipped and
-    reported; classifier heads and blocks beyond the backbone's depth show as unexpected. When ``config.json``
-    gives the checkpoint's pixel mean/std, they replace the backbone's ``pretrained_cfg`` mean/std, so that
-    `CameraEncoder` normalises images as the weights expect.
+    the backbone's patch grid (the source grid: see `_source_patch_grid`), with antialiasing unless the file's
+    safetensors metadata says ``pos_embed_antialias: false`` (weights converted by `perception.model.weights`,
+    whose source model resamples that way; their metadata ``img_size`` gives the source grid too). Keys of
+    another shape are skipped and reported; classifier heads and blocks beyond the backbone's depth show as
+    unexpected. When ``config.json`` gives the checkpoint's pixel mean/std, they replace the backbone's
+    ``pretrained_cfg`` mean/std, so that `CameraEncoder` normalises images as the weights expect.
 
     Raises `ConfigError` if the file cannot be read or none of its tensors belongs to the backbone.
     """
-    report = CheckpointReport(path=_weights_file(path))
+    report = CheckpointReport(path=weights_file(path))
     own = backbone.state_dict()
     state = _strip_prefixes(read_state_dict(path), set(own))
     hf_config = read_hf_config(path)
+    metadata = safetensors_metadata(report.path)
+    if "img_size" in metadata and not hf_config.get("model_args", {}).get("img_size"):
+        hf_config = {**hf_config, "model_args": {**hf_config.get("model_args", {}),
+                                                 "img_size": [int(v) for v in metadata["img_size"].split(",")]}}
+    antialias = metadata.get(POS_EMBED_ANTIALIAS_KEY, "true") != "false"
 
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         prefix = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
@@ -187,8 +188,10 @@ def load_backbone_checkpoint(backbone: VisionTransformer, path: Path) -> Checkpo
         old_grid = _source_patch_grid(old_tokens, hf_config, backbone.patch_embed.patch_size[0], new_grid)
         state["pos_embed"] = resample_abs_pos_embed(
             state["pos_embed"], new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=prefix,
+            antialias=antialias,
         )
-        report.resampled.append(f"pos_embed {old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]}")
+        report.resampled.append(f"pos_embed {old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]}"
+                                + ("" if antialias else " (no antialias)"))
 
     filtered: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -227,10 +230,12 @@ def _conv_norm_act(cin: int, cout: int, kernel: int) -> nn.Sequential:
 
 
 class SimpleFeaturePyramid(nn.Module):
-    """ViTDet's simple feature pyramid from the last ViT map (stride 16), fused back to one stride-16 map.
+    """ViTDet's simple feature pyramid from the last ViT map (stride s = the patch size, 16 or 14), fused back to
+    one stride-s map.
 
-    Builds strides 8 (2x2 transposed conv), 16 (identity) and 32 (max-pool), each with a 1x1 + 3x3 conv, then
-    sums the three at stride 16 (stride 8 average-pooled, stride 32 bilinearly upsampled) and applies a 3x3 conv.
+    Builds strides s/2 (2x2 transposed conv), s (identity) and 2s (max-pool, ceil mode: odd maps keep their
+    last row), each with a 1x1 + 3x3 conv, then sums the three at stride s (s/2 average-pooled, 2s bilinearly
+    upsampled) and applies a 3x3 conv. Any map size (h, w) works.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -246,7 +251,7 @@ class SimpleFeaturePyramid(nn.Module):
         self.out = _conv_norm_act(out_channels, out_channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C_in, h, w) stride-16 ViT map -> (B, C_out, h, w)."""
+        """x: (B, C_in, h, w) ViT map at the patch stride -> (B, C_out, h, w)."""
         h, w = x.shape[-2:]
         p8 = self.lateral[0](self.up(x))
         p16 = self.lateral[1](x)
@@ -256,26 +261,33 @@ class SimpleFeaturePyramid(nn.Module):
 
 
 class CameraEncoder(nn.Module):
-    """Multi-camera image encoder: ViT backbone -> simple feature pyramid -> stride-16 features.
+    """Multi-camera image encoder: ViT backbone -> simple feature pyramid -> features at the patch stride.
 
     Args:
         backbone: a timm `VisionTransformer` built for the image size the encoder will see.
-        neck: maps (B*N, embed_dim, H/16, W/16) to (B*N, out_channels, H/16, W/16).
+        neck: maps (B*N, embed_dim, H/s, W/s) to (B*N, out_channels, H/s, W/s), s = `feature_stride`.
         out_channels: channels of `neck`'s output.
+        weights_provenance: where the backbone's initial weights came from (`resolve_pretrained`'s provenance:
+            ``name``, ``sha256``, ...; {} for random weights); checkpoints record it.
     """
 
-    feature_stride = 16
-
-    def __init__(self, *, backbone: VisionTransformer, neck: nn.Module, out_channels: int):
+    def __init__(self, *, backbone: VisionTransformer, neck: nn.Module, out_channels: int,
+                 weights_provenance: dict | None = None):
         super().__init__()
         self.backbone = backbone
         self.neck = neck
         self.out_channels = out_channels
+        self.weights_provenance: dict = dict(weights_provenance or {})
         cfg = backbone.pretrained_cfg or {}
         # The backbone's normalisation in uint8 units, per RGB channel: pre-processing
         # (`perception.model.preprocess.Preprocessor`) feeds ``(image - pixel_mean) / pixel_std``.
         self.pixel_mean: tuple[float, float, float] = tuple(255.0 * float(v) for v in cfg.get("mean", (0.5, 0.5, 0.5)))
         self.pixel_std: tuple[float, float, float] = tuple(255.0 * float(v) for v in cfg.get("std", (0.5, 0.5, 0.5)))
+
+    @property
+    def feature_stride(self) -> int:
+        """Image pixels per feature cell: the backbone's patch size (16; 14 for DINOv2)."""
+        return int(self.backbone.patch_embed.patch_size[0])
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -291,7 +303,7 @@ class CameraEncoder(nn.Module):
         return len(self.backbone.blocks)
 
     def forward(self, images: Tensor) -> Tensor:
-        """images: (B, N, 3, H, W) float, normalised -> (B, N, C, H/16, W/16) float."""
+        """images: (B, N, 3, H, W) float, normalised -> (B, N, C, H/s, W/s) float, s = `feature_stride`."""
         b, n = images.shape[:2]
         x = images.flatten(0, 1)
         (feats,) = self.backbone.forward_intermediates(x, indices=[self.num_blocks - 1], norm=True, intermediates_only=True)
