@@ -79,7 +79,8 @@ def run_demo(data: Path, work_dir: Path, minutes: float, config: Path = DEFAULT_
     print(format_metrics(metrics, title="mini_val, all sensors"))
     print("\n" + _subset_table(metrics, subsets))
     pictures = _pictures(work_dir, result.history, model, val_set, trainer.device)
-    _write_report(work_dir, cfg, result, metrics, subsets, pictures, minutes, train_s, time.time() - t_start)
+    _write_report(work_dir, cfg, result, metrics, subsets, pictures, minutes, train_s, time.time() - t_start,
+                  config=Path(config), camera_weights=trainer.model.camera_encoder.weights_provenance)
     print(f"\nwrote {work_dir / 'report.md'} ({(time.time() - t_start) / 60:.1f} min)")
     return metrics
 
@@ -123,13 +124,34 @@ def _pictures(work_dir: Path, history: list[dict], model, val_set, device) -> li
     return out
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _camera_line(cfg, camera_weights: dict) -> str:
+    """Which camera backbone the run trained and where its initial weights came from."""
+    cam = cfg.model.camera
+    blocks = f", first {cam.blocks} blocks" if cam.blocks else ""
+    if cam.pretrained is None:
+        return f"Camera backbone `{cam.backbone}`{blocks}, randomly initialised (`model.camera.pretrained: null`)."
+    name = camera_weights.get("name") or Path(str(cam.pretrained)).name
+    sha = camera_weights.get("sha256")
+    return (f"Camera backbone `{cam.backbone}`{blocks}, initialised from `{name}`"
+            + (f" (sha256 `{sha[:16]}...`)" if sha else "") + ".")
+
+
 def _write_report(work_dir: Path, cfg, result, metrics: dict, subsets: dict, pictures: list[Path], minutes: float,
-                  train_s: float, total_s: float) -> None:
+                  train_s: float, total_s: float, config: Path = DEFAULT_CONFIG, camera_weights: dict | None = None) -> None:
     lines = [
         "# Demo report",
         "",
-        f"Tiny model (`configs/tiny.yaml`) trained for {result.step} steps ({minutes:g} min budget) on the synthetic",
+        f"`{_shown(config)}` trained for {result.step} steps ({minutes:g} min budget) on the synthetic",
         f"`mini_train` split, evaluated on `mini_val` with the devkit's `DetectionEval`. Total time {total_s / 60:.1f} min.",
+        _camera_line(cfg, camera_weights or {}),
         "",
         "## Metrics by sensor set",
         "",

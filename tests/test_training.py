@@ -185,7 +185,9 @@ def test_demo_writes_checkpoint_metrics_submission_and_report(synth_root, tmp_pa
                 "bev_sample.png", "learning_curve.png", "config.yaml"):
         assert (work / rel).is_file(), rel
     assert 0.0 <= metrics["nds"] <= 1.0 and metrics["num_samples"] == 6
-    assert "| lidar_only |" in (work / "report.md").read_text()
+    report = (work / "report.md").read_text()
+    assert "| lidar_only |" in report and "configs/tiny.yaml` trained for" in report
+    assert "Camera backbone `vit_tiny_patch16_224`, first 4 blocks, randomly initialised" in report
     assert any((work / "tb").iterdir())
 
 
