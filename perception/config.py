@@ -164,7 +164,9 @@ class PillarConfig(_Section):
 class FuserConfig(_Section):
     out_channels: int = Field(64, ge=1)
     modality_dropout: Union[float, tuple[float, float, float]] = Field(
-        0.0, description="Per-sample drop probability in `loss()`: one for every modality, or (camera, lidar, radar); at least one modality is kept.")
+        0.0, description="Per-sample drop probability in `loss()`: one for every modality, or (camera, lidar, radar); at "
+                         "least one modality is kept. 1.0 always hides that modality from the fuser (the camera-only "
+                         "recipe: LiDAR is still read for depth supervision).")
 
     paired_drop: tuple[tuple[Literal["camera", "lidar", "radar"], ...], ...] = Field(
         (), description="Paired passes in `loss()`, one per listed set of modalities (e.g. [[radar], [lidar]]): "
@@ -177,8 +179,8 @@ class FuserConfig(_Section):
     @model_validator(mode="after")
     def _check_dropout(self) -> "FuserConfig":
         probs = self.modality_dropout if isinstance(self.modality_dropout, tuple) else (self.modality_dropout,)
-        if not all(0.0 <= p < 1.0 for p in probs):
-            raise ValueError(f"modality_dropout {self.modality_dropout} must be in [0, 1)")
+        if not all(0.0 <= p <= 1.0 for p in probs) or (len(probs) == 1 and probs[0] == 1.0) or min(probs) == 1.0:
+            raise ValueError(f"modality_dropout {self.modality_dropout}: each must be in [0, 1], and not every one 1")
         for names in self.paired_drop:
             if len(set(names)) != len(names) or not 1 <= len(names) <= 2:
                 raise ValueError(f"paired_drop: each pass must drop one or two different modalities, not {list(names)}")

@@ -4,7 +4,8 @@
 2. Trains `configs/tiny.yaml` for `--minutes` (GPU if present, else CPU), checkpointing as it goes.
 3. Evaluates on `mini_val` with all sensors, then with only LiDAR, only camera and only radar.
 4. Writes `W/checkpoints/last.pt`, `W/eval/metrics.json`, `W/eval/submission.json`, `W/eval/<sensors>/...`,
-   `W/report.md` with the metrics tables, and pictures (learning curve, a BEV view of one sample).
+   `W/report.md` with the metrics tables, pictures (learning curve, a BEV view of one sample), and
+   `W/summary.json` (config, steps trained, times, seed, the camera's initial weights).
 """
 
 from __future__ import annotations
@@ -174,3 +175,6 @@ def _write_report(work_dir: Path, cfg, result, metrics: dict, subsets: dict, pic
               "- `tb/`: TensorBoard scalars (`tensorboard --logdir " + str(work_dir / "tb") + "`)", ""]
     (work_dir / "report.md").write_text("\n".join(lines))
     (work_dir / "eval" / "by_sensors.json").write_text(json.dumps({"all": metrics, **subsets}, indent=1))
+    summary = {"config": str(config), "steps": result.step, "minutes": minutes, "train_s": round(train_s, 1),
+               "total_s": round(total_s, 1), "seed": cfg.train.seed, "camera_weights": camera_weights or {}}
+    (work_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -195,6 +195,37 @@ def test_modality_dropout_keeps_one_present_modality():
     assert torch.equal(drop_modalities(mask, 0.0), mask)
     per = drop_modalities(torch.ones(1000, 3, dtype=torch.bool), (0.0, 0.0, 0.5), generator=torch.Generator().manual_seed(1))
     assert per[:, :2].all() and 0.4 < per[:, 2].float().mean() < 0.6  # only radar is dropped, about half the time
+    # 1.0 always hides a modality (the camera-only recipe), except where it is all a sample has.
+    always = drop_modalities(mask, (0.0, 1.0, 1.0), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(always[mask[:, 0]], torch.tensor([[True, False, False]]).expand(int(mask[:, 0].sum()), 3))
+    assert always.any(1).all() and not (always & ~mask).any()
+
+
+def test_camera_only_recipe_trains_the_camera_with_lidar_depth_but_never_fuses_lidar():
+    """configs/tiny_camera.yaml (scratch backbone, small sizes): depth supervision from the LiDAR that the fuser never
+    sees; no gradient reaches the LiDAR or radar encoder."""
+    cfg = load_config(ROOT / "configs" / "tiny_camera.yaml", [
+        "model.camera.backbone=vit_tiny_patch16_224", "model.camera.pretrained=null", *SMALL["tiny"][:2], *SMALL["tiny"][3:]])
+    assert cfg.model.fuser.modality_dropout == (0.0, 1.0, 1.0) and cfg.loss.depth > 0
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=cfg.grid.build(),
+                                 boxes_per_sample=[3, 1], seed=5)
+    losses = model.loss(batch)
+    assert "depth" in losses and losses["depth"] > 0
+    sum(losses.values()).backward()
+    assert _grad_norm(model.camera_encoder.backbone) > 0
+    assert _grad_norm(model.lidar_encoder) == 0 and _grad_norm(model.radar_encoder) == 0
+
+
+@pytest.mark.parametrize("dropout, ok", [("[0.0, 1.0, 1.0]", True), ("1.0", False), ("[1.0, 1.0, 1.0]", False),
+                                         ("[0.0, 1.5, 0.0]", False), ("-0.1", False)])
+def test_modality_dropout_config_bounds(dropout, ok):
+    if ok:
+        assert load_config(ROOT / "configs" / "tiny.yaml", [f"model.fuser.modality_dropout={dropout}"]).model.fuser.modality_dropout == (0.0, 1.0, 1.0)
+    else:
+        with pytest.raises(ConfigError, match="modality_dropout"):
+            load_config(ROOT / "configs" / "tiny.yaml", [f"model.fuser.modality_dropout={dropout}"])
 
 
 def test_modality_dropout_only_in_training(monkeypatch):
