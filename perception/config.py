@@ -100,6 +100,9 @@ class CameraConfig(_Section):
                           "a local timm/Hugging Face checkpoint (.pth, .bin, .safetensors, or a folder). Resolved "
                           "when the model is built (perception.model.weights.resolve_pretrained).")
     out_channels: int = Field(64, ge=1, description="Channels of the feature map (at the patch stride) given to the view transform.")
+    feature_upsample: Literal[1, 2] = Field(1, description="The feature pyramid's output at the patch stride (1) or at "
+                                            "half of it (2: stride 8, or 7 for patch 14; 4x the pixels the view "
+                                            "transform lifts).")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     freeze_blocks: int = Field(0, ge=0, description="Freeze the patch embedding and the first N blocks.")
     grad_checkpointing: bool = False

@@ -452,6 +452,37 @@ def test_lift_splat_geometry_depth_target_and_bev_sample_agree():
     torch.testing.assert_close(uvw[:2] / uvw[2], torch.tensor([col * 16 + 7.5, row * 16 + 7.5]), atol=1e-3, rtol=0)
 
 
+def test_half_stride_features_lift_at_their_own_pixel_centres():
+    """model.camera.feature_upsample=2: the pyramid outputs stride 8 (64x176 -> 8x22), the depth and frustum are
+    at that resolution, a frustum point of a half-stride cell lands where the ray through its pixel centre does,
+    and the model trains."""
+    cfg = small_config("tiny", "model.camera.feature_upsample=2")
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    assert model.camera_encoder.feature_stride == 8 and model.camera_encoder.feature_size == (8, 22)
+    assert model.view_transform.feature_size == (8, 22)
+    batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=cfg.grid.build(),
+                                 boxes_per_sample=[3, 1], seed=6)
+    feats = model.camera_encoder(torch.randn(2, 6, 3, *SMALL_IMAGE))
+    assert feats.shape == (2, 6, cfg.model.camera.out_channels, 8, 22)
+    losses = model.loss(batch)
+    sum(losses.values()).backward()
+    assert _grad_norm(model.camera_encoder.backbone) > 0 and torch.isfinite(losses["depth"])
+
+    grid = BEVGrid()
+    cam2img, cam2lidar, _ = camera_rig(SMALL_IMAGE)
+    lift = LiftSplat(grid=grid, in_channels=8, out_channels=8, image_size=SMALL_IMAGE, feature_stride=8,
+                     depth_min=1.0, depth_step=2.0, num_bins=30)
+    cam, row, col, depth_bin = 0, 5, 9, 10
+    # The ray through the pixel centre of half-stride cell (row, col): pixel (8 col + 3.5, 8 row + 3.5).
+    uv1 = torch.tensor([col * 8 + 3.5, row * 8 + 3.5, 1.0])
+    depth = 1.0 + 2.0 * depth_bin
+    x_cam = torch.linalg.solve(cam2img[cam, :3, :3], uv1) * depth
+    point = cam2lidar[cam, :3, :3] @ x_cam + cam2lidar[cam, :3, 3]
+    index = lift.rig_geometry.frustum_bev_index(cam2img[None], cam2lidar[None]).view(6, 30, 8, 22)
+    assert int(index[cam, depth_bin, row, col]) == int(bev_flat_index(point[0], point[1], point[2], grid))
+
+
 def test_lift_splat_pools_all_depth_mass_inside_the_grid():
     grid = BEVGrid()
     cam2img, cam2lidar, _ = camera_rig(SMALL_IMAGE)

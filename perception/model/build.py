@@ -40,7 +40,7 @@ def build_camera_encoder(cfg: CameraConfig, image_size: tuple[int, int]) -> Came
                           f"model.camera.backbone: {provenance['arch']} (it is {cfg.backbone})")
     if path is not None:
         load_backbone_checkpoint(backbone, path)
-    encoder = CameraEncoder(backbone=backbone, neck=SimpleFeaturePyramid(backbone.embed_dim, cfg.out_channels),
+    encoder = CameraEncoder(backbone=backbone, neck=SimpleFeaturePyramid(backbone.embed_dim, cfg.out_channels, upsample=cfg.feature_upsample),
                             out_channels=cfg.out_channels, weights_provenance=provenance)
     encoder.freeze_blocks(cfg.freeze_blocks)
     encoder.set_grad_checkpointing(cfg.grad_checkpointing)

@@ -231,15 +231,18 @@ def _conv_norm_act(cin: int, cout: int, kernel: int) -> nn.Sequential:
 
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's simple feature pyramid from the last ViT map (stride s = the patch size, 16 or 14), fused back to
-    one stride-s map.
+    one map at stride s (``upsample=1``) or s/2 (``upsample=2``).
 
     Builds strides s/2 (2x2 transposed conv), s (identity) and 2s (max-pool, ceil mode: odd maps keep their
-    last row), each with a 1x1 + 3x3 conv, then sums the three at stride s (s/2 average-pooled, 2s bilinearly
-    upsampled) and applies a 3x3 conv. Any map size (h, w) works.
+    last row), each with a 1x1 + 3x3 conv, then sums the three at the output stride (finer maps average-pooled,
+    coarser ones bilinearly upsampled) and applies a 3x3 conv. Any map size (h, w) works.
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, upsample: int = 1):
         super().__init__()
+        if upsample not in (1, 2):
+            raise ValueError(f"SimpleFeaturePyramid: upsample must be 1 or 2, not {upsample}")
+        self.upsample = upsample
         self.up = nn.Sequential(
             nn.ConvTranspose2d(in_channels, in_channels // 2, 2, stride=2), nn.BatchNorm2d(in_channels // 2), nn.GELU()
         )
@@ -251,21 +254,27 @@ class SimpleFeaturePyramid(nn.Module):
         self.out = _conv_norm_act(out_channels, out_channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C_in, h, w) ViT map at the patch stride -> (B, C_out, h, w)."""
+        """x: (B, C_in, h, w) ViT map at the patch stride -> (B, C_out, h * upsample, w * upsample)."""
         h, w = x.shape[-2:]
         p8 = self.lateral[0](self.up(x))
         p16 = self.lateral[1](x)
         p32 = self.lateral[2](self.down(x))
-        fused = p16 + F.avg_pool2d(p8, 2) + F.interpolate(p32, size=(h, w), mode="bilinear", align_corners=False)
+        if self.upsample == 2:
+            fused = p8 + F.interpolate(p16, size=(2 * h, 2 * w), mode="bilinear", align_corners=False) \
+                + F.interpolate(p32, size=(2 * h, 2 * w), mode="bilinear", align_corners=False)
+        else:
+            fused = p16 + F.avg_pool2d(p8, 2) + F.interpolate(p32, size=(h, w), mode="bilinear", align_corners=False)
         return self.out(fused)
 
 
 class CameraEncoder(nn.Module):
-    """Multi-camera image encoder: ViT backbone -> simple feature pyramid -> features at the patch stride.
+    """Multi-camera image encoder: ViT backbone -> simple feature pyramid -> features at the patch stride (or half
+    of it, ``neck.upsample == 2``).
 
     Args:
         backbone: a timm `VisionTransformer` built for the image size the encoder will see.
-        neck: maps (B*N, embed_dim, H/s, W/s) to (B*N, out_channels, H/s, W/s), s = `feature_stride`.
+        neck: maps (B*N, embed_dim, H/p, W/p), p the patch size, to (B*N, out_channels, H/s, W/s), s =
+            `feature_stride` (p divided by the neck's ``upsample``, 1 if it has none).
         out_channels: channels of `neck`'s output.
         weights_provenance: where the backbone's initial weights came from (`resolve_pretrained`'s provenance:
             ``name``, ``sha256``, ...; {} for random weights); checkpoints record it.
@@ -286,8 +295,12 @@ class CameraEncoder(nn.Module):
 
     @property
     def feature_stride(self) -> int:
-        """Image pixels per feature cell: the backbone's patch size (16; 14 for DINOv2)."""
-        return int(self.backbone.patch_embed.patch_size[0])
+        """Image pixels per feature cell: the backbone's patch size (16; 14 for DINOv2) over the neck's upsampling."""
+        return int(self.backbone.patch_embed.patch_size[0]) // self.upsample
+
+    @property
+    def upsample(self) -> int:
+        return int(getattr(self.neck, "upsample", 1))
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -296,7 +309,8 @@ class CameraEncoder(nn.Module):
     @property
     def feature_size(self) -> tuple[int, int]:
         """(h, w) of the output feature map."""
-        return tuple(self.backbone.patch_embed.grid_size)  # type: ignore[return-value]
+        h, w = self.backbone.patch_embed.grid_size
+        return (h * self.upsample, w * self.upsample)
 
     @property
     def num_blocks(self) -> int:
