@@ -215,6 +215,36 @@ def eval_cmd(
     typer.echo(f"wrote {out / 'metrics.json'}")
 
 
+@app.command("track")
+def track_cmd(
+    data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),
+    split: str = typer.Option(..., "--split", help="Devkit split, e.g. mini_val, val."),
+    out: Path = typer.Option(..., "--out", help="Folder for tracking_submission.json and tracking_metrics.json."),
+    results: Optional[Path] = typer.Option(None, "--results", help="Detection submission JSON to track."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Training checkpoint: detect first (OUT/detection/), then track."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    max_age: int = typer.Option(3, "--max-age", min=0, help="Keyframes an unmatched track survives."),
+    min_score: float = typer.Option(0.0, "--min-score", min=0.0, help="Detections below this score are not tracked."),
+    device: Optional[str] = typer.Option(None, "--device"),
+    workers: int = typer.Option(2, "--workers", min=0),
+) -> None:
+    """3D multi-object tracking (CenterPoint's greedy association with predicted velocities), scored by the
+    devkit's TrackingEval (AMOTA, AMOTP, recall, MOTA, IDS, per class)."""
+    from perception.evaluation import evaluate_checkpoint
+    from perception.tracking import TrackerSettings, run_tracking
+
+    if (checkpoint is None) == (results is None):
+        raise typer.BadParameter("give exactly one of --checkpoint and --results")
+    if checkpoint is not None:
+        evaluate_checkpoint(checkpoint, data, version, split, out / "detection", device=device, workers=workers)
+        results = out / "detection" / "submission.json"
+    m = run_tracking(results, data, version, split, out, TrackerSettings(max_age=max_age, min_score=min_score))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    typer.echo(f"AMOTA {fmt(m.get('amota'))}  AMOTP {fmt(m.get('amotp'))}  recall {fmt(m.get('recall'))}  "
+               f"MOTA {fmt(m.get('mota'))}  IDS {m.get('ids')}")
+    typer.echo(f"wrote {out / 'tracking_metrics.json'}")
+
+
 @app.command("viz")
 def viz_cmd(
     data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),

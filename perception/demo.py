@@ -2,10 +2,12 @@
 
 1. Writes the synthetic nuScenes mini set into `--data` unless it is already there, and checks it.
 2. Trains `configs/tiny.yaml` for `--minutes` (GPU if present, else CPU), checkpointing as it goes.
-3. Evaluates on `mini_val` with all sensors, then with only LiDAR, only camera and only radar.
+3. Evaluates on `mini_val` with all sensors, then with only LiDAR, only camera and only radar, and tracks the
+   all-sensor detections (`perception.tracking`, scored by the devkit's `TrackingEval`).
 4. Writes `W/checkpoints/last.pt`, `W/eval/metrics.json`, `W/eval/submission.json`, `W/eval/<sensors>/...`,
-   `W/report.md` with the metrics tables, pictures (learning curve, a BEV view of one sample), and
-   `W/summary.json` (config, steps trained, times, seed, the camera's initial weights).
+   `W/tracking/tracking_{submission,metrics}.json`, `W/report.md` with the metrics tables, pictures (learning
+   curve, a BEV view of one sample), and `W/summary.json` (config, steps trained, times, seed, the camera's
+   initial weights, tracking metrics).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from perception.data.collate import collate_samples
 from perception.data.synth.generate import SynthConfig, dataset_exists, generate
 from perception.errors import PerceptionError
 from perception.evaluation import evaluate_model, format_metrics
+from perception.tracking import run_tracking
 from perception.training import RunSpec, Trainer
 from perception.viz import agg_pyplot, plot_bev
 
@@ -77,13 +80,25 @@ def run_demo(data: Path, work_dir: Path, minutes: float, config: Path = DEFAULT_
     for name, mask in SENSOR_SUBSETS.items():
         subsets[name] = evaluate_model(model, val_set, data, "v1.0-mini", "mini_val", eval_dir / name, device=trainer.device,
                                        batch_size=cfg.train.batch_size, workers=workers, modality_mask=mask, progress=progress)
+    tracking = run_tracking(eval_dir / "submission.json", data, "v1.0-mini", "mini_val", work_dir / "tracking")
     print(format_metrics(metrics, title="mini_val, all sensors"))
     print("\n" + _subset_table(metrics, subsets))
+    print("\n" + _tracking_line(tracking))
     pictures = _pictures(work_dir, result.history, model, val_set, trainer.device)
     _write_report(work_dir, cfg, result, metrics, subsets, pictures, minutes, train_s, time.time() - t_start,
-                  config=Path(config), camera_weights=trainer.model.camera_encoder.weights_provenance)
+                  config=Path(config), camera_weights=trainer.model.camera_encoder.weights_provenance,
+                  tracking=tracking)
     print(f"\nwrote {work_dir / 'report.md'} ({(time.time() - t_start) / 60:.1f} min)")
     return metrics
+
+
+def _tracking_line(m: dict) -> str:
+    """The demo's tracking summary (devkit TrackingEval of the all-sensor detections)."""
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+    return (f"Tracking (`perception track`, all-sensor detections, devkit `TrackingEval`): AMOTA {fmt(m.get('amota'))}, "
+            f"AMOTP {fmt(m.get('amotp'))} m, recall {fmt(m.get('recall'))}, MOTA {fmt(m.get('mota'))}, "
+            f"ID switches {m.get('ids')}.")
 
 
 def _subset_table(clean: dict, subsets: dict[str, dict]) -> str:
@@ -146,7 +161,8 @@ def _camera_line(cfg, camera_weights: dict) -> str:
 
 
 def _write_report(work_dir: Path, cfg, result, metrics: dict, subsets: dict, pictures: list[Path], minutes: float,
-                  train_s: float, total_s: float, config: Path = DEFAULT_CONFIG, camera_weights: dict | None = None) -> None:
+                  train_s: float, total_s: float, config: Path = DEFAULT_CONFIG, camera_weights: dict | None = None,
+                  tracking: dict | None = None) -> None:
     lines = [
         "# Demo report",
         "",
@@ -164,6 +180,8 @@ def _write_report(work_dir: Path, cfg, result, metrics: dict, subsets: dict, pic
         format_metrics(metrics),
         "```",
         "",
+        _tracking_line(tracking or {}),
+        "",
         "## Pictures",
         "",
     ]
@@ -175,6 +193,6 @@ def _write_report(work_dir: Path, cfg, result, metrics: dict, subsets: dict, pic
               "- `tb/`: TensorBoard scalars (`tensorboard --logdir " + str(work_dir / "tb") + "`)", ""]
     (work_dir / "report.md").write_text("\n".join(lines))
     (work_dir / "eval" / "by_sensors.json").write_text(json.dumps({"all": metrics, **subsets}, indent=1))
-    summary = {"config": str(config), "steps": result.step, "minutes": minutes, "train_s": round(train_s, 1),
+    summary = {"config": str(config), "steps": result.step, "tracking": tracking or {}, "minutes": minutes, "train_s": round(train_s, 1),
                "total_s": round(total_s, 1), "seed": cfg.train.seed, "camera_weights": camera_weights or {}}
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=1))

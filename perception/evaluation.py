@@ -117,7 +117,7 @@ def lean_eval_tables(version: str, dataroot: str | Path) -> dict[str, list[dict]
     return tables
 
 
-def _load_lean_nuscenes(version: str, dataroot: str | Path):
+def load_lean_nuscenes(version: str, dataroot: str | Path):
     """A `nuscenes.NuScenes` holding only what `DetectionEval` needs (see the module docstring)."""
     from nuscenes.nuscenes import NuScenes  # heavy: the devkit takes ~1 s to import
 
@@ -268,7 +268,7 @@ def detection_eval(dataroot: str | Path, version: str, split: str, submission: s
         validate_submission(submission, split_sample_tokens(dataroot, version, split))
         eval_set, scope = split, contextlib.nullcontext()
     if nusc is None:
-        nusc = _load_lean_nuscenes(version, dataroot)
+        nusc = load_lean_nuscenes(version, dataroot)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

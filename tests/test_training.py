@@ -188,6 +188,7 @@ def test_demo_writes_checkpoint_metrics_submission_and_report(synth_root, tmp_pa
     report = (work / "report.md").read_text()
     assert "| lidar_only |" in report and "configs/tiny.yaml` trained for" in report
     assert "Camera backbone `vit_tiny_patch16_224`, first 4 blocks, randomly initialised" in report
+    assert "AMOTA" in report and (work / "tracking" / "tracking_metrics.json").is_file()
     assert any((work / "tb").iterdir())
 
 
