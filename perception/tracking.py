@@ -69,10 +69,25 @@ class CenterPointTracker:
     def step(self, detections: list[dict], dt: float) -> list[dict]:
         """One keyframe: `detections` (submission dicts, global frame), `dt` seconds since the previous keyframe
         of the scene (ignored after `reset`). Returns the tracked boxes of this keyframe in the devkit's tracking
-        format (``tracking_id``, ``tracking_name``, ``tracking_score``), one per kept detection."""
+        format (``tracking_id``, ``tracking_name``, ``tracking_score``), one per tracked detection, in order of
+        score."""
+        ids = self.assign(detections, dt)
+        order = sorted((i for i, t in enumerate(ids) if t is not None), key=lambda i: -detections[i]["detection_score"])
+        return [{
+            "sample_token": detections[i]["sample_token"], "translation": list(detections[i]["translation"]),
+            "size": list(detections[i]["size"]), "rotation": list(detections[i]["rotation"]),
+            "velocity": list(detections[i]["velocity"][:2]), "tracking_id": str(ids[i]),
+            "tracking_name": detections[i]["detection_name"], "tracking_score": float(detections[i]["detection_score"]),
+        } for i in order]
+
+    def assign(self, detections: list[dict], dt: float) -> list[int | None]:
+        """`step`'s association: the track id of each detection, in the order given (None for a detection that is
+        not tracked: not a tracking class, or below ``min_score``)."""
         s = self.settings
-        dets = [d for d in detections if d["detection_name"] in TRACKING_CLASSES and d["detection_score"] >= s.min_score]
-        dets.sort(key=lambda d: -d["detection_score"])
+        index = [i for i, d in enumerate(detections)
+                 if d["detection_name"] in TRACKING_CLASSES and d["detection_score"] >= s.min_score]
+        index.sort(key=lambda i: -detections[i]["detection_score"])
+        dets = [detections[i] for i in index]
         # Tracks coast forward on their last velocity to this keyframe.
         for t in self.tracks:
             t.xy = t.xy + t.velocity * dt
@@ -81,9 +96,8 @@ class CenterPointTracker:
         if n and m:
             det_xy = np.array([d["translation"][:2] for d in dets], dtype=np.float64)
             det_v = np.array([d["velocity"][:2] for d in dets], dtype=np.float64)
-            # The detection's position one keyframe ago, from its own velocity, against the tracks' last matched
-            # position (CenterPoint compares back-moved detections with tracks where they were last seen; a
-            # coasting track has been moved forward above, as CenterPoint does).
+            # The detection's position one keyframe ago, from its own velocity, against each track's position
+            # one keyframe ago (its last match, or where it had coasted to).
             back = det_xy - det_v * dt
             last = np.array([t.xy - t.velocity * dt for t in self.tracks])
             dist = np.linalg.norm(back[:, None, :] - last[None, :, :], axis=2)
@@ -98,10 +112,10 @@ class CenterPointTracker:
                 if not det_taken[i] and not track_taken[j]:
                     matched_track[i] = j
                     det_taken[i] = track_taken[j] = True
-        out, kept = [], []
-        used = set()
-        for i, d in enumerate(dets):
-            j = matched_track[i]
+        ids: list[int | None] = [None] * len(detections)
+        kept, used = [], set()
+        for k, d in enumerate(dets):
+            j = matched_track[k]
             xy = np.asarray(d["translation"][:2], dtype=np.float64)
             v = np.asarray(d["velocity"][:2], dtype=np.float64)
             if j >= 0:
@@ -112,18 +126,13 @@ class CenterPointTracker:
                 track = _Track(self._next_id, d["detection_name"], xy, v)
                 self._next_id += 1
             kept.append(track)
-            out.append({
-                "sample_token": d["sample_token"], "translation": list(d["translation"]), "size": list(d["size"]),
-                "rotation": list(d["rotation"]), "velocity": list(d["velocity"][:2]),
-                "tracking_id": str(track.track_id), "tracking_name": d["detection_name"],
-                "tracking_score": float(d["detection_score"]),
-            })
+            ids[index[k]] = track.track_id
         for j, t in enumerate(self.tracks):
             if j not in used and t.age + 1 <= s.max_age:
                 t.age += 1
                 kept.append(t)
         self.tracks = kept
-        return out
+        return ids
 
 
 def scene_order(dataroot: str | Path, version: str, sample_tokens: set[str]) -> list[list[tuple[str, int]]]:

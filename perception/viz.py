@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -15,10 +16,12 @@ from perception.data.build import build_dataset
 from perception.data.collate import collate_samples
 from perception.data.dataset import DatasetConfig, NuScenesDataset
 from perception.data.mmdet3d_info import read_mmdet3d_infos
+from perception.data.submission import submission_entries
 from perception.data.transforms import ImageAugConfig
 from perception.distributed import pick_device
 from perception.errors import PerceptionError
-from perception.structures import CAMERA_CHANNELS, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid
+from perception.structures import CAMERA_CHANNELS, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid, Boxes3D
+from perception.tracking import CenterPointTracker
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +48,16 @@ def _box_outline(box: np.ndarray) -> np.ndarray:
 
 
 def plot_bev(path: str | Path, sample, prediction=None, grid: BEVGrid | None = None, score_threshold: float = 0.3,
-             title_extra: str = "") -> Path:
+             title_extra: str = "", track_ids: Sequence[int | None] | None = None,
+             trails: dict[int, np.ndarray] | None = None) -> Path:
     """Two panels over the BEV grid (LIDAR_TOP frame, x right, y forward):
     left: LiDAR points, ground-truth boxes and the ground-truth map (drivable area, crossings, walkways, dividers);
     right: the same points, predicted boxes with score >= `score_threshold` (heading tick, velocity arrow) and
     the predicted map probabilities.
 
     sample: a `perception.data.dataset.Sample`; prediction: a `perception.model.bevfusion.Prediction` or None.
+    track_ids: with a prediction, each predicted box's track id (None: untracked), drawn as "#id".
+    trails: track id -> (T, 2) past centres in this sample's LIDAR_TOP frame, metres, drawn as a line.
     """
     plt = agg_pyplot()
     grid = grid or BEVGrid()
@@ -60,15 +66,16 @@ def plot_bev(path: str | Path, sample, prediction=None, grid: BEVGrid | None = N
     keep = (pts[:, 0] > grid.x_min) & (pts[:, 0] < grid.x_max) & (pts[:, 1] > grid.y_min) & (pts[:, 1] < grid.y_max)
     pts = pts[keep][::3]
     panels = [("ground truth" if sample.has_map else "ground truth (no map expansion)", sample.boxes_lidar.tensor.numpy(),
-               sample.labels.numpy(), None, sample.map_masks.float().numpy())]
+               sample.labels.numpy(), None, sample.map_masks.float().numpy(), None)]
     if prediction is not None:
         keep = prediction.scores.cpu().numpy() >= score_threshold
+        ids = None if track_ids is None else [t for t, k in zip(track_ids, keep) if k]
         panels.append(("prediction", prediction.boxes_lidar.tensor.cpu().numpy()[keep], prediction.labels.cpu().numpy()[keep],
-                       prediction.scores.cpu().numpy()[keep], prediction.map_probs.float().cpu().numpy()))
+                       prediction.scores.cpu().numpy()[keep], prediction.map_probs.float().cpu().numpy(), ids))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 7), squeeze=False)
     map_colours = {"drivable_area": (0.55, 0.55, 0.55), "ped_crossing": (0.9, 0.6, 0.1), "walkway": (0.3, 0.6, 0.3),
                    "stop_line": (0.8, 0.1, 0.1), "carpark_area": (0.6, 0.4, 0.7), "divider": (0.1, 0.3, 0.9)}
-    for ax, (title, boxes, labels, scores, masks) in zip(axes[0], panels):
+    for ax, (title, boxes, labels, scores, masks, ids) in zip(axes[0], panels):
         rgb = np.ones((*masks.shape[1:], 3))
         for name in MAP_CLASSES:
             m = np.clip(masks[MAP_CLASSES.index(name)], 0, 1)[..., None] * 0.6
@@ -91,6 +98,11 @@ def plot_bev(path: str | Path, sample, prediction=None, grid: BEVGrid | None = N
                 ax.arrow(box[0], box[1], box[7], box[8], color=CLASS_COLOURS[name], width=0.05, head_width=0.6, alpha=0.7)
             if scores is not None:
                 ax.text(box[0], box[1], f"{scores[k]:.2f}", fontsize=5)
+            if ids is not None and ids[k] is not None:
+                ax.text(box[0] + 1.0, box[1] + 1.0, f"#{ids[k]}", fontsize=6, color=CLASS_COLOURS[name])
+                trail = (trails or {}).get(ids[k])
+                if trail is not None and len(trail) > 1:
+                    ax.plot(trail[:, 0], trail[:, 1], color=CLASS_COLOURS[name], lw=0.8, alpha=0.7, ls="--")
         ax.plot([0], [0], marker="^", color="r", ms=8)
         ax.set_xlim(grid.x_min, grid.x_max)
         ax.set_ylim(grid.y_min, grid.y_max)
@@ -227,6 +239,28 @@ def show_open3d(points_ply: Path, boxes_ply: list[Path]) -> bool:
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def _track_frame(tracker: CenterPointTracker, trails_global: dict[int, list[np.ndarray]], sample, pred,
+                 prev_timestamp: int | None, score_threshold: float = 0.3) -> tuple[list[int | None], dict[int, np.ndarray]]:
+    """One video frame through the tracker: the predicted boxes (all of them, drawn or not) get track ids (only
+    those with score >= `score_threshold` are tracked); each track's global centres so far are appended to
+    `trails_global` and returned in this sample's LIDAR_TOP frame."""
+    lidar2ego, ego2global = sample.meta["lidar2ego"], sample.meta["ego2global"]
+    scores = pred.scores.cpu().numpy()
+    entries = submission_entries(sample.meta["sample_token"], Boxes3D(pred.boxes_lidar.tensor.cpu()),
+                                 pred.labels.cpu().numpy(), scores, pred.attributes.cpu().numpy(), lidar2ego, ego2global)
+    drawn = [k for k in range(len(entries)) if scores[k] >= score_threshold]
+    dt = 0.0 if prev_timestamp is None else (sample.meta["timestamp"] - prev_timestamp) / 1e6
+    ids: list[int | None] = [None] * len(entries)
+    for k, t in zip(drawn, tracker.assign([entries[k] for k in drawn], dt)):
+        ids[k] = t
+        if t is not None:
+            trails_global.setdefault(t, []).append(np.asarray(entries[k]["translation"][:3], dtype=np.float64))
+    global2lidar = np.linalg.inv(ego2global @ lidar2ego)
+    live = {t for t in ids if t is not None}
+    trails = {t: (np.stack(trails_global[t]) @ global2lidar[:3, :3].T + global2lidar[:3, 3])[:, :2] for t in live}
+    return ids, trails
+
+
 def visualise(data: Path, out: Path, *, version: str = "v1.0-mini", sample_token: str | None = None,
               scene: str | None = None, checkpoint: Path | None = None, video: bool = False, device: str | None = None,
               show: bool = False, image_scale: float = 0.5, info: Path | None = None) -> list[Path]:
@@ -280,19 +314,27 @@ def visualise(data: Path, out: Path, *, version: str = "v1.0-mini", sample_token
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     frames = []
+    # With a model, a video tracks the drawn predictions (`perception.tracking`) and draws ids and trails.
+    tracker = CenterPointTracker() if video and model is not None else None
+    trails_global: dict[int, list[np.ndarray]] = {}
+    prev_t = None
     for token in tokens:
         i = index_of[token]
         sample = viz_ds[i]
-        pred = None
+        pred, track_ids, trails = None, None, None
         if model is not None:
             batch = collate_samples([model_ds[i]]).to(next(model.parameters()).device)
             pred = model.predict(batch)[0]
+        if tracker is not None:
+            track_ids, trails = _track_frame(tracker, trails_global, sample, pred, prev_t)
+            prev_t = sample.meta["timestamp"]
         mosaic = camera_mosaic(sample, pred)
         text = scene_tag_text(sample, pred)
         cv2.putText(mosaic, text, (8, mosaic.shape[0] - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
         cam_path = out / f"{token}_cameras.png"
         cv2.imwrite(str(cam_path), mosaic)
-        bev_path = plot_bev(out / f"{token}_bev.png", sample, pred, grid, title_extra=text)
+        bev_path = plot_bev(out / f"{token}_bev.png", sample, pred, grid, title_extra=text, track_ids=track_ids,
+                            trails=trails)
         pts_path = out / f"{token}_points.ply"
         write_ply_points(pts_path, sample.points_lidar.numpy())
         box_paths = [out / f"{token}_boxes_gt.ply"]

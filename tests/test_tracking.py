@@ -112,3 +112,37 @@ def test_track_cli_scores_ground_truth_with_the_devkit(synth_root, gt_file, tmp_
 def test_track_cli_needs_exactly_one_source(synth_root, tmp_path):
     res = CliRunner().invoke(app, ["track", "--data", str(synth_root), "--split", "mini_val", "--out", str(tmp_path)])
     assert res.exit_code != 0 and "exactly one" in res.output
+
+
+def test_video_frames_get_track_ids_and_trails_in_the_current_lidar_frame():
+    """`perception viz --video`: one car driving at 5 m/s along global +x while the ego drives at 2 m/s along +x;
+    its trail, drawn in each frame's LIDAR_TOP frame, is where the car was, seen from where the ego is now."""
+    import torch
+
+    from perception.model.bevfusion import Prediction
+    from perception.structures import Boxes3D
+    from perception.viz import _track_frame
+
+    tracker, trails_global, prev = CenterPointTracker(), {}, None
+    yaw = np.pi / 2  # lidar2ego turns by +90 deg: the ego's forward is LIDAR_TOP's -y
+    lidar2ego = np.eye(4)
+    lidar2ego[:2, :2] = [[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]]
+    for k in range(4):
+        t = 0.5 * k
+        ego2global = np.eye(4)
+        ego2global[:3, 3] = [100.0 + 2.0 * t, 50.0, 0.0]
+        car_global = np.array([110.0 + 5.0 * t, 50.0, 1.0])
+        global2lidar = np.linalg.inv(ego2global @ lidar2ego)
+        car_lidar = global2lidar[:3, :3] @ car_global + global2lidar[:3, 3]
+        v_lidar = global2lidar[:3, :3] @ np.array([5.0, 0.0, 0.0])
+        box = torch.tensor([[*car_lidar, 1.8, 4.5, 1.6, 0.0, v_lidar[0], v_lidar[1]]], dtype=torch.float32)
+        pred = Prediction(boxes_lidar=Boxes3D(box), scores=torch.tensor([0.9]), labels=torch.tensor([0]),
+                          attributes=torch.tensor([-1]), map_probs=torch.zeros(6, 4, 4), scene_probs=torch.zeros(6))
+        sample = type("S", (), {"meta": {"sample_token": f"s{k}", "timestamp": int(t * 1e6), "lidar2ego": lidar2ego,
+                                         "ego2global": ego2global}})()
+        ids, trails = _track_frame(tracker, trails_global, sample, pred, prev)
+        prev = sample.meta["timestamp"]
+        assert ids == [0]
+        # The car at frame j was 10 + 2.5 j - 2 t m ahead of the ego now: on LIDAR_TOP's -y axis (lidar2ego +90 deg).
+        expected = [(0.0, -(10.0 + 2.5 * j - 2.0 * t)) for j in range(k + 1)]
+        np.testing.assert_allclose(trails[0], np.array(expected), atol=1e-3)
