@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -204,3 +205,32 @@ def test_ema_weights_are_kept_checkpointed_and_evaluated(synth_root, tmp_path):
     assert not torch.equal(ckpt["ema"]["shadow"][name], ckpt["model"][name])
     assert model_state_from(ckpt) is ckpt["ema"]["shadow"]  # evaluation and export use the EMA
     assert torch.equal(trainer.eval_model().state_dict()[name], ckpt["ema"]["shadow"][name])
+
+
+def test_sequence_sampler_keeps_scenes_in_order_and_shards_two_ranks_without_overlap():
+    from perception.data.loader import SequenceSampler
+
+    rng = np.random.default_rng(0)
+    lengths = [5, 7, 3, 6, 4, 8, 5]
+    scene_of, timestamps = [], []
+    for s, n in enumerate(lengths):
+        for k in range(n):
+            scene_of.append(f"scene-{s}")
+            timestamps.append(1_000_000 * s + 500_000 * k)
+    perm = rng.permutation(len(scene_of))  # the dataset's order need not be time order
+    scene_of, timestamps = [scene_of[i] for i in perm], [timestamps[i] for i in perm]
+    ranks = [SequenceSampler(scene_of, timestamps, micro_batch=2, world_size=2, rank=r, seed=3, epoch=1) for r in (0, 1)]
+    seqs = [list(s) for s in ranks]
+    assert len(seqs[0]) == len(seqs[1]) == len(ranks[0]) > 0  # DDP ranks step together
+    assert not set(seqs[0]) & set(seqs[1])
+    for r, seq in enumerate(seqs):
+        first = ranks[r].is_first()
+        for slot in range(2):  # within a slot, consecutive micro-batches are consecutive keyframes of one scene
+            stream = seq[slot::2]
+            for k, (a, b) in enumerate(zip(stream, stream[1:])):
+                if scene_of[a] == scene_of[b]:
+                    assert timestamps[b] - timestamps[a] == 500_000 and not first[slot + 2 * (k + 1)]
+                else:
+                    assert first[slot + 2 * (k + 1)]
+    assert seqs[0] == list(SequenceSampler(scene_of, timestamps, micro_batch=2, world_size=2, rank=0, seed=3, epoch=1))
+    assert seqs[0] != list(SequenceSampler(scene_of, timestamps, micro_batch=2, world_size=2, rank=0, seed=3, epoch=2))

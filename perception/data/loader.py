@@ -59,3 +59,56 @@ def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, worker
     `workers` worker processes (0: in this process); pinned memory when CUDA is available."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_samples,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+class SequenceSampler(Sampler[int]):
+    """Indices for streaming temporal training: each of the ``micro_batch x world_size`` batch slots walks
+    whole scenes, keyframe after keyframe in time order, so slot s of consecutive micro-batches holds
+    consecutive keyframes of one scene (and the next scene's first keyframe when one ends).
+
+    Scenes are dealt to the slots in a seeded per-epoch order (seed, epoch), round-robin by the slot with the
+    shortest stream so far; a rank yields the micro-batches of its slots ``rank * micro_batch ...``; every
+    rank yields the same number of micro-batches (the streams are cut to the shortest), so DDP ranks step
+    together, and no sample goes to two slots. `is_first` says which yielded positions start a scene (no history).
+
+    Args:
+        scene_of: (N,) a scene key per sample (any hashable), e.g. the sample's scene token.
+        timestamps: (N,) the samples' times (order within a scene).
+    """
+
+    def __init__(self, scene_of, timestamps, *, micro_batch: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 epoch: int = 0, shuffle: bool = True):
+        if len(scene_of) != len(timestamps):
+            raise ValueError(f"SequenceSampler: {len(scene_of)} scene keys for {len(timestamps)} timestamps")
+        scenes: dict = {}
+        for i, key in enumerate(scene_of):
+            scenes.setdefault(key, []).append(i)
+        self.scenes = [sorted(v, key=lambda i: timestamps[i]) for v in scenes.values()]
+        self.mb, self.world, self.rank = micro_batch, world_size, rank
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+
+    def streams(self) -> list[list[int]]:
+        """The ``micro_batch x world_size`` slot streams of this epoch, cut to a common length."""
+        order = list(range(len(self.scenes)))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(len(order), generator=g).tolist()
+        slots: list[list[int]] = [[] for _ in range(self.mb * self.world)]
+        for s in order:
+            min(slots, key=len).extend(self.scenes[s])
+        length = min(len(s) for s in slots)
+        return [s[:length] for s in slots]
+
+    def is_first(self) -> list[bool]:
+        """For each index this rank yields (in order): it is the first keyframe of its scene in its stream."""
+        first = {scene[0] for scene in self.scenes}
+        return [i in first for i in self]
+
+    def __len__(self) -> int:
+        return len(self.streams()[0]) * self.mb
+
+    def __iter__(self) -> Iterator[int]:
+        mine = self.streams()[self.rank * self.mb:(self.rank + 1) * self.mb]
+        for step in range(len(mine[0])):
+            for stream in mine:
+                yield stream[step]
