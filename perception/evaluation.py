@@ -41,7 +41,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from perception.cache import atomic_write, cache_path, table_fingerprint
 from perception.checkpoint import model_from_checkpoint
@@ -52,6 +51,7 @@ from perception.data.mmdet3d_info import info_sample_tokens
 from perception.data.submission import submission_entries, write_submission
 from perception.distributed import pick_device
 from perception.errors import DataError, PerceptionError
+from perception.progress import progress_bar
 from perception.structures import (ATTRIBUTES, BEVFUSION_MAP_GRID, CLASS_ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES,
                                    SCENE_TAGS, BEVGrid)
 
@@ -418,7 +418,7 @@ def run_inference(model, loader: Iterable, device: torch.device, modality_mask: 
     model.eval()
     it = loader
     if progress:
-        it = tqdm(loader, desc=desc, unit="batch", leave=False)
+        it = progress_bar(loader, desc=desc, unit="batch", leave=False)
     for batch in it:
         batch = batch.to(device)
         inputs = batch if batch_transform is None else batch_transform(batch)

@@ -55,6 +55,7 @@ from perception.errors import ConfigError, PerceptionError
 from perception.evaluation import check_tokens_in_tables, evaluate_model, require_tables
 from perception.model.build import build_model
 from perception.model.camera import layer_decay_param_groups
+from perception.progress import progress_bar
 from perception.schedule import EMA, autocast_dtype, lr_lambda
 from perception.train_log import (
     VAL_SCALARS, RunningMean, format_losses, gather_skipped, log_scalars, log_validation, open_work_dir, record_skipped,
@@ -268,7 +269,7 @@ class Trainer:
         stopped_early = False
         bar = None
         if self.dist.is_main and self.spec.progress:
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         log.info("training %d steps (%d per epoch, global batch %d on %d process(es), device %s) into %s",
                  self.total_steps, self.batches_per_epoch, self.global_batch, self.dist.world_size, self.device, self.work_dir)
         running = RunningMean()

@@ -18,7 +18,8 @@ PACKAGES = ("perception", "fusion", "deploy")
 LAZY_BY_DESIGN = ("perception/cli.py",)
 # All that `perception.data` may import besides itself: the names, config, errors, caches and processes below it
 # (never evaluation, checkpoints, the model or the trainer above it).
-BELOW_DATA = {"perception.structures", "perception.config", "perception.errors", "perception.cache", "perception.distributed"}
+BELOW_DATA = {"perception.structures", "perception.config", "perception.errors", "perception.cache", "perception.distributed",
+              "perception.progress"}
 
 
 def _modules() -> dict[str, Path]:

@@ -26,9 +26,9 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from perception.errors import PerceptionError
+from perception.progress import progress_bar
 from perception.structures import SCENE_TAGS, parse_scene_tags
 
 log = logging.getLogger(__name__)
@@ -407,7 +407,7 @@ def _summarise_heads(root: Path, t: dict[str, list[dict]], report: Report) -> No
 def _iter_with_progress(items: list, progress: bool, desc: str) -> Iterable:
     if not progress:
         return items
-    return tqdm(items, desc=desc, unit="file", leave=False)
+    return progress_bar(items, desc=desc, unit="file", leave=False)
 
 
 def _check_files(root: Path, t: dict[str, list[dict]], report: Report, max_per_channel: int | None, progress: bool) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from perception.data.synth import camera as cam_mod
 from perception.data.synth import lidar as lidar_mod
@@ -26,6 +25,7 @@ from perception.data.synth.names import MAP_PNG, token  # noqa: F401 (re-exporte
 from perception.data.synth.rig import KEYFRAME_OFFSET_US, KEYFRAME_PERIOD_US, SWEEP_PERIOD_US, build_rig, quat_from_matrix, rot_z, yaw_quat
 from perception.data.synth.world import SIZES, World, build_world
 from perception.errors import PerceptionError
+from perception.progress import progress_bar
 from perception.structures import ATTRIBUTES, CAMERA_CHANNELS, LIDAR_CHANNEL, RADAR_CHANNELS
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ def generate(dataroot: str | Path, cfg: SynthConfig, workers: int = 0, progress:
     n_workers = min(len(jobs), workers or os.cpu_count() or 1)
     log.info("synth: %d scenes (%s) into %s with %d worker(s)", cfg.num_scenes, cfg.version, root, n_workers)
     results = []
-    bar = tqdm(total=len(jobs), desc="synth scenes", unit="scene", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="synth scenes", unit="scene", disable=not progress)
     if n_workers <= 1:
         for job in jobs:
             results.append(_scene(job))
