@@ -205,7 +205,8 @@ def test_camera_only_recipe_trains_the_camera_with_lidar_depth_but_never_fuses_l
     """configs/tiny_camera.yaml (scratch backbone, small sizes): depth supervision from the LiDAR that the fuser never
     sees; no gradient reaches the LiDAR or radar encoder."""
     cfg = load_config(ROOT / "configs" / "tiny_camera.yaml", [
-        "model.camera.backbone=vit_tiny_patch16_224", "model.camera.pretrained=null", *SMALL["tiny"][:2], *SMALL["tiny"][3:]])
+        "model.camera.backbone=vit_tiny_patch16_224", "model.camera.pretrained=null", *SMALL["tiny"][:2], *SMALL["tiny"][3:],
+        "model.camera.freeze_blocks=2"])  # the recipe freezes every block (4 in the config, 2 in this small one)
     assert cfg.model.fuser.modality_dropout == (0.0, 1.0, 1.0) and cfg.loss.depth > 0
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -214,7 +215,8 @@ def test_camera_only_recipe_trains_the_camera_with_lidar_depth_but_never_fuses_l
     losses = model.loss(batch)
     assert "depth" in losses and losses["depth"] > 0
     sum(losses.values()).backward()
-    assert _grad_norm(model.camera_encoder.backbone) > 0
+    assert _grad_norm(model.camera_encoder.neck) > 0 and _grad_norm(model.view_transform) > 0
+    assert _grad_norm(model.camera_encoder.backbone.blocks) == 0  # frozen
     assert _grad_norm(model.lidar_encoder) == 0 and _grad_norm(model.radar_encoder) == 0
 
 
