@@ -231,7 +231,7 @@ def track_cmd(
     """3D multi-object tracking (CenterPoint's greedy association with predicted velocities), scored by the
     devkit's TrackingEval (AMOTA, AMOTP, recall, MOTA, IDS, per class)."""
     from perception.evaluation import evaluate_checkpoint
-    from perception.tracking import TrackerSettings, run_tracking
+    from perception.tracking import TrackerSettings, format_tracking, run_tracking
 
     if (checkpoint is None) == (results is None):
         raise typer.BadParameter("give exactly one of --checkpoint and --results")
@@ -239,9 +239,7 @@ def track_cmd(
         evaluate_checkpoint(checkpoint, data, version, split, out / "detection", device=device, workers=workers)
         results = out / "detection" / "submission.json"
     m = run_tracking(results, data, version, split, out, TrackerSettings(max_age=max_age, min_score=min_score))
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    typer.echo(f"AMOTA {fmt(m.get('amota'))}  AMOTP {fmt(m.get('amotp'))}  recall {fmt(m.get('recall'))}  "
-               f"MOTA {fmt(m.get('mota'))}  IDS {m.get('ids')}")
+    typer.echo(format_tracking(m))
     typer.echo(f"wrote {out / 'tracking_metrics.json'}")
 
 

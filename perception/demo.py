@@ -25,7 +25,7 @@ from perception.data.collate import collate_samples
 from perception.data.synth.generate import SynthConfig, dataset_exists, generate
 from perception.errors import PerceptionError
 from perception.evaluation import evaluate_model, format_metrics
-from perception.tracking import run_tracking
+from perception.tracking import format_tracking, run_tracking
 from perception.training import RunSpec, Trainer
 from perception.viz import agg_pyplot, plot_bev
 
@@ -94,11 +94,7 @@ def run_demo(data: Path, work_dir: Path, minutes: float, config: Path = DEFAULT_
 
 def _tracking_line(m: dict) -> str:
     """The demo's tracking summary (devkit TrackingEval of the all-sensor detections)."""
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.3f}"
-    return (f"Tracking (`perception track`, all-sensor detections, devkit `TrackingEval`): AMOTA {fmt(m.get('amota'))}, "
-            f"AMOTP {fmt(m.get('amotp'))} m, recall {fmt(m.get('recall'))}, MOTA {fmt(m.get('mota'))}, "
-            f"ID switches {m.get('ids')}.")
+    return f"Tracking (`perception track`, all-sensor detections, devkit `TrackingEval`): {format_tracking(m)}."
 
 
 def _subset_table(clean: dict, subsets: dict[str, dict]) -> str:

@@ -190,6 +190,14 @@ def tracking_eval(submission_path: str | Path, dataroot: str | Path, version: st
     return summary
 
 
+def format_tracking(m: dict) -> str:
+    """One line of `tracking_eval`'s summary: AMOTA, AMOTP (m), recall, MOTA, ID switches."""
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+    return (f"AMOTA {fmt(m.get('amota'))}, AMOTP {fmt(m.get('amotp'))} m, recall {fmt(m.get('recall'))}, "
+            f"MOTA {fmt(m.get('mota'))}, ID switches {m.get('ids')}")
+
+
 def _number(v):
     """A devkit metric as a JSON number (NaN -> None)."""
     v = float(v)
