@@ -46,6 +46,7 @@ from perception.cache import atomic_write, cache_path, table_fingerprint
 from perception.checkpoint import model_from_checkpoint
 from perception.data.build import build_dataset
 from perception.data.collate import collate_samples
+from perception.data.loader import data_worker_init
 from perception.data.dataset import split_scene_names
 from perception.data.mmdet3d_info import info_sample_tokens
 from perception.data.submission import submission_entries, write_submission
@@ -522,7 +523,8 @@ def evaluate_results_file(submission: str | Path, dataroot: str | Path, version:
 
 def _shard_loader(dataset, batch_size: int, workers: int, rank: int, world: int):
     indices = list(range(rank, len(dataset), world))
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, collate_fn=collate_samples)
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, collate_fn=collate_samples,
+                      worker_init_fn=data_worker_init if workers else None)
 
 
 def gather_inference(out: InferenceOutput, dist_info) -> InferenceOutput | None:

@@ -8,6 +8,8 @@ import os
 import pickle
 import shutil
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -42,7 +44,7 @@ def _with_file(ds, kind: str, tmp_file, skip=False) -> NuScenesDataset:
 def _source(ds, kind):
     idx = ds.index
     rel = idx.cam_paths[0, 0] if kind == "cam" else getattr(idx, f"{kind}_paths")[getattr(idx, f"{kind}_offsets")[0]]
-    return ds._path(str(rel))
+    return Path(ds._path(str(rel)))
 
 
 def _expect(ds, match, path, i=0):

@@ -32,7 +32,7 @@ def build_dataset(cfg: ExperimentConfig, data: str | Path, version: str, split: 
     grid = map_grid if map_grid is not None else cfg.grid.build()
     # The dataset counts the keyframe sweep too (the devkit's nsweeps); the config counts the sweeps before it.
     base = DatasetConfig(grid=grid, lidar_sweeps=d.lidar_sweeps + 1, radar_sweeps=d.radar_sweeps + 1,
-                         skip_bad_samples=d.skip_bad_samples, seed=cfg.train.seed, map=d.map,
+                         skip_bad_samples=d.skip_bad_samples, seed=cfg.train.seed, map=d.map, map_cache=d.map_cache,
                          eval_map_grid=None if train else BEVFUSION_MAP_GRID)
     if info is not None:
         index = read_mmdet3d_infos(info, data, lidar_sweeps=base.lidar_sweeps, skip_bad_samples=d.skip_bad_samples)

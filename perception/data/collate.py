@@ -2,6 +2,9 @@
 
 Point clouds and boxes are concatenated along the first axis and their per-sample counts kept, so empty point
 clouds and scenes without boxes need no padding or special case. Map masks become float32 {0, 1}.
+
+In a DataLoader worker the large outputs (images, point clouds) are written straight into shared memory, as
+torch's `default_collate` does, so sending the batch to the main process copies nothing more.
 """
 
 from __future__ import annotations
@@ -9,9 +12,24 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.utils.data import get_worker_info
 
 from perception.data.batch import Batch
 from perception.data.dataset import Sample
+
+
+def _cat(tensors: Sequence[torch.Tensor], stack: bool) -> torch.Tensor:
+    """torch.stack (`stack`) or torch.cat along dim 0, into a shared-memory tensor inside a DataLoader worker."""
+    if get_worker_info() is None:
+        return torch.stack(list(tensors)) if stack else torch.cat(list(tensors), 0)
+    first = tensors[0]
+    shape = (len(tensors), *first.shape) if stack else (sum(t.shape[0] for t in tensors), *first.shape[1:])
+    numel = 1
+    for n in shape:
+        numel *= n
+    storage = first.untyped_storage()._new_shared(numel * first.element_size())
+    out = first.new_empty(0).set_(storage).view(-1)[:numel].view(shape)
+    return torch.stack(list(tensors), out=out) if stack else torch.cat(list(tensors), 0, out=out)
 
 
 def collate_samples(samples: Sequence[Sample]) -> Batch:
@@ -28,13 +46,13 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
     lidar = [s.points_lidar for s in samples]
     radar = [s.points_radar for s in samples]
     return Batch(
-        images=torch.stack([s.images for s in samples]),
+        images=_cat([s.images for s in samples], stack=True),
         cam2img=torch.stack([s.cam2img for s in samples]),
         cam2lidar=torch.stack([s.cam2lidar for s in samples]),
         img_aug=torch.stack([s.img_aug for s in samples]),
-        points_lidar=torch.cat(lidar, 0),
+        points_lidar=_cat(lidar, stack=False),
         num_points_lidar=count(lidar),
-        points_radar=torch.cat(radar, 0),
+        points_radar=_cat(radar, stack=False),
         num_points_radar=count(radar),
         boxes=torch.cat([s.boxes_lidar.tensor for s in samples], 0),
         labels=torch.cat([s.labels for s in samples], 0),
