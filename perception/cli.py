@@ -6,6 +6,7 @@ heavy modules lazily (so `--help` is fast) and turns our errors into one readabl
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -25,6 +26,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(weights_app, name="weights")
 
 _STATE = {"debug": False}
+BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
 INFO_HELP = ("mmdet3d v2 info file (.pkl, e.g. nuscenes_infos_val.pkl; its paths are relative to --data) whose samples "
              "to use instead of a split's")
 
@@ -119,14 +121,18 @@ def bench_data(
     data: Path = typer.Option(..., "--data", help="nuScenes dataroot (1600x900 cameras for the stated figures)."),
     version: str = typer.Option("v1.0-mini", "--version"),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read (default: all scenes)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Experiment YAML whose training pipeline is measured (default: configs/base.yaml)."),
     workers: str = typer.Option("0,1,2", "--workers", help="Comma-separated DataLoader worker counts."),
     samples: int = typer.Option(24, "--samples", min=1, help="Timed samples per measurement."),
-    lidar_sweeps: int = typer.Option(10, "--lidar-sweeps", min=1),
-    radar_sweeps: int = typer.Option(6, "--radar-sweeps", min=0),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Measurements per worker count (alternating pipeline and decode-only; the median is kept)."),
     info: Optional[Path] = typer.Option(None, "--info", help=INFO_HELP + " (instead of --split)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the figures as JSON here."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY.PATH=VALUE config overrides, e.g. data.lidar_sweeps=4."),
 ) -> None:
-    """Data pipeline samples/s beside the rate of only decoding the same 6 JPEGs."""
-    from perception.data.bench import format_results, run_data_bench
+    """Data pipeline samples/s beside the rate of only decoding the same 6 JPEGs, and per-stage times."""
+    from perception.config import load_config
+    from perception.data.bench import bench_report, format_results, run_data_bench, stage_times
+    from perception.data.build import build_dataset
 
     try:
         counts = tuple(int(w) for w in workers.split(","))
@@ -134,8 +140,16 @@ def bench_data(
         raise typer.BadParameter(f"--workers expects comma-separated integers, got {workers!r}")
     if info is not None and split is not None:
         raise typer.BadParameter("give --split or --info, not both")
-    results = run_data_bench(data, version, split, counts, samples, lidar_sweeps, radar_sweeps, info=info)
-    typer.echo(format_results(results))
+    config = config or BASE_CONFIG
+    cfg = load_config(config, list(overrides or []))
+    dataset = build_dataset(cfg, data, version, split, train=True, info=info)
+    results = run_data_bench(dataset, counts, samples, repeats)
+    report = bench_report(dataset, results, stage_times(dataset, samples), config=config)
+    typer.echo(format_results(report))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        typer.echo(f"wrote {out}")
 
 
 @app.command("train", context_settings={"allow_extra_args": False})

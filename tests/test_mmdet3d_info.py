@@ -294,7 +294,7 @@ def test_viz_robustness_and_bench_take_info(synth_root, val_info, tiny_checkpoin
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert set(json.loads((tmp_path / "rob" / "robustness.json").read_text())) == {"clean", "lidar_missing"}
     res = runner.invoke(app, ["bench", "data", "--data", str(FIXTURE), "--info", str(INFO), "--workers", "0",
-                              "--samples", "2", "--lidar-sweeps", "2"])
+                              "--samples", "2", "--repeats", "1", "data.lidar_sweeps=1"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "6 x 1600x900" in res.output and "radar files/sample 0.0" in res.output
 
