@@ -31,6 +31,7 @@ import gc
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -116,6 +117,27 @@ def lean_eval_tables(version: str, dataroot: str | Path) -> dict[str, list[dict]
     except PerceptionError as exc:
         log.warning("lean evaluation index: %s", exc)
     return tables
+
+
+# This process's LeanNuScenes and filtered ground truth, shared by every evaluation (all robustness conditions,
+# every validation of a training run); keyed by the dataroot and its tables' sizes and mtimes, so rewritten
+# tables are read again. Nothing here is modified by an evaluation.
+_SHARED_NUSC: dict[tuple, object] = {}
+_SHARED_GT: dict[tuple, object] = {}
+
+
+def _tables_key(version: str, dataroot: str | Path) -> tuple:
+    return (str(Path(dataroot).resolve()), version, json.dumps(table_fingerprint(dataroot, version), sort_keys=True))
+
+
+def shared_lean_nuscenes(version: str, dataroot: str | Path):
+    """`load_lean_nuscenes`, loaded once per process and dataroot (tables unchanged) and then shared."""
+    key = _tables_key(version, dataroot)
+    if key not in _SHARED_NUSC:
+        _SHARED_NUSC.clear()  # one dataroot at a time: a LeanNuScenes of trainval holds ~1 GB
+        _SHARED_GT.clear()
+        _SHARED_NUSC[key] = load_lean_nuscenes(version, dataroot)
+    return _SHARED_NUSC[key]
 
 
 def load_lean_nuscenes(version: str, dataroot: str | Path):
@@ -268,18 +290,61 @@ def detection_eval(dataroot: str | Path, version: str, split: str, submission: s
     else:
         validate_submission(submission, split_sample_tokens(dataroot, version, split))
         eval_set, scope = split, contextlib.nullcontext()
-    if nusc is None:
-        nusc = load_lean_nuscenes(version, dataroot)
+    shared = nusc is None
+    if shared:
+        nusc = shared_lean_nuscenes(version, dataroot)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = config_factory("detection_cvpr_2019")
     try:
         with scope:
-            ev = devkit_evaluate.DetectionEval(nusc, config_factory("detection_cvpr_2019"), result_path=str(submission),
-                                               eval_set=eval_set, output_dir=str(out_dir / "detection"), verbose=False)
+            if shared:
+                ev = _shared_gt_detection_eval(nusc, cfg, str(submission), eval_set, str(out_dir / "detection"),
+                                               key=(*_tables_key(version, dataroot), eval_set,
+                                                    None if sample_tokens is None else tuple(sorted(sample_tokens))))
+            else:
+                ev = devkit_evaluate.DetectionEval(nusc, cfg, result_path=str(submission), eval_set=eval_set,
+                                                   output_dir=str(out_dir / "detection"), verbose=False)
     except AssertionError as exc:  # the devkit reports a bad submission with bare asserts
         raise PerceptionError(f"{submission}: not a valid submission for split {split}: {exc}") from None
     metrics, _ = ev.evaluate()
     return metrics.serialize()
+
+
+def _shared_gt_detection_eval(nusc, cfg, result_path: str, eval_set: str, output_dir: str, key: tuple):
+    """The devkit's `DetectionEval` as its `__init__` builds it (nuscenes-devkit 1.1: load predictions and ground
+    truth of the split, add centre distances, filter both by class range, points and bike racks), except that
+    the ground truth, the same for every submission of a split, is built once per process (`key`) and shared.
+    `tests/test_evaluation.py` checks it against the devkit's own `DetectionEval`."""
+    import nuscenes.eval.detection.evaluate as E  # heavy: the devkit takes ~1 s to import
+
+    ev = E.DetectionEval.__new__(E.DetectionEval)
+    ev.nusc, ev.result_path, ev.eval_set, ev.output_dir, ev.verbose, ev.cfg = nusc, result_path, eval_set, output_dir, False, cfg
+    assert os.path.exists(result_path), "Error: The result file does not exist!"
+    ev.plot_dir = os.path.join(output_dir, "plots")
+    os.makedirs(ev.plot_dir, exist_ok=True)
+    if E.is_predefined_split(split_name=eval_set):
+        ev.pred_boxes, ev.meta = E.load_prediction(result_path, cfg.max_boxes_per_sample, E.DetectionBox, verbose=False)
+        load_gt = lambda: E.load_gt(nusc, eval_set, E.DetectionBox, verbose=False)  # noqa: E731
+    else:
+        tokens = E.get_samples_of_custom_split(split_name=eval_set, nusc=nusc)
+        ev.pred_boxes, ev.meta = E.load_prediction_of_sample_tokens(result_path, cfg.max_boxes_per_sample,
+                                                                    E.DetectionBox, sample_tokens=tokens, verbose=False)
+        load_gt = lambda: E.load_gt_of_sample_tokens(nusc, tokens, E.DetectionBox, verbose=False)  # noqa: E731
+    if key not in _SHARED_GT:
+        gt = load_gt()
+        # keep the devkit's order of checks: an unfiltered split/prediction mismatch is reported first
+        assert set(ev.pred_boxes.sample_tokens) == set(gt.sample_tokens), \
+            "Samples in split doesn't match samples in predictions."
+        gt = E.add_center_dist(nusc, gt)
+        _SHARED_GT[key] = E.filter_eval_boxes(nusc, gt, cfg.class_range, verbose=False)
+    ev.gt_boxes = _SHARED_GT[key]
+    assert set(ev.pred_boxes.sample_tokens) == set(ev.gt_boxes.sample_tokens), \
+        "Samples in split doesn't match samples in predictions."
+    ev.pred_boxes = E.add_center_dist(nusc, ev.pred_boxes)
+    ev.pred_boxes = E.filter_eval_boxes(nusc, ev.pred_boxes, cfg.class_range, verbose=False)
+    ev.sample_tokens = ev.gt_boxes.sample_tokens
+    return ev
 
 
 def summarise_detection(devkit: dict) -> dict:
@@ -414,7 +479,15 @@ def run_inference(model, loader: Iterable, device: torch.device, modality_mask: 
         (map masks, scene tags) and the submission's frames are taken from the untransformed batch.
     Map IoU counts only samples with `has_map`, scene scores only samples with `has_scene_tags`.
     """
-    out = InferenceOutput({}, SegmentationStats(), [], [])
+    return run_inference_conditions(model, loader, device, {desc: batch_transform}, modality_mask, progress, desc)[desc]
+
+
+def run_inference_conditions(model, loader: Iterable, device: torch.device, transforms: dict[str, object],
+                             modality_mask: Sequence[bool] | None = None, progress: bool = True,
+                             desc: str = "eval") -> dict[str, InferenceOutput]:
+    """`run_inference` for several conditions in one pass over `loader`: each batch is loaded once and predicted
+    under every `transforms[name]` (a `Batch -> Batch`, or None for the batch as loaded)."""
+    outs = {name: InferenceOutput({}, SegmentationStats(), [], []) for name in transforms}
     map_grid = model.map_grid
     model.eval()
     it = loader
@@ -422,28 +495,37 @@ def run_inference(model, loader: Iterable, device: torch.device, modality_mask: 
         it = progress_bar(loader, desc=desc, unit="batch", leave=False)
     for batch in it:
         batch = batch.to(device)
-        inputs = batch if batch_transform is None else batch_transform(batch)
-        if modality_mask is not None:
-            forced = torch.tensor(modality_mask, dtype=torch.bool, device=device).expand_as(inputs.modality_mask)
-            inputs = replace(inputs, modality_mask=inputs.modality_mask & forced)
-        with torch.no_grad():
-            preds = model.predict(inputs)
-        for b, (pred, meta) in enumerate(zip(preds, batch.meta)):
-            token = meta["sample_token"]
+        for meta in batch.meta:
             if "lidar_aug" in meta and not np.allclose(meta["lidar_aug"], np.eye(4)):
                 raise PerceptionError("run_inference: the evaluation loader must not apply BEV augmentation")
-            out.results[token] = submission_entries(
-                token, pred.boxes_lidar, pred.labels.cpu(), pred.scores.cpu(), pred.attributes.cpu(),
-                meta["lidar2ego"], meta["ego2global"])
-            if bool(batch.has_map[b]):
-                out.seg.update(pred.map_probs, batch.map_masks[b])
-                if batch.map_masks_eval is not None:
-                    out.seg_bevfusion.update(resample_map(pred.map_probs, map_grid, BEVFUSION_MAP_GRID),
-                                             batch.map_masks_eval[b])
-            if bool(batch.has_scene_tags[b]):
-                out.scene_scores.append(pred.scene_probs.float().cpu().numpy())
-                out.scene_tags.append(batch.scene_tags[b].float().cpu().numpy())
-    return out
+        variants = []
+        for transform in transforms.values():
+            inputs = batch if transform is None else transform(batch)
+            if modality_mask is not None:
+                forced = torch.tensor(modality_mask, dtype=torch.bool, device=device).expand_as(inputs.modality_mask)
+                inputs = replace(inputs, modality_mask=inputs.modality_mask & forced)
+            variants.append(inputs)
+        with torch.no_grad():
+            if hasattr(model, "predict_many"):  # a torch model: encoders shared by conditions with equal inputs
+                predictions = model.predict_many(variants)
+            else:
+                predictions = [model.predict(inputs) for inputs in variants]
+        for name, preds in zip(transforms, predictions):
+            out = outs[name]
+            for b, (pred, meta) in enumerate(zip(preds, batch.meta)):
+                token = meta["sample_token"]
+                out.results[token] = submission_entries(
+                    token, pred.boxes_lidar, pred.labels.cpu(), pred.scores.cpu(), pred.attributes.cpu(),
+                    meta["lidar2ego"], meta["ego2global"])
+                if bool(batch.has_map[b]):
+                    out.seg.update(pred.map_probs, batch.map_masks[b])
+                    if batch.map_masks_eval is not None:
+                        out.seg_bevfusion.update(resample_map(pred.map_probs, map_grid, BEVFUSION_MAP_GRID),
+                                                 batch.map_masks_eval[b])
+                if bool(batch.has_scene_tags[b]):
+                    out.scene_scores.append(pred.scene_probs.float().cpu().numpy())
+                    out.scene_tags.append(batch.scene_tags[b].float().cpu().numpy())
+    return outs
 
 
 def metrics_from(devkit: dict, out: InferenceOutput) -> dict:
@@ -549,13 +631,35 @@ def evaluate_model(model, dataset, dataroot: str | Path, version: str, split: st
     (rank 0; None on other ranks). Every sample of the split gets an entry ([] when nothing is detected).
     `info`: the dataset holds this mmdet3d info file's samples; detection is scored on exactly those (`split`
     only names them in messages)."""
+    metrics = evaluate_model_conditions(model, dataset, dataroot, version, split, {"": Path(out_dir)},
+                                        {"": batch_transform}, device=device, dist_info=dist_info,
+                                        batch_size=batch_size, workers=workers, modality_mask=modality_mask,
+                                        progress=progress, nusc=nusc, info=info)
+    return None if metrics is None else metrics[""]
+
+
+def evaluate_model_conditions(model, dataset, dataroot: str | Path, version: str, split: str,
+                              out_dirs: dict[str, Path], transforms: dict[str, object], *, device: torch.device,
+                              dist_info=None, batch_size: int = 2, workers: int = 0,
+                              modality_mask: Sequence[bool] | None = None, progress: bool = True, nusc=None,
+                              info: str | Path | None = None) -> dict[str, dict] | None:
+    """`evaluate_model` under several input conditions (`transforms[name]`, written to `out_dirs[name]`) with one
+    pass of data loading; the devkit index and ground truth are shared by all (`shared_lean_nuscenes`)."""
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
     loader = _shard_loader(dataset, batch_size, workers, rank, world)
-    out = gather_inference(run_inference(model, loader, device, modality_mask, progress=progress and rank == 0,
-                                         batch_transform=batch_transform), dist_info)
-    if out is None:
-        return None
-    out_dir = Path(out_dir)
+    outs = run_inference_conditions(model, loader, device, transforms, modality_mask, progress=progress and rank == 0)
+    results = {}
+    for name in transforms:
+        out = gather_inference(outs[name], dist_info)
+        if out is None:
+            continue
+        results[name] = _score(out, dataset, dataroot, version, split, Path(out_dirs[name]), modality_mask, nusc, info)
+    return results if rank == 0 else None
+
+
+def _score(out: InferenceOutput, dataset, dataroot, version: str, split: str, out_dir: Path,
+           modality_mask: Sequence[bool] | None, nusc, info) -> dict:
+    """Write the submission of one inference pass, score it and write `out_dir/metrics.json`."""
     use = modality_mask if modality_mask is not None else (True, True, True)
     if dataset.index.radar_offsets[-1] == 0:  # no radar file at all (e.g. an mmdet3d info file): none was used
         use = (use[0], use[1], False)

@@ -32,7 +32,7 @@ from perception.data.build import build_dataset
 from perception.data.mmdet3d_info import info_sample_tokens
 from perception.distributed import pick_device
 from perception.errors import PerceptionError
-from perception.evaluation import check_tokens_in_tables, evaluate_model
+from perception.evaluation import check_tokens_in_tables, evaluate_model_conditions
 from perception.viz import agg_pyplot
 
 log = logging.getLogger(__name__)
@@ -224,11 +224,13 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
     cfg, model = loaded.config, loaded.model
     dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=model.map_grid, info=info)
     out = Path(out)
+    log.info("robustness: %d conditions (%s), each batch loaded once", len(names), ", ".join(names))
+    evaluated = evaluate_model_conditions(model, dataset, dataroot, version, split, {n: out / n for n in names},
+                                          {n: CONDITIONS[n] for n in names}, device=dev, batch_size=batch_size,
+                                          workers=workers, progress=progress, info=info)
     results: dict[str, dict] = {}
     for name in names:
-        log.info("robustness: %s", name)
-        m = evaluate_model(model, dataset, dataroot, version, split, out / name, device=dev, batch_size=batch_size,
-                           workers=workers, progress=progress, batch_transform=CONDITIONS[name], info=info)
+        m = evaluated[name]
         # NaN (no true positive of any class) becomes null, so robustness.json stays strict JSON.
         results[name] = {k: (None if m[k] is None or not math.isfinite(m[k]) else float(m[k]))
                          for k in ("nds", "map", *TP_ERRORS, "seg_miou", "scene_map")}

@@ -88,6 +88,8 @@ def test_lean_index_is_cached_outside_the_dataroot_and_scores_the_same(synth_roo
     import perception.evaluation as ev
 
     monkeypatch.setenv("PERCEPTION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ev, "_SHARED_NUSC", {})  # nothing loaded in this process yet
+    monkeypatch.setattr(ev, "_SHARED_GT", {})
     reads = []
     read_table = ev._read_table
     monkeypatch.setattr(ev, "_read_table", lambda root, name: reads.append(name) or read_table(root, name))
@@ -100,3 +102,33 @@ def test_lean_index_is_cached_outside_the_dataroot_and_scores_the_same(synth_roo
     for key in ("nds", "map", "mate", "mase", "maoe", "mave", "maae", "per_class_ap"):
         assert second[key] == first[key], key
     assert sorted(p.name for p in synth_root.rglob("*")) == before
+
+
+def test_ground_truth_is_built_once_per_process_and_scores_as_the_devkit(synth_root, synth_nusc, gt_file, shifted_file,
+                                                                         tmp_path, monkeypatch):
+    """Several submissions of one split (robustness conditions, validations) share the LeanNuScenes and the
+    filtered ground truth; each still scores exactly as the devkit's own DetectionEval on the full NuScenes."""
+    import nuscenes.eval.detection.evaluate as devkit_evaluate
+
+    import perception.evaluation as ev
+
+    monkeypatch.setattr(ev, "_SHARED_NUSC", {})
+    monkeypatch.setattr(ev, "_SHARED_GT", {})
+    calls = []
+    load_gt = devkit_evaluate.load_gt
+    monkeypatch.setattr(devkit_evaluate, "load_gt", lambda *a, **k: calls.append(1) or load_gt(*a, **k))
+    sub = json.loads(gt_file.read_text())
+    for entries in sub["results"].values():  # a third submission: scores reversed, sizes off by 10 %
+        for k, e in enumerate(entries):
+            e["detection_score"] = 1.0 / (k + 2)
+            e["size"] = [v * 1.1 for v in e["size"]]
+    third = tmp_path / "third.json"
+    third.write_text(json.dumps(sub))
+    for n, path in enumerate((shifted_file, gt_file, third, shifted_file)):
+        ours = evaluate_results_file(path, synth_root, "v1.0-mini", "mini_val", tmp_path / f"ours{n}")
+        direct = DetectionEval(synth_nusc, config_factory("detection_cvpr_2019"), str(path), "mini_val",
+                               str(tmp_path / f"direct{n}"), verbose=False).evaluate()[0].serialize()
+        assert ours["nds"] == pytest.approx(direct["nd_score"], abs=1e-12), path
+        assert ours["per_class_ap"] == pytest.approx(direct["mean_dist_aps"], abs=1e-12)
+        assert ours["mase"] == pytest.approx(direct["tp_errors"]["scale_err"], abs=1e-12)
+    assert len(calls) == 1 + 4  # ours once; the direct devkit runs once per submission

@@ -741,3 +741,28 @@ def test_model_info_cli(name):
         n, d = 8 * 22, 192
         vit = 6 * (n * 16 * 16 * 3 * d + 4 * (12 * n * d * d + 2 * n * n * d)) * 2 / 1e9
         assert float(rows["camera_encoder"][2]) >= vit
+
+
+@pytest.mark.parametrize("name", ["tiny", "base"])
+def test_predict_many_shares_encoders_and_equals_predict(small_models, name, monkeypatch):
+    """Robustness conditions are predicted together: encoders run once per distinct sensor input, and every
+    variant gets exactly what `predict` gives it alone."""
+    from perception import robustness as R
+
+    cfg, model = small_models[name]
+    model.eval()
+    batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=cfg.grid.build(), seed=5)
+    variants = [batch, R.CONDITIONS["camera_only"](batch), R.lidar_missing(batch), R.camera_low_light(batch), R.radar_missing(batch)]
+    calls = []
+    camera = model.encode_camera
+    monkeypatch.setattr(model, "encode_camera", lambda *a: calls.append(1) or camera(*a))
+    together = model.predict_many(variants)
+    assert len(calls) == 2  # the clean images, and the low-light ones
+    monkeypatch.undo()
+    for inputs, many in zip(variants, together):
+        alone = model.predict(inputs)
+        for a, m in zip(alone, many):
+            assert torch.equal(a.scores, m.scores) and torch.equal(a.labels, m.labels)
+            assert torch.allclose(a.boxes_lidar.tensor, m.boxes_lidar.tensor)
+            assert torch.allclose(a.map_probs, m.map_probs) and torch.allclose(a.scene_probs, m.scene_probs)
+    model.train()

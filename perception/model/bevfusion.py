@@ -175,10 +175,12 @@ class BEVFusionModel(nn.Module):
                ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """The three encoders (arguments as in `CoreInputs`) -> camera_bev, depth (None unless `LiftSplat`),
         lidar_bev, radar_bev: (B, C_m, H, W) BEV features on the grid, unmasked."""
-        camera_bev, depth = self.view_transform(self.camera_encoder(images), geometry)
-        lidar_bev = self.lidar_encoder(*lidar.as_tuple())
-        radar_bev = self.radar_encoder(*radar.as_tuple())
-        return camera_bev, depth, lidar_bev, radar_bev
+        camera_bev, depth = self.encode_camera(images, geometry)
+        return camera_bev, depth, self.lidar_encoder(*lidar.as_tuple()), self.radar_encoder(*radar.as_tuple())
+
+    def encode_camera(self, images: Tensor, geometry: tuple[Tensor, ...]) -> tuple[Tensor, Tensor | None]:
+        """Backbone and view transform -> camera_bev (B, C, H, W), depth (None unless `LiftSplat`)."""
+        return self.view_transform(self.camera_encoder(images), geometry)
 
     def fuse_heads(self, camera_bev: Tensor, lidar_bev: Tensor, radar_bev: Tensor, modality_mask: Tensor) -> dict[str, Tensor]:
         """Fuser (under the (B, 3) bool modality mask), BEV decoder and heads -> the head outputs of `forward`."""
@@ -283,6 +285,30 @@ class BEVFusionModel(nn.Module):
         """Per-sample predictions: decoded boxes (top-k, score threshold, per-class circle NMS), map and scene-tag
         probabilities. Call `eval()` first, or BatchNorm uses the batch's statistics."""
         return outputs_to_predictions(self(*self.prepare(batch).as_args()), self.grid, self.decode)
+
+    @torch.no_grad()
+    def predict_many(self, batches: list[Batch]) -> list[list[Prediction]]:
+        """`predict` of each batch, running each encoder once per distinct input: batches whose sensor inputs are
+        the same tensor objects (variants made with `dataclasses.replace`, as robustness conditions are) share
+        that sensor's BEV features. Gives what `predict` gives for each batch (the encoders are unmasked; the
+        modality mask acts in the fuser)."""
+        features: dict[tuple, tuple] = {}
+        out = []
+        for batch in batches:  # `batches` keeps every keyed tensor alive, so ids are not reused meanwhile
+            inputs = self.prepare(batch)
+            keys = (("camera", id(batch.images), id(batch.cam2img), id(batch.cam2lidar), id(batch.img_aug)),
+                    ("lidar", id(batch.points_lidar), id(batch.num_points_lidar)),
+                    ("radar", id(batch.points_radar), id(batch.num_points_radar)))
+            if keys[0] not in features:
+                features[keys[0]] = self.encode_camera(inputs.images, inputs.geometry)
+            if keys[1] not in features:
+                features[keys[1]] = self.lidar_encoder(*inputs.lidar.as_tuple())
+            if keys[2] not in features:
+                features[keys[2]] = self.radar_encoder(*inputs.radar.as_tuple())
+            camera_bev, _ = features[keys[0]]
+            heads = self.fuse_heads(camera_bev, features[keys[1]], features[keys[2]], inputs.modality_mask)
+            out.append(outputs_to_predictions(heads, self.grid, self.decode))
+        return out
 
 
 def outputs_to_predictions(out: dict[str, Tensor], grid: BEVGrid, decode: DecodeSettings) -> list[Prediction]:
