@@ -32,13 +32,14 @@ class _PlainLines:
 
 
 class _ThrottledBar(tqdm):
-    """tqdm whose explicit refreshes (``set_postfix``, ``total`` changes) are also held to ``mininterval``."""
+    """tqdm whose explicit refreshes (``set_postfix``, ``total`` changes) are also held to ``mininterval``; once
+    the count reaches the total, only `close` writes (one final line, with the last postfix)."""
 
     def refresh(self, nolock=False, lock_args=None):
         now = time.time()
         last = getattr(self, "_last_line_at", None)
         done = self.total is not None and self.n >= self.total
-        if last is not None and now - last < self.mininterval and not done:
+        if done or (last is not None and now - last < self.mininterval):
             return False
         self._last_line_at = now
         return super().refresh(nolock=nolock, lock_args=lock_args)

@@ -31,7 +31,8 @@ def test_plain_lines_when_not_a_terminal(monkeypatch):
     lines = out.splitlines()
     assert 5 <= len(lines) <= 13, lines
     assert all(line.startswith("train:") for line in lines)
-    assert "100/100" in lines[-1] and "loss=" in lines[-1]
+    assert "100/100" in lines[-1] and "loss=99.000" in lines[-1]
+    assert sum("100/100" in line for line in lines) == 1  # the finished bar's line once, with the last postfix
 
 
 def test_a_terminal_gets_tqdms_own_bar():
