@@ -524,10 +524,8 @@ class NuScenesDataset(Dataset):
         a = 0
         for k, raw, keep, n in zip(sweeps, raws, keeps, counts):
             src = raw if n == len(raw) else raw[keep]
-            T = (idx.lidar_sweep2lidar[k] if lidar_aug is None else lidar_aug @ idx.lidar_sweep2lidar[k]).astype(np.float32)
-            np.matmul(src[:, :3], T[:3, :3].T, out=out[a:a + n, :3])
-            out[a:a + n, :3] += T[:3, 3]
-            out[a:a + n, 3] = src[:, 3]
+            T = idx.lidar_sweep2lidar[k] if lidar_aug is None else lidar_aug @ idx.lidar_sweep2lidar[k]
+            transform_points(src[:, :4], T, out=out[a:a + n, :4])
             out[a:a + n, 4] = idx.lidar_dt[k]
             a += n
         return out

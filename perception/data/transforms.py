@@ -164,10 +164,15 @@ def sample_bev_aug(rng: np.random.Generator, cfg: BEVAugConfig) -> np.ndarray:
     return bev_aug_matrix(rot, scale, fx, fy, t)
 
 
-def transform_points(points: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """Apply a (4, 4) transform to the first 3 columns of (N, >=3) points; other columns are kept."""
-    out = points.copy()
-    out[:, :3] = points[:, :3] @ T[:3, :3].T.astype(points.dtype) + T[:3, 3].astype(points.dtype)
+def transform_points(points: np.ndarray, T: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Apply a (4, 4) transform to the first 3 columns of (N, >=3) points; other columns are kept. `out`: an
+    (N, points' width) array (e.g. a slice of a larger one) to write into instead of a new copy."""
+    if out is None:
+        out = points.copy()
+    elif points.shape[1] > 3:
+        out[:, 3:] = points[:, 3:]
+    np.matmul(points[:, :3], T[:3, :3].T.astype(points.dtype), out=out[:, :3])
+    out[:, :3] += T[:3, 3].astype(points.dtype)
     return out
 
 
