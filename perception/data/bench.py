@@ -106,7 +106,7 @@ def stage_times(dataset: NuScenesDataset, samples: int = 24) -> dict[str, float]
     """Mean ms per sample of each stage of `dataset`'s item, in this process: images (read, decode, augment),
     lidar / radar (read, motion-compensate, BEV-augment), map (targets as the dataset renders them), item (the
     whole `dataset[i]`, which also draws the augmentation and copies boxes) and collate (batch of one)."""
-    cfg, idx = dataset.config, dataset.index
+    cfg = dataset.config
     n = min(samples, len(dataset))
     totals = dict.fromkeys(("images", "lidar", "radar", "map", "item", "collate"), 0.0)
     warmup = min(2, n)
@@ -120,12 +120,7 @@ def stage_times(dataset: NuScenesDataset, samples: int = 24) -> dict[str, float]
         t.append(time.perf_counter())
         dataset.load_points_radar(i, aug)
         t.append(time.perf_counter())
-        location = str(idx.locations[i])
-        if location in dataset.map_locations:
-            l2g = idx.ego2global[i] @ idx.lidar2ego[i]
-            render = dataset.map_rasterizer.render_cached if (cfg.train and cfg.map_cache) else \
-                dataset.map_rasterizer.render
-            render(location, l2g, aug)
+        dataset.load_map_masks(i, aug)
         t.append(time.perf_counter())
         sample = dataset[i]
         t.append(time.perf_counter())

@@ -576,6 +576,18 @@ class NuScenesDataset(Dataset):
             cam2img[c] = aug @ idx.cam_intrinsics[i, c]
         return images, cam2img, img_aug
 
+    def load_map_masks(self, i: int, lidar_aug: np.ndarray) -> np.ndarray:
+        """(len(MAP_CLASSES), H, W) uint8 map targets of sample `i` on the config's grid, in the frame augmented by
+        `lidar_aug` (4, 4): from the cached raster in training with `map_cache`, else rendered exactly; zeros when
+        the sample's location has no map expansion."""
+        cfg, idx = self.config, self.index
+        location = str(idx.locations[i])
+        if location not in self.map_locations:
+            return np.zeros((len(MAP_CLASSES), cfg.grid.height, cfg.grid.width), np.uint8)
+        lidar2global = idx.ego2global[i] @ idx.lidar2ego[i]
+        render = self.map_rasterizer.render_cached if (cfg.train and cfg.map_cache) else self.map_rasterizer.render
+        return render(location, lidar2global, lidar_aug, token=str(idx.tokens[i]))
+
     def _rng(self, i: int) -> np.random.Generator:
         return np.random.default_rng([self.config.seed, self._epoch, i])
 
@@ -608,14 +620,8 @@ class NuScenesDataset(Dataset):
 
         lidar2global = idx.ego2global[i] @ idx.lidar2ego[i]
         location = str(idx.locations[i])
-        grid = cfg.grid
         has_map = location in self.map_locations
-        if has_map and cfg.train and cfg.map_cache:
-            map_masks = self.map_rasterizer.render_cached(location, lidar2global, lidar_aug, token=tok)
-        elif has_map:
-            map_masks = self.map_rasterizer.render(location, lidar2global, lidar_aug, token=tok)
-        else:
-            map_masks = np.zeros((len(MAP_CLASSES), grid.height, grid.width), np.uint8)
+        map_masks = self.load_map_masks(i, lidar_aug)
         map_masks_eval = None
         if cfg.eval_map_grid is not None and not cfg.train:
             eg = cfg.eval_map_grid

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from perception.data.collate import collate_samples
-
-log = logging.getLogger(__name__)
 
 # glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

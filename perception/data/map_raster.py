@@ -22,8 +22,9 @@ Two renderers:
   - `render_cached`: training targets from a `LocationRaster`, each location's layers rasterised once at
     `RASTER_OVERSAMPLE` times the grid's resolution into the cache (never the dataroot) and memory-mapped, so
     DataLoader workers share its pages; per sample the cell centres are looked up (nearest raster pixel, well
-    under 1 ms). A cell can differ from `render` only where a boundary passes within half a raster pixel
-    (cell / 8) of its centre; tests/test_map_raster.py bounds the disagreement against the exact renderer.
+    under 1 ms). It imitates what `render` does on the output grid (outlines filled, 2 px lines, truncated line
+    vertices) without reproducing its integer rounding, so cells near boundaries can differ;
+    tests/test_map_raster.py bounds the per-class IoU against the exact renderer.
 """
 
 from __future__ import annotations
