@@ -8,7 +8,8 @@ Every iteration, after the warm-up, runs one batch through
      module / ONNX graph / engine with a synchronisation after it: the per-stage figures.
 Percentiles (median, p90, p99) are over the timed iterations; throughput is batch size / median total.
 
-Backends: ``torch`` (eager `ExportedCore` and stage modules, FP32 or FP16 autocast on CUDA), ``onnx`` (onnxruntime on the
+Backends: ``torch`` (eager `ExportedCore` and stage modules, FP32, or FP16 / BF16 autocast on CUDA; with
+``compile`` the core runs through `torch.compile`), ``onnx`` (onnxruntime on the
 graphs `deploy.export` writes into a work directory), ``tensorrt`` (engines built from those graphs). The
 model has the config's architecture with random weights unless a checkpoint is given; the input is a
 synthetic batch on the nuScenes-like rig (``points`` LiDAR points per sample) or a sample of a dataroot.
@@ -62,10 +63,15 @@ class _Pipeline:
     stages: list[tuple[str, Executor]]
 
 
-def _torch_pipeline(model: BEVFusionModel, device: torch.device, precision: str) -> _Pipeline:
+def _torch_pipeline(model: BEVFusionModel, device: torch.device, precision: str, torch_compile: bool) -> _Pipeline:
     core = ExportedCore(model)
     staged = [(s.name, TorchExecutor(s.module, s.inputs, s.outputs, device=device, precision=precision)) for s in stages(model)]
-    return _Pipeline(TorchExecutor(core, core.input_names, OUTPUT_NAMES, device=device, precision=precision), staged)
+    executor = TorchExecutor(core, core.input_names, OUTPUT_NAMES, device=device, precision=precision)
+    if torch_compile:
+        # The whole core as TorchInductor compiles it (static shapes: the timed batch never changes); the stage
+        # figures stay eager. Compilation happens in the first warm-up run.
+        executor.module = torch.compile(executor.module, dynamic=False)
+    return _Pipeline(executor, staged)
 
 
 def _export_all(model: BEVFusionModel, cfg: ExperimentConfig, batch: Batch, work_dir: Path) -> tuple[Manifest, dict[str, Path], dict]:
@@ -123,11 +129,14 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
                   iterations: int = 50, warmup: int = 5, batch_size: int = 1, points: int = 200_000,
                   checkpoint: str | Path | None = None, data: str | Path | None = None, version: str = "v1.0-mini",
                   split: str | None = None, threads: int | None = None, work_dir: str | Path | None = None,
-                  config_name: str = "", info: str | Path | None = None) -> dict[str, Any]:
+                  config_name: str = "", info: str | Path | None = None, torch_compile: bool = False) -> dict[str, Any]:
     """Measure one backend (see the module docstring); returns the JSON-ready result (`info`: time samples of
-    this mmdet3d v2 info file, paths relative to `data`)."""
+    this mmdet3d v2 info file, paths relative to `data`; `torch_compile`: the torch core through `torch.compile`, whose
+    compilation time is reported as ``first_run_s``)."""
     if iterations < 1 or warmup < 0:
         raise PerceptionError("--iterations must be >= 1 and --warmup >= 0")
+    if torch_compile and backend != "torch":
+        raise PerceptionError("--compile applies to --backend torch")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PerceptionError("--device cuda: no CUDA device is available")
@@ -147,7 +156,7 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
         if backend == "torch":
-            pipeline = _torch_pipeline(model, dev, precision)
+            pipeline = _torch_pipeline(model, dev, precision, torch_compile)
         elif backend == "onnx":
             pipeline = _onnx_pipeline(model, cfg, batch, dev, precision, work, threads)
         elif backend == "tensorrt":
@@ -156,6 +165,7 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
             raise PerceptionError(f"--backend {backend!r}: expected torch, onnx or tensorrt")
 
         times: dict[str, list[float]] = {k: [] for k in (*STAGES, "core", "total")}
+        first_run_s = 0.0
         example_inputs = pre(batch.to(dev)).named()
         for i in range(warmup + iterations):
             t0 = time.perf_counter()
@@ -167,6 +177,8 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
             post(outputs)
             synchronize(dev)
             t3 = time.perf_counter()
+            if i == 0:
+                first_run_s = t3 - t0
             values = dict(inputs)
             stage_ms = {}
             for name, executor in pipeline.stages:
@@ -182,7 +194,8 @@ def bench_latency(cfg: ExperimentConfig, backend: str, *, device: str = "cpu", p
 
     total = percentiles(times["total"])
     return {
-        "config": config_name, "backend": backend, "device": str(dev), "precision": precision, "batch_size": batch_size,
+        "config": config_name, "backend": backend, "device": str(dev), "precision": precision, "compile": torch_compile,
+        "batch_size": batch_size, "first_run_s": first_run_s,
         "iterations": iterations, "warmup": warmup, "threads": threads or torch.get_num_threads(),
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "input": {"source": str(info or data) if data is not None else "synthetic",
@@ -214,7 +227,8 @@ def _environment(device: torch.device) -> dict[str, str]:
 
 def format_latency(result: dict[str, Any]) -> str:
     """The result as a table (milliseconds)."""
-    title = (f"latency: {result['config'] or 'config'}  backend {result['backend']} ({result['precision']}) on "
+    backend = result["backend"] + (" + torch.compile" if result.get("compile") else "")
+    title = (f"latency: {result['config'] or 'config'}  backend {backend} ({result['precision']}) on "
              f"{result['device']}, batch {result['batch_size']}, {result['iterations']} runs after {result['warmup']} warm-up")
     lines = [title, f"{'stage':<16}{'median':>10}{'p90':>10}{'p99':>10}"]
     rows = [(k, result["stages_ms"][k]) for k in STAGES] + [("core (1 graph)", result["core_ms"]), ("total", result["total_ms"])]

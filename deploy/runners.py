@@ -42,16 +42,21 @@ log = logging.getLogger(__name__)
 BACKENDS: tuple[str, ...] = ("torch", "onnx", "tensorrt")
 
 
+# Precision name -> the CUDA autocast dtype of a TorchExecutor (None: plain FP32).
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class TorchExecutor(Executor):
-    """A module in eager PyTorch. `precision` ``fp16`` runs it under CUDA autocast (outputs cast back to FP32)."""
+    """A module in PyTorch (eager, or as `torch.compile` made it). `precision` ``fp16`` / ``bf16`` runs it under CUDA
+    autocast to that dtype (outputs cast back to FP32)."""
 
     def __init__(self, module: nn.Module, input_names: Sequence[str], output_names: Sequence[str], *,
                  device: torch.device | str = "cpu", precision: str = "fp32"):
-        if precision not in ("fp32", "fp16"):
-            raise PerceptionError(f"torch precision {precision!r}: expected fp32 or fp16")
+        if precision not in AUTOCAST_DTYPES:
+            raise PerceptionError(f"torch precision {precision!r}: expected one of {', '.join(AUTOCAST_DTYPES)}")
         self.device = torch.device(device)
-        if precision == "fp16" and self.device.type != "cuda":
-            raise PerceptionError("torch fp16 runs under CUDA autocast: use --device cuda")
+        if precision != "fp32" and self.device.type != "cuda":
+            raise PerceptionError(f"torch {precision} runs under CUDA autocast: use --device cuda")
         self.module = module.to(self.device).eval()
         self.input_names = tuple(input_names)
         self.output_names = tuple(output_names)
@@ -60,7 +65,8 @@ class TorchExecutor(Executor):
     @torch.no_grad()
     def run(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         args = [inputs[n].to(self.device, non_blocking=True) for n in self.input_names]
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
+        dtype = AUTOCAST_DTYPES[self.precision]
+        with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
             out = self.module(*args)
         out = out if isinstance(out, tuple) else (out,)
         result = {n: (t.float() if t.is_floating_point() else t) for n, t in zip(self.output_names, out)}

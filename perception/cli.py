@@ -382,7 +382,8 @@ def bench_latency_cmd(
     config: Path = typer.Option(..., "--config", help="Experiment YAML (configs/tiny.yaml, configs/base.yaml)."),
     backend: str = typer.Option("torch", "--backend", help="torch, onnx or tensorrt."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 (torch: CUDA autocast; tensorrt: FP16 engine)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 (torch: CUDA autocast; tensorrt: FP16 engine) or bf16 (torch: CUDA autocast)."),
+    torch_compile: bool = typer.Option(False, "--compile", help="torch: run the core through torch.compile (its compilation is the first warm-up run)."),
     iterations: int = typer.Option(50, "--iterations", min=1, help="Timed runs (the figures are meant for >= 50)."),
     warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed runs first."),
     batch_size: int = typer.Option(1, "--batch-size", min=1),
@@ -404,7 +405,7 @@ def bench_latency_cmd(
     cfg = load_config(config, overrides or [])
     result = bench_latency(cfg, backend, device=device, precision=precision, iterations=iterations, warmup=warmup,
                            batch_size=batch_size, points=points, checkpoint=checkpoint, data=data, version=version,
-                           threads=threads, config_name=str(config), info=info)
+                           threads=threads, config_name=str(config), info=info, torch_compile=torch_compile)
     typer.echo(format_latency(result))
     if out is not None:
         typer.echo(f"wrote {write_json(result, out)}")
