@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from perception.structures import BEVGrid
 
@@ -52,3 +52,38 @@ def warp_bev(prev_bev: Tensor, curr2prev: Tensor, grid: BEVGrid) -> tuple[Tensor
     warped = F.grid_sample(prev_bev.float(), sample_at, mode="bilinear", padding_mode="zeros", align_corners=False)
     valid = ((u.abs() <= 1) & (v.abs() <= 1)).reshape(b, 1, h, w)
     return warped.to(prev_bev.dtype), valid
+
+
+class TemporalFuser(nn.Module):
+    """The previous keyframe's fused BEV, warped into the current frame, fused with the current fused BEV
+    (BEVDet4D-style, one past frame): ``bev + block([bev, warped, valid])`` with a 3x3 conv, BatchNorm and ReLU
+    block, so a sample without history (``valid`` all False, warped zeros) still gets a well-defined output.
+
+    Args:
+        channels: C of the fused BEV.
+        grid: the BEV grid of both frames.
+    """
+
+    def __init__(self, channels: int, grid: BEVGrid):
+        super().__init__()
+        self.grid = grid
+        self.block = nn.Sequential(nn.Conv2d(2 * channels + 1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                                   nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 3, padding=1))
+        nn.init.zeros_(self.block[-1].weight)  # starts as the single-frame model
+        nn.init.zeros_(self.block[-1].bias)
+
+    def forward(self, bev: Tensor, prev_bev: Tensor, curr2prev: Tensor, has_history: Tensor) -> Tensor:
+        """
+        Args:
+            bev: (B, C, H, W) the current fused BEV.
+            prev_bev: (B, C, H, W) the previous keyframe's fused BEV in its own frame (zeros without history).
+            curr2prev: (B, 4, 4) float32, current -> previous LIDAR_TOP frame (both after their BEV augmentation;
+                `perception.model.temporal.TemporalState`); identity without history.
+            has_history: (B,) bool.
+
+        Returns: (B, C, H, W) in `bev`'s dtype.
+        """
+        warped, valid = warp_bev(prev_bev, curr2prev, self.grid)
+        valid = valid & has_history.to(valid.device).reshape(-1, 1, 1, 1)
+        warped = torch.where(valid, warped.to(bev.dtype), torch.zeros((), dtype=bev.dtype, device=bev.device))
+        return bev + self.block(torch.cat([bev, warped, valid.to(bev.dtype)], 1))

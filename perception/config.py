@@ -215,6 +215,16 @@ class HeadsConfig(_Section):
                           "the BEV grid). The data pipeline must rasterise `map_masks` on the same grid.")
 
 
+class TemporalConfig(_Section):
+    """Temporal BEV fusion: the previous keyframe's fused BEV, warped into the current frame by the ego motion,
+    fused with the current one (`fusion.temporal.TemporalFuser`). Trained on consecutive keyframes of each scene
+    (`SequenceSampler`), evaluated scene by scene with the history as state."""
+
+    frames: int = Field(0, ge=0, le=1, description="Past keyframes fused: 0 (off: the single-frame model) or 1.")
+    kind: Literal["concat"] = Field("concat", description="concat: [current, warped previous, valid mask] -> 3x3 conv "
+                                                          "block, added to the current BEV.")
+
+
 class ModelConfig(_Section):
     camera: CameraConfig = CameraConfig()
     view_transform: ViewTransformConfig = LiftSplatConfig()
@@ -223,6 +233,7 @@ class ModelConfig(_Section):
     fuser: FuserConfig = FuserConfig()
     decoder: DecoderConfig = DecoderConfig()
     heads: HeadsConfig = HeadsConfig()
+    temporal: TemporalConfig = TemporalConfig()
 
 
 class LossConfig(_Section):

@@ -53,6 +53,7 @@ from perception.data.mmdet3d_info import info_sample_tokens
 from perception.data.submission import submission_entries, write_submission
 from perception.distributed import pick_device
 from perception.errors import DataError, PerceptionError
+from perception.model.temporal import TemporalState
 from perception.progress import progress_bar
 from perception.structures import (ATTRIBUTES, BEVFUSION_MAP_GRID, CLASS_ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES,
                                    SCENE_TAGS, BEVGrid)
@@ -490,6 +491,9 @@ def run_inference_conditions(model, loader: Iterable, device: torch.device, tran
     outs = {name: InferenceOutput({}, SegmentationStats(), [], []) for name in transforms}
     map_grid = model.map_grid
     model.eval()
+    # A temporal model carries its history from batch to batch, one state per condition (the loader must then
+    # give each scene's keyframes in time order: `scene_ordered_indices`).
+    states = [TemporalState() if is_temporal(model) else None for _ in transforms]
     it = loader
     if progress:
         it = progress_bar(loader, desc=desc, unit="batch", leave=False)
@@ -507,9 +511,10 @@ def run_inference_conditions(model, loader: Iterable, device: torch.device, tran
             variants.append(inputs)
         with torch.no_grad():
             if hasattr(model, "predict_many"):  # a torch model: encoders shared by conditions with equal inputs
-                predictions = model.predict_many(variants)
+                predictions = model.predict_many(variants, states)
             else:
-                predictions = [model.predict(inputs) for inputs in variants]
+                predictions = [model.predict(inputs) if state is None else model.predict(inputs, state)
+                               for inputs, state in zip(variants, states)]
         for name, preds in zip(transforms, predictions):
             out = outs[name]
             for b, (pred, meta) in enumerate(zip(preds, batch.meta)):
@@ -603,8 +608,31 @@ def evaluate_results_file(submission: str | Path, dataroot: str | Path, version:
 # ------------------------------------------------------------------------------------------- drivers
 
 
-def _shard_loader(dataset, batch_size: int, workers: int, rank: int, world: int):
-    indices = list(range(rank, len(dataset), world))
+def is_temporal(model) -> bool:
+    """The model (or runner) fuses the previous keyframe and takes a `TemporalState` in `predict`."""
+    return getattr(model, "temporal", None) is not None
+
+
+def scene_ordered_indices(index, rank: int = 0, world: int = 1) -> list[int]:
+    """Sample indices of this rank for a temporal model: whole scenes (scene j to rank j mod world), each in the
+    index's order (time order: `build_index` walks every scene from its first keyframe). Without scene tokens
+    (mmdet3d infos), a contiguous 1/world share."""
+    n = len(index.tokens)
+    if index.scene_tokens is None:
+        return list(range(rank * n // world, (rank + 1) * n // world))
+    scenes: dict[str, list[int]] = {}
+    for i, scene in enumerate(index.scene_tokens):
+        scenes.setdefault(str(scene), []).append(i)
+    return [i for j, members in enumerate(scenes.values()) if j % world == rank for i in members]
+
+
+def _shard_loader(dataset, batch_size: int, workers: int, rank: int, world: int, temporal: bool = False):
+    """This rank's share of `dataset`; for a temporal model whole scenes in time order, one sample per batch
+    (its history is the batch before)."""
+    if temporal:
+        indices, batch_size = scene_ordered_indices(dataset.index, rank, world), 1
+    else:
+        indices = list(range(rank, len(dataset), world))
     return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, collate_fn=collate_samples,
                       worker_init_fn=data_worker_init if workers else None)
 
@@ -646,7 +674,7 @@ def evaluate_model_conditions(model, dataset, dataroot: str | Path, version: str
     """`evaluate_model` under several input conditions (`transforms[name]`, written to `out_dirs[name]`) with one
     pass of data loading; the devkit index and ground truth are shared by all (`shared_lean_nuscenes`)."""
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
-    loader = _shard_loader(dataset, batch_size, workers, rank, world)
+    loader = _shard_loader(dataset, batch_size, workers, rank, world, temporal=is_temporal(model))
     outs = run_inference_conditions(model, loader, device, transforms, modality_mask, progress=progress and rank == 0)
     results = {}
     for name in transforms:

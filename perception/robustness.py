@@ -9,7 +9,8 @@ Conditions (names are the keys of `robustness.json`):
   lidar_only; radar_only; lidar_beams_16 and lidar_beams_8 (every 2nd / 4th of the 32 HDL-32E rings, found by
   elevation); lidar_drop_50 and radar_drop_50 (half the points at random); camera_low_light, camera_motion_blur,
   camera_fog, camera_noise, camera_frame_lost (each camera lost with probability 0.5); calibration_error (every
-  camera extrinsic off by 1 degree about a random axis and 5 cm in a random direction).
+  camera extrinsic off by 1 degree about a random axis and 5 cm in a random direction); history_lost (temporal
+  models only, by default: no keyframe has its previous one, as after a restart of the stack).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from perception.data.build import build_dataset
 from perception.data.mmdet3d_info import info_sample_tokens
 from perception.distributed import pick_device
 from perception.errors import PerceptionError
-from perception.evaluation import check_tokens_in_tables, evaluate_model_conditions
+from perception.evaluation import check_tokens_in_tables, evaluate_model_conditions, is_temporal
 from perception.viz import agg_pyplot
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,11 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
+def history_lost(batch: Batch) -> Batch:
+    """No sample has a history: every previous-keyframe token is cleared (`perception.model.temporal`)."""
+    return replace(batch, meta=[{**m, "prev_token": ""} for m in batch.meta])
+
+
 CONDITIONS: dict[str, Transform] = {
     "clean": _identity,
     "cameras_missing": cameras_missing,
@@ -202,6 +208,7 @@ CONDITIONS: dict[str, Transform] = {
     "camera_noise": camera_noise,
     "camera_frame_lost": camera_frame_lost,
     "calibration_error": calibration_error,
+    "history_lost": history_lost,
 }
 
 
@@ -210,7 +217,7 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
                    workers: int = 0, progress: bool = True, info: str | Path | None = None) -> dict:
     """Evaluate a checkpoint under every condition; write robustness.json, robustness.md and a bar chart.
     `info`: the samples of this mmdet3d v2 info file instead of `split` (scored against the dataroot's tables)."""
-    names = conditions or list(CONDITIONS)
+    names = conditions or [n for n in CONDITIONS if n != "history_lost"]
     unknown = [n for n in names if n not in CONDITIONS]
     if unknown:
         raise PerceptionError(f"unknown robustness condition(s) {unknown}; known: {', '.join(CONDITIONS)}")
@@ -222,6 +229,8 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
     dev = pick_device(device)
     loaded = model_from_checkpoint(checkpoint, device=dev)
     cfg, model = loaded.config, loaded.model
+    if conditions is None and is_temporal(model):
+        names.append("history_lost")
     dataset = build_dataset(cfg, dataroot, version, split, train=False, map_grid=model.map_grid, info=info)
     out = Path(out)
     log.info("robustness: %d conditions (%s), each batch loaded once", len(names), ", ".join(names))

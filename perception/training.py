@@ -48,13 +48,14 @@ from perception.data.batch import Batch
 from perception.data.build import build_dataset, default_splits
 from perception.data.gt_cache import cached_gt_database
 from perception.data.gt_sampling import GTSampler
-from perception.data.loader import EpochSampler, make_loader
+from perception.data.loader import EpochSampler, SequenceSampler, make_loader
 from perception.data.mmdet3d_info import info_sample_tokens
 from perception.distributed import DistInfo, TimeBudget, init_distributed, pick_device
 from perception.errors import ConfigError, PerceptionError
 from perception.evaluation import check_tokens_in_tables, evaluate_model, require_tables
 from perception.model.build import build_model
 from perception.model.camera import layer_decay_param_groups
+from perception.model.temporal import TemporalState
 from perception.progress import progress_bar
 from perception.schedule import EMA, autocast_dtype, lr_lambda
 from perception.train_log import (
@@ -123,6 +124,12 @@ class Trainer:
         self.micro_batch = t.batch_size
         self.global_batch = t.batch_size * self.dist.world_size * t.accumulate_steps
         self.batches_per_epoch = len(self.train_set) // self.global_batch
+        # Temporal fusion: batch slots stream consecutive keyframes (`SequenceSampler`), the history of each slot
+        # is carried from step to step (a resumed run starts without history).
+        self.state = TemporalState() if cfg.model.temporal.frames else None
+        if self.state is not None and self.train_set.index.scene_tokens is None:
+            raise ConfigError("model.temporal.frames: the training samples have no scene tokens (mmdet3d info files); "
+                              "train a temporal model from the nuScenes tables")
         if self.batches_per_epoch == 0:
             raise ConfigError(f"train.batch_size: a global batch of {self.global_batch} samples is larger than the "
                               f"{len(self.train_set)} samples of split {self.train_split}")
@@ -212,6 +219,12 @@ class Trainer:
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
         t = self.cfg.train
         self.train_set.set_epoch(epoch)
+        if self.state is not None:
+            index = self.train_set.index
+            sampler = SequenceSampler(index.scene_tokens, index.timestamps, micro_batch=self.micro_batch,
+                                      world_size=self.dist.world_size, rank=self.dist.rank, seed=t.seed, epoch=epoch,
+                                      start_batch=start_batch * t.accumulate_steps)
+            return make_loader(self.train_set, sampler, self.micro_batch, t.num_workers)
         sampler = EpochSampler(len(self.train_set), micro_batch=self.micro_batch, world_size=self.dist.world_size,
                                rank=self.dist.rank, accumulate=t.accumulate_steps, seed=t.seed, epoch=epoch,
                                start_batch=start_batch)
@@ -242,7 +255,7 @@ class Trainer:
         ctx = self.loss_module.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with ctx:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                losses = self.loss_module(batch)
+                losses = self.loss_module(batch, self.state)
                 total = sum(losses.values())
             if not torch.isfinite(total):
                 raise PerceptionError(f"non-finite loss at step {self.step}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
@@ -420,8 +433,8 @@ class _LossWrapper(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.model.loss(batch)
+    def forward(self, batch: Batch, state: TemporalState | None = None) -> dict[str, torch.Tensor]:
+        return self.model.loss(batch, state)
 
 
 def wrap_loss(model: nn.Module, dist_info: DistInfo, device: torch.device) -> nn.Module:

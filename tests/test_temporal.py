@@ -73,3 +73,142 @@ def test_warp_exports_to_onnx_with_grid_sample(tmp_path):
                       dynamo=False)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "GridSample" in ops
+
+
+# ------------------------------------------------------------------------ state, model, training, evaluation
+
+
+def _meta(token: str, prev: str, ego2global: np.ndarray, lidar_aug: np.ndarray | None = None) -> dict:
+    lidar2ego = _pose(0.9, 0.0, math.radians(-90))  # nuScenes' LIDAR_TOP is turned 90 degrees on the ego
+    lidar2ego[2, 3] = 1.8
+    return {"sample_token": token, "prev_token": prev, "timestamp": 0, "ego2global": ego2global,
+            "lidar2ego": lidar2ego, "lidar_aug": np.eye(4) if lidar_aug is None else lidar_aug}
+
+
+def _bev_point(meta: dict, p_global: np.ndarray) -> np.ndarray:
+    """A global point in the sample's BEV frame, transformed step by step (the oracle for `curr2prev`)."""
+    p = np.append(p_global, 1.0)
+    p = np.linalg.solve(meta["ego2global"], p)
+    p = np.linalg.solve(meta["lidar2ego"], p)
+    return (meta["lidar_aug"] @ p)[:3]
+
+
+def test_temporal_state_curr2prev_maps_a_fixed_world_point_between_augmented_frames():
+    from perception.model.temporal import TemporalState
+
+    aug = _pose(0.0, 0.0, math.radians(20)) @ np.diag([1.05, -1.05, 1.05, 1.0])  # rotation, scale and a y flip
+    prev = [_meta("a0", "", _pose(300.0, 1200.0, 0.3), aug), _meta("b0", "", _pose(10.0, -5.0, -1.2))]
+    curr = [_meta("a1", "a0", _pose(304.0, 1201.5, 0.35)), _meta("b1", "b0", _pose(10.0, -5.0, -1.2), aug)]
+    state = TemporalState()
+    state.update(prev, torch.zeros(2, 4, *GRID.shape))
+    history = state.history(curr, 4, GRID, "cpu")
+    assert history.has_history.tolist() == [True, True]
+    for i in range(2):
+        for p_global in (np.array([310.0, 1190.0, 0.5]), np.array([20.0, 3.0, -1.0])):
+            m = history.curr2prev[i].double().numpy()
+            got = (m @ np.append(_bev_point(curr[i], p_global), 1.0))[:3]
+            np.testing.assert_allclose(got, _bev_point(prev[i], p_global), atol=1e-3)
+
+
+def test_temporal_state_without_history():
+    from perception.model.temporal import TemporalState
+
+    state = TemporalState()
+    first = [_meta("a0", "", np.eye(4)), _meta("b0", "", np.eye(4))]
+    h = state.history(first, 4, GRID, "cpu")  # nothing remembered yet
+    assert not h.has_history.any() and not h.prev_bev.any()
+    state.update(first, torch.ones(2, 4, *GRID.shape))
+    # The scene's first keyframe, a keyframe whose previous one was skipped, and a batch of another size.
+    h = state.history([_meta("c0", "", np.eye(4)), _meta("b2", "b1", np.eye(4))], 4, GRID, "cpu")
+    assert h.has_history.tolist() == [False, False]
+    assert torch.equal(h.curr2prev, torch.eye(4).repeat(2, 1, 1))
+    assert not state.history([_meta("a1", "a0", np.eye(4))], 4, GRID, "cpu").has_history.any()
+    state.reset()
+    assert not state.history([_meta("a1", "a0", np.eye(4)), _meta("b1", "b0", np.eye(4))], 4, GRID, "cpu").has_history.any()
+
+
+def _temporal_model():
+    from perception.config import load_config
+    from perception.model.build import build_model
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/tiny.yaml", [
+        "data.image_size=[64, 176]", "model.camera.blocks=2", "model.fuser.modality_dropout=0", "grid.x_min=-12.8",
+        "grid.x_max=12.8", "grid.y_min=-12.8", "grid.y_max=12.8", "model.temporal.frames=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    torch.nn.init.normal_(model.temporal.block[-1].weight, std=0.05)  # not the zero init: history must show
+    return cfg, model
+
+
+def test_temporal_model_uses_the_history_and_no_history_is_the_empty_one():
+    from perception.model.synthetic import make_synthetic_batch
+    from perception.model.temporal import TemporalState
+    from perception.robustness import history_lost
+
+    cfg, model = _temporal_model()
+    grid = cfg.grid.build()
+    b0 = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=grid, boxes_per_sample=[3, 1], seed=0)
+    b1 = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=grid, boxes_per_sample=[2, 2], seed=1)
+    for m, p in zip(b1.meta, b0.meta):
+        m["prev_token"] = p["sample_token"]
+
+    model.train()
+    state = TemporalState()
+    losses = model.loss(b0, state)
+    assert state.tokens == [m["sample_token"] for m in b0.meta] and not state.bev.requires_grad
+    losses = model.loss(b1, state)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.temporal.block[0].weight.grad.abs().sum() > 0  # the history reaches the loss
+
+    model.eval()
+    state = TemporalState()
+    model.predict(b0, state)
+    with_history = model(*model.prepare(b1).as_args(), model.history(b1, state))
+    assert model.history(b1, state).has_history.all()
+    without = model(*model.prepare(b1).as_args())
+    lost = model(*model.prepare(b1).as_args(), model.history(history_lost(b1), state))
+    assert not torch.allclose(with_history["heatmap"], without["heatmap"])
+    torch.testing.assert_close(lost["heatmap"], without["heatmap"])
+    torch.testing.assert_close(with_history["bev"], without["bev"])  # the state output is the pre-temporal BEV
+
+
+def test_temporal_training_streams_scenes_and_evaluation_runs_them_in_order(synth_root, tmp_path):
+    from perception.config import load_config
+    from perception.evaluation import evaluate_model, scene_ordered_indices
+    from perception.data.build import build_dataset
+    from perception.model.temporal import TemporalState
+    from perception.training import RunSpec, Trainer
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/tiny.yaml", [
+        "data.image_size=[64, 176]", "model.camera.blocks=1", "grid.x_min=-12.8", "grid.x_max=12.8",
+        "grid.y_min=-12.8", "grid.y_max=12.8", "model.temporal.frames=1", "train.num_workers=0",
+        "train.batch_size=2", "data.lidar_sweeps=1", "data.radar_sweeps=1"])
+    trainer = Trainer(cfg, RunSpec(data=synth_root, work_dir=tmp_path / "run", max_steps=4, progress=False))
+    seen = []
+    original = trainer.model.loss
+
+    def spy(batch, state=None):
+        seen.append([(m["sample_token"], m["prev_token"]) for m in batch.meta])
+        return original(batch, state)
+
+    trainer.model.loss = spy
+    trainer.fit()
+    assert len(seen) == 4 and isinstance(trainer.state, TemporalState)
+    for step in range(1, 4):  # each slot walks its scene: the next sample's previous keyframe is the slot's last
+        for slot in range(2):
+            assert seen[step][slot][1] in ("", seen[step - 1][slot][0])
+    assert sum(seen[s][k][1] == seen[s - 1][k][0] for s in range(1, 4) for k in range(2)) >= 4
+
+    val = build_dataset(cfg, synth_root, "v1.0-mini", "mini_val", train=False, map_grid=trainer.model.map_grid)
+    order = scene_ordered_indices(val.index)
+    assert sorted(order) == list(range(len(val)))
+    tokens = [str(val.index.tokens[i]) for i in order]
+    assert all(str(val.index.prev_tokens[i]) in ("", tokens[k - 1] if k else "") for k, i in enumerate(order))
+    halves = [scene_ordered_indices(val.index, r, 2) for r in (0, 1)]
+    assert not set(halves[0]) & set(halves[1]) and sorted(halves[0] + halves[1]) == list(range(len(val)))
+    metrics = evaluate_model(trainer.model.eval(), val, synth_root, "v1.0-mini", "mini_val", tmp_path / "eval",
+                             device=torch.device("cpu"), progress=False)
+    assert metrics["num_samples"] == len(val)

@@ -119,7 +119,9 @@ class SampleIndex:
       lidar_offsets (S + 1,) into lidar_paths (L,), lidar_sweep2lidar (L, 4, 4), lidar_dt (L,) s >= 0;
       radar_offsets (S + 1,) into radar_paths (R,), radar_sweep2lidar (R, 4, 4), radar_dt (R,);
       box_offsets (S + 1,) into boxes (B, 9) float32 `Boxes3D` layout in LIDAR_TOP, labels (B,) int64,
-      attributes (B,) int64 (-1: none), box_tokens (B,) str (sample_annotation token, "" when unknown).
+      attributes (B,) int64 (-1: none), box_tokens (B,) str (sample_annotation token, "" when unknown);
+      scene_tokens (S,) str and prev_tokens (S,) str (the scene's previous keyframe, "" for its first), or None
+      when the source does not say (mmdet3d infos): then no sample has a temporal history.
     """
 
     dataroot: str
@@ -147,6 +149,8 @@ class SampleIndex:
     labels: np.ndarray
     attributes: np.ndarray
     box_tokens: np.ndarray
+    scene_tokens: np.ndarray | None = None
+    prev_tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -161,6 +165,9 @@ class SampleIndex:
         per = {k: getattr(self, k)[keep] for k in (
             "tokens", "timestamps", "scene_tags", "has_scene_tags", "locations", "lidar2ego", "ego2global", "cam_paths",
             "cam_wh", "cam_intrinsics", "cam2lidar")}
+        for k in ("scene_tokens", "prev_tokens"):
+            if getattr(self, k) is not None:
+                per[k] = getattr(self, k)[keep]
         ragged = {}
         for prefix, names in (("lidar", ("paths", "sweep2lidar", "dt")), ("radar", ("paths", "sweep2lidar", "dt")),
                               ("box", ())):
@@ -222,7 +229,7 @@ def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tupl
     attr_name = {a["token"]: a["name"] for a in nusc.attribute}
     rows: dict[str, list] = {k: [] for k in (
         "tokens", "timestamps", "scene_tags", "locations", "lidar2ego", "ego2global", "cam_paths", "cam_wh",
-        "cam_intrinsics", "cam2lidar", "lidar_count", "radar_count", "box_count")}
+        "cam_intrinsics", "cam2lidar", "lidar_count", "radar_count", "box_count", "scene_tokens", "prev_tokens")}
     flat: dict[str, list] = {k: [] for k in (
         "lidar_paths", "lidar_sweep2lidar", "lidar_dt", "radar_paths", "radar_sweep2lidar", "radar_dt",
         "boxes", "labels", "attributes", "box_tokens")}
@@ -246,6 +253,8 @@ def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tupl
                 bad.append((sample["token"], str(exc)))
                 continue
             rows["tokens"].append(sample["token"])
+            rows["scene_tokens"].append(scene["token"])
+            rows["prev_tokens"].append(sample["prev"])
             rows["timestamps"].append(sample["timestamp"])
             rows["scene_tags"].append(tags)
             rows["locations"].append(location)
@@ -291,6 +300,8 @@ def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tupl
         labels=np.asarray(flat["labels"], np.int64),
         attributes=np.asarray(flat["attributes"], np.int64),
         box_tokens=_str_array(flat["box_tokens"]),
+        scene_tokens=_str_array(rows["scene_tokens"]),
+        prev_tokens=_str_array(rows["prev_tokens"]),
     )
     return index, bad
 
@@ -398,7 +409,8 @@ class Sample:
     has_scene_tags: the scene tags are known (else `scene_tags` is zeros and is not trained or scored).
     map_masks_eval: (len(MAP_CLASSES), H_e, W_e) uint8 on `DatasetConfig.eval_map_grid`, or None.
     meta: sample_token, timestamp (us), lidar2ego, ego2global, lidar_aug ((4, 4) float64 numpy), location,
-        skipped (tokens skipped before this one with skip_bad_samples).
+        scene_token and prev_token (the scene's previous keyframe; "" when first or unknown), skipped (tokens
+        skipped before this one with skip_bad_samples).
     """
 
     images: Tensor
@@ -636,6 +648,8 @@ class NuScenesDataset(Dataset):
             "ego2global": idx.ego2global[i].copy(),
             "lidar_aug": lidar_aug,
             "location": location,
+            "scene_token": "" if idx.scene_tokens is None else str(idx.scene_tokens[i]),
+            "prev_token": "" if idx.prev_tokens is None else str(idx.prev_tokens[i]),
         }
         return Sample(
             images=torch.from_numpy(images),

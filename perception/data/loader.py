@@ -88,13 +88,16 @@ def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, worker
 
 class SequenceSampler(Sampler[int]):
     """Indices for streaming temporal training: each of the ``micro_batch x world_size`` batch slots walks
-    whole scenes, keyframe after keyframe in time order, so slot s of consecutive micro-batches holds
-    consecutive keyframes of one scene (and the next scene's first keyframe when one ends).
+    keyframes in time order, so slot s of consecutive micro-batches holds consecutive keyframes of one scene
+    (the temporal state of slot s, `perception.model.temporal.TemporalState`, carries over between them).
 
-    Scenes are dealt to the slots in a seeded per-epoch order (seed, epoch), round-robin by the slot with the
-    shortest stream so far; a rank yields the micro-batches of its slots ``rank * micro_batch ...``; every
-    rank yields the same number of micro-batches (the streams are cut to the shortest), so DDP ranks step
-    together, and no sample goes to two slots. `is_first` says which yielded positions start a scene (no history).
+    Each epoch, the scenes are concatenated in a seeded order (seed, epoch), each in time order, and that one
+    sequence is cut into ``slots`` contiguous streams of exactly ``N // slots`` samples (the remainder is left
+    out), so every epoch and every rank has the same number of micro-batches (DDP ranks step together, and a
+    resumed run knows where it is), and no sample goes to two slots. A rank yields the micro-batches of slots
+    ``rank * micro_batch ...``; `start_batch` skips that many of its micro-batches (resuming mid-epoch).
+    `is_first` says which yielded positions have no history in their slot (a stream's first keyframe, or the
+    first keyframe of the next scene).
 
     Args:
         scene_of: (N,) a scene key per sample (any hashable), e.g. the sample's scene token.
@@ -102,38 +105,44 @@ class SequenceSampler(Sampler[int]):
     """
 
     def __init__(self, scene_of, timestamps, *, micro_batch: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 epoch: int = 0, shuffle: bool = True):
+                 epoch: int = 0, shuffle: bool = True, start_batch: int = 0):
         if len(scene_of) != len(timestamps):
             raise ValueError(f"SequenceSampler: {len(scene_of)} scene keys for {len(timestamps)} timestamps")
         scenes: dict = {}
         for i, key in enumerate(scene_of):
             scenes.setdefault(key, []).append(i)
         self.scenes = [sorted(v, key=lambda i: timestamps[i]) for v in scenes.values()]
+        self.scene_of = list(scene_of)
         self.mb, self.world, self.rank = micro_batch, world_size, rank
-        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.seed, self.epoch, self.shuffle, self.start_batch = seed, epoch, shuffle, start_batch
+
+    def batches_per_epoch(self) -> int:
+        """Micro-batches a rank yields in a whole epoch (the same every epoch)."""
+        return len(self.scene_of) // (self.mb * self.world)
 
     def streams(self) -> list[list[int]]:
-        """The ``micro_batch x world_size`` slot streams of this epoch, cut to a common length."""
+        """The ``micro_batch x world_size`` slot streams of this epoch, each ``batches_per_epoch()`` long."""
         order = list(range(len(self.scenes)))
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
             order = torch.randperm(len(order), generator=g).tolist()
-        slots: list[list[int]] = [[] for _ in range(self.mb * self.world)]
-        for s in order:
-            min(slots, key=len).extend(self.scenes[s])
-        length = min(len(s) for s in slots)
-        return [s[:length] for s in slots]
+        sequence = [i for s in order for i in self.scenes[s]]
+        length = self.batches_per_epoch()
+        return [sequence[k * length:(k + 1) * length] for k in range(self.mb * self.world)]
 
     def is_first(self) -> list[bool]:
-        """For each index this rank yields (in order): it is the first keyframe of its scene in its stream."""
-        first = {scene[0] for scene in self.scenes}
-        return [i in first for i in self]
+        """For each index this rank yields (in order): nothing before it in its slot belongs to its scene."""
+        mine = self.streams()[self.rank * self.mb:(self.rank + 1) * self.mb]
+        first = [[k == 0 or self.scene_of[stream[k - 1]] != self.scene_of[stream[k]] for k in range(len(stream))]
+                 for stream in mine]
+        return [first[slot][step] for step in range(self.start_batch, self.batches_per_epoch()) for slot in range(self.mb)]
 
     def __len__(self) -> int:
-        return len(self.streams()[0]) * self.mb
+        return max(0, self.batches_per_epoch() - self.start_batch) * self.mb
 
     def __iter__(self) -> Iterator[int]:
         mine = self.streams()[self.rank * self.mb:(self.rank + 1) * self.mb]
-        for step in range(len(mine[0])):
+        for step in range(self.start_batch, self.batches_per_epoch()):
             for stream in mine:
                 yield stream[step]
+

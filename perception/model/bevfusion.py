@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from fusion.fuser import BEVFuser, drop_modalities
 from fusion.lidar import LidarEncoder, Pillars
 from fusion.radar import RadarEncoder
+from fusion.temporal import TemporalFuser
 from perception.config import LossConfig
 from perception.data.batch import MODALITIES, Batch
 from perception.errors import ConfigError
@@ -33,6 +34,7 @@ from perception.model.losses import (
     depth_loss, dice_loss, gaussian_focal_loss, masked_cross_entropy, sigmoid_focal_loss, weighted_l1,
 )
 from perception.model.preprocess import CoreInputs, Preprocessor, PreprocessSpec
+from perception.model.temporal import History, TemporalState
 from perception.model.view_transform import LiftSplat, ViewTransform
 from perception.structures import Boxes3D, BEVGrid
 
@@ -87,13 +89,16 @@ class BEVFusionModel(nn.Module):
             sends the same encoded batch through fuser, decoder and heads once more per pass without those
             modalities (the encoders run once) and adds its losses, times `paired_weight`, under keys ending in
             ``_no_<modalities>`` (``heatmap_no_radar``). Empty = no paired pass.
+        temporal: fuses the previous keyframe's fused BEV into the current one (None: the single-frame model);
+            `loss` and `predict` then take a `TemporalState` that carries the history between calls.
     """
 
     def __init__(self, *, camera_encoder: CameraEncoder, view_transform: ViewTransform, lidar_encoder: LidarEncoder,
                  radar_encoder: RadarEncoder, fuser: BEVFuser, bev_decoder: BEVDecoder, heads: BEVHeads, grid: BEVGrid,
                  loss_weights: LossConfig, decode: DecodeSettings,
                  modality_dropout: float | tuple[float, float, float] = 0.0,
-                 paired_drop: tuple[tuple[bool, bool, bool], ...] = (), paired_weight: float = 1.0):
+                 paired_drop: tuple[tuple[bool, bool, bool], ...] = (), paired_weight: float = 1.0,
+                 temporal: TemporalFuser | None = None):
         super().__init__()
         for name, part in (("view_transform", view_transform), ("lidar_encoder", lidar_encoder), ("radar_encoder", radar_encoder)):
             if part.grid != grid:
@@ -116,6 +121,9 @@ class BEVFusionModel(nn.Module):
                 raise ValueError(f"BEVFusionModel: paired_drop {paired_drop}: each pass removes one or two of the 3 modalities")
         self.paired_drop = tuple(tuple(bool(d) for d in drop) for drop in paired_drop)
         self.paired_weight = paired_weight
+        if temporal is not None and temporal.grid != grid:
+            raise ValueError(f"BEVFusionModel: temporal fuser was built for {temporal.grid}, not {grid}")
+        self.temporal = temporal
         reg_weights = [loss_weights.velocity if c in ("vx", "vy") else 1.0 for c in REGRESSION_COLUMNS]
         self.register_buffer("regression_weights", torch.tensor(reg_weights), persistent=False)
 
@@ -156,17 +164,19 @@ class BEVFusionModel(nn.Module):
     # -------------------------------------------------------------------------------------------- core
 
     def forward(self, images: Tensor, geometry: tuple[Tensor, ...], lidar: Pillars, radar: Pillars,
-                modality_mask: Tensor) -> dict[str, Tensor]:
-        """The core; arguments as in `CoreInputs` (``model(*inputs.as_args())``).
+                modality_mask: Tensor, history: History | None = None) -> dict[str, Tensor]:
+        """The core; arguments as in `CoreInputs` (``model(*inputs.as_args())``), and for a temporal model the
+        `History` (None: no sample has one).
 
         Returns (all float32 outside autocast, on the BEV grid where spatial):
             heatmap (B, 10, H, W) logits; offset (B, 2, H, W); z (B, 1, H, W); log_size (B, 3, H, W);
             rot (B, 2, H, W) sin/cos; velocity (B, 2, H, W); attribute (B, 8, H, W) logits;
             map (B, 6, H_map, W_map) logits; scene (B, 6) logits; and, for `LiftSplat`, depth (B, N, D, h, w)
-            probabilities.
+            probabilities; for a temporal model, bev (B, C, H, W): the fused BEV before temporal fusion, the next
+            keyframe's ``History.prev_bev``.
         """
         camera_bev, depth, lidar_bev, radar_bev = self.encode(images, geometry, lidar, radar)
-        out = self.fuse_heads(camera_bev, lidar_bev, radar_bev, modality_mask)
+        out = self.fuse_heads(camera_bev, lidar_bev, radar_bev, modality_mask, history)
         if depth is not None:
             out["depth"] = depth
         return out
@@ -182,14 +192,34 @@ class BEVFusionModel(nn.Module):
         """Backbone and view transform -> camera_bev (B, C, H, W), depth (None unless `LiftSplat`)."""
         return self.view_transform(self.camera_encoder(images), geometry)
 
-    def fuse_heads(self, camera_bev: Tensor, lidar_bev: Tensor, radar_bev: Tensor, modality_mask: Tensor) -> dict[str, Tensor]:
-        """Fuser (under the (B, 3) bool modality mask), BEV decoder and heads -> the head outputs of `forward`."""
-        return self.heads(self.bev_decoder(self.fuser(camera_bev, lidar_bev, radar_bev, modality_mask)))
+    def fuse_heads(self, camera_bev: Tensor, lidar_bev: Tensor, radar_bev: Tensor, modality_mask: Tensor,
+                   history: History | None = None) -> dict[str, Tensor]:
+        """Fuser (under the (B, 3) bool modality mask), temporal fusion with `history` (temporal models), BEV
+        decoder and heads -> the head outputs of `forward`."""
+        bev = self.fuser(camera_bev, lidar_bev, radar_bev, modality_mask)
+        if self.temporal is None:
+            return self.heads(self.bev_decoder(bev))
+        if history is None:
+            history = History.empty(bev.shape[0], bev.shape[1], self.grid, bev.device, bev.dtype)
+        out = self.heads(self.bev_decoder(self.temporal(bev, *history.as_tuple())))
+        out["bev"] = bev
+        return out
+
+    def history(self, batch: Batch, state: TemporalState | None) -> History | None:
+        """The batch's `History` from `state` (None for a single-frame model or without a state)."""
+        if self.temporal is None or state is None:
+            return None
+        return state.history(batch.meta, self.fuser.out_channels, self.grid, batch.images.device)
+
+    def _remember(self, batch: Batch, out: dict[str, Tensor], state: TemporalState | None) -> None:
+        if self.temporal is not None and state is not None:
+            state.update(batch.meta, out["bev"])
 
     # --------------------------------------------------------------------------------------- training
 
-    def loss(self, batch: Batch) -> dict[str, Tensor]:
-        """Weighted loss terms: 0-dim float32 tensors, attached to the graph; sum them for the total.
+    def loss(self, batch: Batch, state: TemporalState | None = None) -> dict[str, Tensor]:
+        """Weighted loss terms: 0-dim float32 tensors, attached to the graph; sum them for the total. A temporal
+        model reads the batch's history from `state` and leaves this batch's fused BEV in it (detached).
 
         Keys (a term whose weight is 0 is left out): ``heatmap`` (Gaussian focal), ``regression`` (L1 on offset,
         z, log size, sin/cos yaw, velocity at the box centres), ``attribute`` (cross-entropy), ``map_focal`` and
@@ -205,6 +235,7 @@ class BEVFusionModel(nn.Module):
         if self.training and max(torch.as_tensor(self.modality_dropout).reshape(-1).tolist()) > 0:
             mask = drop_modalities(mask, self.modality_dropout)
         inputs = self.prepare(batch, mask)
+        history = self.history(batch, state)
         passes = self.paired_drop if self.training and self.paired_weight > 0 else ()
         paired_outs = []
         if passes:
@@ -213,13 +244,14 @@ class BEVFusionModel(nn.Module):
             masks = [inputs.modality_mask] + [self._paired_mask(batch.modality_mask, drop) for drop in passes]
             repeat = len(masks)
             stacked = [t.repeat(repeat, *([1] * (t.dim() - 1))) for t in (camera_bev, lidar_bev, radar_bev)]
-            out_all = self.fuse_heads(*stacked, torch.cat(masks))
+            out_all = self.fuse_heads(*stacked, torch.cat(masks), None if history is None else history.repeat(repeat))
             outs = [{k: v.chunk(repeat)[i] for k, v in out_all.items()} for i in range(repeat)]
             out, paired_outs = outs[0], outs[1:]
             if depth is not None:
                 out["depth"] = depth
         else:
-            out = self(*inputs.as_args())
+            out = self(*inputs.as_args(), history)
+        self._remember(batch, out, state)
         # Under autocast the head outputs are in its dtype: the losses get them upcast (they run in float32).
         out, paired_outs = _float32_outputs(out), [_float32_outputs(o) for o in paired_outs]
         targets = build_detection_targets(batch.boxes, batch.labels, batch.attributes, batch.num_boxes, self.grid,
@@ -281,20 +313,23 @@ class BEVFusionModel(nn.Module):
     # -------------------------------------------------------------------------------------- inference
 
     @torch.no_grad()
-    def predict(self, batch: Batch) -> list[Prediction]:
+    def predict(self, batch: Batch, state: TemporalState | None = None) -> list[Prediction]:
         """Per-sample predictions: decoded boxes (top-k, score threshold, per-class circle NMS), map and scene-tag
-        probabilities. Call `eval()` first, or BatchNorm uses the batch's statistics."""
-        return outputs_to_predictions(self(*self.prepare(batch).as_args()), self.grid, self.decode)
+        probabilities. Call `eval()` first, or BatchNorm uses the batch's statistics. A temporal model reads the
+        history from `state` and leaves this batch's fused BEV in it (no state: no history)."""
+        out = self(*self.prepare(batch).as_args(), self.history(batch, state))
+        self._remember(batch, out, state)
+        return outputs_to_predictions(out, self.grid, self.decode)
 
     @torch.no_grad()
-    def predict_many(self, batches: list[Batch]) -> list[list[Prediction]]:
+    def predict_many(self, batches: list[Batch], states: list[TemporalState | None] | None = None) -> list[list[Prediction]]:
         """`predict` of each batch, running each encoder once per distinct input: batches whose sensor inputs are
         the same tensor objects (variants made with `dataclasses.replace`, as robustness conditions are) share
         that sensor's BEV features. Gives what `predict` gives for each batch (the encoders are unmasked; the
-        modality mask acts in the fuser)."""
+        modality mask acts in the fuser). `states`: one `TemporalState` (or None) per batch, as for `predict`."""
         features: dict[tuple, tuple] = {}
         out = []
-        for batch in batches:  # `batches` keeps every keyed tensor alive, so ids are not reused meanwhile
+        for batch, state in zip(batches, states or [None] * len(batches)):  # `batches` keeps every keyed tensor alive, so ids are not reused meanwhile
             inputs = self.prepare(batch)
             keys = (("camera", id(batch.images), id(batch.cam2img), id(batch.cam2lidar), id(batch.img_aug)),
                     ("lidar", id(batch.points_lidar), id(batch.num_points_lidar)),
@@ -306,7 +341,9 @@ class BEVFusionModel(nn.Module):
             if keys[2] not in features:
                 features[keys[2]] = self.radar_encoder(*inputs.radar.as_tuple())
             camera_bev, _ = features[keys[0]]
-            heads = self.fuse_heads(camera_bev, features[keys[1]], features[keys[2]], inputs.modality_mask)
+            heads = self.fuse_heads(camera_bev, features[keys[1]], features[keys[2]], inputs.modality_mask,
+                                    self.history(batch, state))
+            self._remember(batch, heads, state)
             out.append(outputs_to_predictions(heads, self.grid, self.decode))
         return out
 

@@ -12,6 +12,7 @@ from typing import Any
 from fusion.fuser import BEVFuser
 from fusion.lidar import LidarEncoder
 from fusion.radar import RadarEncoder
+from fusion.temporal import TemporalFuser
 from perception.config import BEVSampleConfig, CameraConfig, ExperimentConfig, LiftSplatConfig, PillarConfig
 from perception.data.batch import MODALITIES
 from perception.errors import ConfigError
@@ -112,6 +113,7 @@ def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
         modality_dropout=m.fuser.modality_dropout,
         paired_drop=tuple(tuple(name in names for name in MODALITIES) for names in m.fuser.paired_drop),
         paired_weight=m.fuser.paired_weight,
+        temporal=TemporalFuser(m.fuser.out_channels, grid) if m.temporal.frames else None,
     )
     logger.info("built %s with %s view transform: %.2fM parameters", m.camera.backbone, type(view_transform).__name__,
                 sum(p.numel() for p in model.parameters()) / 1e6)
