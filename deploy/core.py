@@ -16,25 +16,48 @@ from torch import Tensor, nn
 
 from perception.model.bevfusion import BEVFusionModel
 from perception.model.preprocess import PILLAR_INPUTS, CoreInputs, core_input_names
+from perception.model.temporal import History
 
 # Head outputs of the exported core, in graph order (`BEVFusionModel.forward` keys without the depth).
 OUTPUT_NAMES: tuple[str, ...] = ("heatmap", "offset", "z", "log_size", "rot", "velocity", "attribute", "map", "scene")
+# A temporal model's core also takes the history (`perception.model.temporal.History`, after the sensor inputs)
+# and returns the fused BEV that is the next keyframe's `prev_bev` (after the head outputs): the runner carries it.
+TEMPORAL_INPUTS: tuple[str, ...] = ("prev_bev", "curr2prev", "has_history")
+STATE_OUTPUT = "bev"
+
+
+def history_feeds(history: History) -> dict[str, Tensor]:
+    """``{TEMPORAL_INPUTS name: tensor}`` of a `History`."""
+    return dict(zip(TEMPORAL_INPUTS, history.as_tuple()))
 
 
 class ExportedCore(nn.Module):
-    """``forward(*inputs)``: the `core_input_names` tensors in order -> the `OUTPUT_NAMES` tensors of
-    ``model(*CoreInputs.as_args())``: heatmap (B, 10, H, W) logits, offset (B, 2, H, W), z (B, 1, H, W),
+    """``forward(*inputs)``: the `input_names` tensors in order -> the `output_names` tensors of
+    ``model(*CoreInputs.as_args(), history)``: heatmap (B, 10, H, W) logits, offset (B, 2, H, W), z (B, 1, H, W),
     log_size (B, 3, H, W), rot (B, 2, H, W), velocity (B, 2, H, W), attribute (B, 8, H, W) logits,
-    map (B, 6, H_map, W_map) logits, scene (B, 6) logits. Shares the model's modules and weights."""
+    map (B, 6, H_map, W_map) logits, scene (B, 6) logits; for a temporal model the inputs end with
+    `TEMPORAL_INPUTS` and the outputs with `STATE_OUTPUT` (B, C, H, W). Shares the model's modules and weights."""
 
     def __init__(self, model: BEVFusionModel):
         super().__init__()
         self.model = model
         self.geometry_names = model.view_transform.rig_geometry.input_names
-        self.input_names = core_input_names(self.geometry_names)
+        self.temporal = model.temporal is not None
+        self.input_names = core_input_names(self.geometry_names) + (TEMPORAL_INPUTS if self.temporal else ())
+        self.output_names = OUTPUT_NAMES + ((STATE_OUTPUT,) if self.temporal else ())
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        return _in_output_order(self.model(*CoreInputs.from_flat(inputs, self.geometry_names).as_args()))
+        history = None
+        if self.temporal:
+            inputs, history = inputs[:-len(TEMPORAL_INPUTS)], History(*inputs[-len(TEMPORAL_INPUTS):])
+        out = self.model(*CoreInputs.from_flat(inputs, self.geometry_names).as_args(), history)
+        return tuple(out[name] for name in self.output_names)
+
+    def empty_history(self, batch_size: int, device) -> dict[str, Tensor]:
+        """Feeds of `TEMPORAL_INPUTS` without any history ({} for a single-frame model)."""
+        if not self.temporal:
+            return {}
+        return history_feeds(History.empty(batch_size, self.model.fuser.out_channels, self.model.grid, device))
 
 
 class _Stage(nn.Module):

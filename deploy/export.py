@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from deploy.core import OUTPUT_NAMES, ExportedCore, stages
+from deploy.core import ExportedCore, history_feeds, stages
 from deploy.manifest import CORE_GRAPH, MANIFEST_NAME, Manifest, TensorSpec  # noqa: F401 (re-exported)
 from deploy.postprocess import PostprocessSpec
 from deploy.quantize import quantize_export
@@ -40,6 +41,7 @@ from perception.errors import PerceptionError
 from perception.model.bevfusion import BEVFusionModel
 from perception.model.preprocess import PreprocessSpec
 from perception.model.synthetic import make_synthetic_batch
+from perception.model.temporal import TemporalState
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ _DESCRIPTIONS = {
     "offset": "sub-cell centre offset (dx, dy), cells", "z": "box centre z, m", "log_size": "log(w, l, h), m",
     "rot": "(sin yaw, cos yaw)", "velocity": "(vx, vy), m/s", "attribute": "attribute logits",
     "map": "map segmentation logits on the map grid", "scene": "scene-tag logits",
+    "prev_bev": "the previous keyframe's `bev` output (zeros without history)",
+    "curr2prev": "current -> previous keyframe's LIDAR_TOP frame, after each one's BEV augmentation (identity without history)",
+    "has_history": "the previous keyframe's `bev` is given",
+    "bev": "fused BEV features before temporal fusion: the next keyframe's prev_bev",
 }
 
 
@@ -141,9 +147,10 @@ def export_model(model: BEVFusionModel, config: ExperimentConfig | dict[str, Any
         spec = model.preprocess_spec()
         feeds = model.prepare(example if example is not None else example_batch(model)).named()
         core = ExportedCore(model).eval()
+        feeds.update(core.empty_history(int(feeds["images"].shape[0]), feeds["images"].device))
         with torch.no_grad():
-            outputs = dict(zip(OUTPUT_NAMES, core(*feeds.values())))
-        export_onnx(core, tuple(feeds.values()), out_dir / CORE_GRAPH, tuple(feeds), OUTPUT_NAMES, opset)
+            outputs = dict(zip(core.output_names, core(*feeds.values())))
+        export_onnx(core, tuple(feeds.values()), out_dir / CORE_GRAPH, tuple(feeds), core.output_names, opset)
     finally:
         model.train(was_training)
 
@@ -222,6 +229,29 @@ def cover_feeds(manifest: Manifest, feeds: Sequence[dict[str, np.ndarray]], marg
     return seen
 
 
+def _previous_keyframe_feeds(manifest: Manifest, dataset, pre):
+    """For a temporal export: ``batch -> history feeds`` (`deploy.core.TEMPORAL_INPUTS`) from the FP32 graph's `bev` of each sample's previous
+    keyframe (run without history), or no history where the split does not hold it; None for a single-frame core."""
+    if not manifest.temporal:
+        return None
+    session = ort.InferenceSession(str(manifest.graph_path("fp32")), providers=["CPUExecutionProvider"])
+    position = {str(t): k for k, t in enumerate(dataset.index.tokens)}
+    channels, grid = int(manifest.input_spec("prev_bev").shape[1]), manifest.postprocessing.grid
+
+    def feeds(batch):
+        state = TemporalState()
+        k = position.get(batch.meta[0].get("prev_token", ""))
+        if k is not None:
+            prev = collate_samples([dataset[k]])
+            inputs = {n: v.cpu().numpy() for n, v in pre(prev).named().items()}
+            inputs.update({n: v.numpy() for n, v in history_feeds(state.history(prev.meta, channels, grid, "cpu")).items()})
+            bev = session.run(["bev"], inputs)[0]
+            state.update(prev.meta, torch.from_numpy(bev))
+        return history_feeds(state.history(batch.meta, channels, grid, "cpu"))
+
+    return feeds
+
+
 def calibration_feeds(manifest: Manifest, dataroot: str | Path, num_samples: int, *, version: str = "v1.0-mini",
                       split: str | None = None, info: str | Path | None = None) -> list[dict[str, np.ndarray]]:
     """Core inputs of `num_samples` samples of a training split (or of the mmdet3d info file `info`; evenly
@@ -232,10 +262,13 @@ def calibration_feeds(manifest: Manifest, dataroot: str | Path, num_samples: int
     n = min(num_samples, len(dataset))
     indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
     pre = manifest.preprocessor()
+    previous = _previous_keyframe_feeds(manifest, dataset, pre)
     feeds = []
     for i in indices:
         batch = collate_samples([dataset[i]])
         feeds.append({k: v.cpu().numpy() for k, v in pre(batch).named().items()})
+        if previous is not None:  # a temporal core: calibrated with the history it gets in use
+            feeds[-1].update({k: v.numpy() for k, v in previous(batch).items()})
     log.info("calibration: %d samples of %s", len(feeds), info or f"{dataroot}/{split}")
     return feeds
 

@@ -60,6 +60,18 @@ class Manifest:
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.outputs)
 
+    def input_spec(self, name: str) -> "TensorSpec":
+        """The `TensorSpec` of input `name`."""
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise PerceptionError(f"{self.directory or 'manifest'}: the core has no input {name!r} (inputs: {self.input_names})")
+
+    @property
+    def temporal(self) -> bool:
+        """The core takes the previous keyframe's fused BEV (a temporal model's export)."""
+        return "prev_bev" in self.input_names
+
     def experiment_config(self) -> ExperimentConfig:
         return config_from_dict(self.config, source=f"{self.directory or 'manifest'} config")
 

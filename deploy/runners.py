@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from deploy.executor import Executor, synchronize  # noqa: F401 (re-exported)
-from deploy.core import OUTPUT_NAMES, ExportedCore
+from deploy.core import ExportedCore, history_feeds
 from deploy.export import load_checkpoint_model
 from deploy.manifest import Manifest, TensorSpec
 from deploy.postprocess import Postprocessor, PostprocessSpec
@@ -36,6 +36,7 @@ from perception.errors import PerceptionError
 from perception.evaluation import evaluate_predictor, write_metrics
 from perception.model.bevfusion import Prediction
 from perception.model.preprocess import Preprocessor
+from perception.model.temporal import History, TemporalState
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,14 @@ class OnnxRuntimeExecutor(Executor):
 
 
 class Runner:
-    """Pre-processing, a core `Executor`, post-processing. ``predict(batch)`` as `BEVFusionModel.predict`.
+    """Pre-processing, a core `Executor`, post-processing. ``predict(batch, state)`` as `BEVFusionModel.predict`.
 
     Attributes:
         backend: "torch", "onnx" or "tensorrt".
         manifest: the export's manifest (for torch, one made in memory from the model).
         device: where inputs are prepared and outputs returned.
+        temporal: the core takes the history (`deploy.core.TEMPORAL_INPUTS`): `predict` feeds it from a
+            `TemporalState` and leaves the core's `bev` output in it, so the runner carries the state.
     """
 
     def __init__(self, backend: str, manifest: Manifest, executor: Executor, *, description: str = ""):
@@ -127,6 +130,8 @@ class Runner:
         self.preprocessor: Preprocessor = manifest.preprocessor()
         self.postprocessor: Postprocessor = manifest.postprocessor()
         self.description = description or backend
+        self.temporal = manifest.temporal
+        self._bev_channels = manifest.experiment_config().model.fuser.out_channels if self.temporal else 0
 
     def __repr__(self) -> str:
         return f"Runner({self.description} on {self.device})"
@@ -144,11 +149,25 @@ class Runner:
         """The core's outputs for prepared inputs."""
         return self.executor.run(inputs)
 
+    def history(self, batch: Batch, state: TemporalState | None) -> History:
+        """A temporal core's history inputs for `batch` from `state` (None: no history)."""
+        channels, grid = self._bev_channels, self.manifest.postprocessing.grid
+        if state is None:
+            return History.empty(batch.batch_size, channels, grid, self.device)
+        return state.history(batch.meta, channels, grid, self.device)
+
     @torch.no_grad()
-    def predict(self, batch: Batch) -> list[Prediction]:
-        """Per-sample predictions of a batch (pre-processing, core, decoding and NMS)."""
-        inputs = self.preprocessor(batch.to(self.device)).named()
-        return self.postprocessor(self.infer(inputs))
+    def predict(self, batch: Batch, state: TemporalState | None = None) -> list[Prediction]:
+        """Per-sample predictions of a batch (pre-processing, core, decoding and NMS); a temporal core reads its
+        history from `state` and leaves this batch's `bev` in it."""
+        batch = batch.to(self.device)
+        inputs = self.preprocessor(batch).named()
+        if self.temporal:
+            inputs.update(history_feeds(self.history(batch, state)))
+        out = self.infer(inputs)
+        if self.temporal and state is not None:
+            state.update(batch.meta, out["bev"])
+        return self.postprocessor(out)
 
 
 def _resolve_export(path: Path, suffixes: tuple[str, ...]) -> tuple[Manifest, Path | None]:
@@ -167,11 +186,11 @@ def torch_runner(model, config, *, device: torch.device | str = "cpu", precision
     spec = model.preprocess_spec()
     manifest = Manifest(
         graphs={}, opset=0, inputs=[TensorSpec(n, "", ()) for n in core.input_names],
-        outputs=[TensorSpec(n, "", ()) for n in OUTPUT_NAMES], dynamic_axes={}, preprocessing=spec,
+        outputs=[TensorSpec(n, "", ()) for n in core.output_names], dynamic_axes={}, preprocessing=spec,
         postprocessing=PostprocessSpec(grid=model.grid, decode=model.decode), map_grid=model.map_grid,
         config=config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config),
     )
-    executor = TorchExecutor(core, core.input_names, OUTPUT_NAMES, device=device, precision=precision)
+    executor = TorchExecutor(core, core.input_names, core.output_names, device=device, precision=precision)
     return Runner("torch", manifest, executor, description=f"PyTorch eager {precision}")
 
 

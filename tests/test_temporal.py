@@ -212,3 +212,39 @@ def test_temporal_training_streams_scenes_and_evaluation_runs_them_in_order(synt
     metrics = evaluate_model(trainer.model.eval(), val, synth_root, "v1.0-mini", "mini_val", tmp_path / "eval",
                              device=torch.device("cpu"), progress=False)
     assert metrics["num_samples"] == len(val)
+
+
+def test_temporal_export_carries_the_state_and_matches_torch_over_a_scene(synth_root, tmp_path):
+    from deploy.core import TEMPORAL_INPUTS, history_feeds
+    from deploy.export import calibration_feeds, export_model
+    from deploy.runners import load_runner
+    from perception.data.build import build_dataset
+    from perception.data.collate import collate_samples
+    from perception.evaluation import scene_ordered_indices
+    from perception.model.temporal import TemporalState
+
+    cfg, model = _temporal_model()
+    model.eval()
+    dataset = build_dataset(cfg, synth_root, "v1.0-mini", "mini_val", train=False, map_grid=model.map_grid)
+    batches = [collate_samples([dataset[i]]) for i in scene_ordered_indices(dataset.index)]
+    manifest = export_model(model, cfg, tmp_path / "export", example=batches[0])  # includes the TensorRT check
+    assert manifest.input_names[-3:] == TEMPORAL_INPUTS and manifest.output_names[-1] == "bev"
+    runner = load_runner("onnx", tmp_path / "export")
+    state_torch, state_onnx = TemporalState(), TemporalState()
+    with_history = 0
+    for batch in batches:  # one scene of mini_val, keyframe after keyframe
+        history = runner.history(batch, state_onnx)
+        with_history += int(history.has_history.sum())
+        got = runner.infer(runner.preprocessor(batch).named() | history_feeds(history))
+        with torch.no_grad():
+            expected = model(*model.prepare(batch).as_args(), model.history(batch, state_torch))
+        for name in ("heatmap", "velocity", "map", "bev"):
+            torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3)
+        model.predict(batch, state_torch)  # each advances its own state
+        runner.predict(batch, state_onnx)
+        torch.testing.assert_close(state_onnx.bev, state_torch.bev, atol=2e-4, rtol=1e-3)
+    assert with_history == len(batches) - len(set(dataset.index.scene_tokens))
+    # INT8 calibration feeds carry the history each sample has in use (its previous keyframe's bev).
+    feeds = calibration_feeds(manifest, synth_root, 3, split="mini_val")
+    assert [bool(f["has_history"][0]) for f in feeds] == [False, True, True]
+    assert all(np.abs(f["prev_bev"]).sum() > 0 for f in feeds[1:])

@@ -87,7 +87,7 @@ def test_robustness_command_runs_every_condition(synth_root, tiny_checkpoint, tm
                                    "--split", "mini_val", "--out", str(tmp_path), "--workers", "0"])
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "robustness.json").read_text())
-    assert set(results) == set(CONDITIONS)
+    assert set(results) == set(CONDITIONS) - {"history_lost"}  # a single-frame model has no history to lose
     for r in results.values():
         assert {"nds", "map", "mate", "mase", "maoe", "mave", "maae", "seg_miou", "ratio"} <= set(r)
     assert (tmp_path / "robustness.md").read_text().count("|") > 50
