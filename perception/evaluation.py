@@ -609,8 +609,10 @@ def evaluate_results_file(submission: str | Path, dataroot: str | Path, version:
 
 
 def is_temporal(model) -> bool:
-    """The model (or runner) fuses the previous keyframe and takes a `TemporalState` in `predict`."""
-    return getattr(model, "temporal", None) is not None
+    """The model (its `temporal` module) or runner (its `temporal` flag) fuses the previous keyframe and takes a
+    `TemporalState` in `predict`."""
+    temporal = getattr(model, "temporal", None)
+    return temporal is not None and temporal is not False
 
 
 def scene_ordered_indices(index, rank: int = 0, world: int = 1) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -220,7 +221,7 @@ def test_temporal_export_carries_the_state_and_matches_torch_over_a_scene(synth_
     from deploy.runners import load_runner
     from perception.data.build import build_dataset
     from perception.data.collate import collate_samples
-    from perception.evaluation import scene_ordered_indices
+    from perception.evaluation import is_temporal, scene_ordered_indices
     from perception.model.temporal import TemporalState
 
     cfg, model = _temporal_model()
@@ -230,6 +231,8 @@ def test_temporal_export_carries_the_state_and_matches_torch_over_a_scene(synth_
     manifest = export_model(model, cfg, tmp_path / "export", example=batches[0])  # includes the TensorRT check
     assert manifest.input_names[-3:] == TEMPORAL_INPUTS and manifest.output_names[-1] == "bev"
     runner = load_runner("onnx", tmp_path / "export")
+    assert is_temporal(runner) and is_temporal(model)
+    assert not is_temporal(SimpleNamespace(temporal=False)) and not is_temporal(SimpleNamespace(temporal=None))
     state_torch, state_onnx = TemporalState(), TemporalState()
     with_history = 0
     for batch in batches:  # one scene of mini_val, keyframe after keyframe
