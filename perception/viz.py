@@ -20,6 +20,7 @@ from perception.data.submission import submission_entries
 from perception.data.transforms import ImageAugConfig
 from perception.distributed import pick_device
 from perception.errors import PerceptionError
+from perception.model.temporal import TemporalState
 from perception.structures import CAMERA_CHANNELS, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid, Boxes3D
 from perception.tracking import CenterPointTracker
 
@@ -318,13 +319,14 @@ def visualise(data: Path, out: Path, *, version: str = "v1.0-mini", sample_token
     tracker = CenterPointTracker() if video and model is not None else None
     trails_global: dict[int, list[np.ndarray]] = {}
     prev_t = None
+    state = TemporalState()  # a temporal model's history: used when consecutive drawn samples are consecutive keyframes
     for token in tokens:
         i = index_of[token]
         sample = viz_ds[i]
         pred, track_ids, trails = None, None, None
         if model is not None:
             batch = collate_samples([model_ds[i]]).to(next(model.parameters()).device)
-            pred = model.predict(batch)[0]
+            pred = model.predict(batch, state)[0]
         if tracker is not None:
             track_ids, trails = _track_frame(tracker, trails_global, sample, pred, prev_t)
             prev_t = sample.meta["timestamp"]
