@@ -329,7 +329,8 @@ class BEVFusionModel(nn.Module):
         modality mask acts in the fuser). `states`: one `TemporalState` (or None) per batch, as for `predict`."""
         features: dict[tuple, tuple] = {}
         out = []
-        for batch, state in zip(batches, states or [None] * len(batches)):  # `batches` keeps every keyed tensor alive, so ids are not reused meanwhile
+        # `batches` keeps every keyed tensor alive, so ids are not reused meanwhile.
+        for batch, state in zip(batches, states or [None] * len(batches)):
             inputs = self.prepare(batch)
             keys = (("camera", id(batch.images), id(batch.cam2img), id(batch.cam2lidar), id(batch.img_aug)),
                     ("lidar", id(batch.points_lidar), id(batch.num_points_lidar)),
