@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Wheels of the packages a GPU machine's own image (PyTorch, timm, onnx, numpy, opencv, ... but no package index)
-# lacks (the versions that ran on an H200 on 2026-11-30), for `benchmarks/gpu.sh` to install into /tmp/site there: carry the folder (default .whl/, which git
-# should ignore: `echo /.whl/ >> .git/info/exclude`).
+# Wheels of the packages that a GPU machine's own image lacks (it has PyTorch, timm, onnx, numpy, opencv, ... but
+# no package index), in the versions that ran on an H200 on 2026-11-30. `benchmarks/gpu.sh` installs them into
+# /tmp/site there: carry the folder (default .whl/, which git should ignore: `echo /.whl/ >> .git/info/exclude`).
 # Usage: bash benchmarks/gpu_wheels.sh [DIR] [PYTHON_VERSION]      (the GPU machine's Python, default 3.12)
 set -euo pipefail
 cd "$(dirname "$0")/.."
