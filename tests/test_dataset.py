@@ -68,6 +68,30 @@ def test_lidar_and_radar_match_devkit_multisweep(val_ds, synth_nusc):
         np.testing.assert_allclose(radar[: keep.sum(), 4:6], v[keep, :2], atol=1e-4)
 
 
+def test_close_returns_removed_as_devkit(synth_root, synth_nusc):
+    """With a 5 m `min_distance` many returns of every sweep are dropped (the compaction path): still the devkit's
+    multisweep clouds, LiDAR and radar."""
+    from nuscenes.utils.data_classes import LidarPointCloud, RadarPointCloud
+
+    ds = NuScenesDataset(synth_root, "v1.0-mini", "mini_val",
+                         config=DatasetConfig(lidar_sweeps=10, radar_sweeps=6, min_distance=5.0, map="off"))
+    sample = synth_nusc.get("sample", str(ds.index.tokens[2]))
+    pc, times = LidarPointCloud.from_file_multisweep(synth_nusc, sample, "LIDAR_TOP", "LIDAR_TOP", nsweeps=10,
+                                                     min_distance=5.0)
+    full, _ = LidarPointCloud.from_file_multisweep(synth_nusc, sample, "LIDAR_TOP", "LIDAR_TOP", nsweeps=10)
+    assert pc.nbr_points() < full.nbr_points() - 1000
+    ours = ds.load_points_lidar(2)
+    assert ours.shape[0] == pc.nbr_points()
+    np.testing.assert_allclose(ours[:, :4], pc.points.T, atol=2e-3)
+    np.testing.assert_allclose(ours[:, 4], times[0], atol=1e-5)
+    rpc, rtimes = RadarPointCloud.from_file_multisweep(synth_nusc, sample, RADAR_CHANNELS[0], "LIDAR_TOP", nsweeps=6,
+                                                       min_distance=5.0)
+    radar = ds.load_points_radar(2)
+    n = rpc.nbr_points()
+    np.testing.assert_allclose(radar[:n, :3], rpc.points[:3].T, atol=2e-3)
+    np.testing.assert_allclose(radar[:n, 6], rtimes[0], atol=1e-5)
+
+
 def test_boxes_hold_the_annotated_lidar_points(synth_root, synth_nusc):
     ds = NuScenesDataset(synth_root, "v1.0-mini", "mini_val",
                          config=DatasetConfig(lidar_sweeps=1, radar_sweeps=0, map="off"))

@@ -40,6 +40,7 @@ from perception.data.transforms import (
     BEVAugConfig,
     ImageAugConfig,
     jpeg_reduction,
+    point_affine,
     reduced_decode_matrix,
     sample_bev_aug,
     sample_image_aug,
@@ -64,6 +65,8 @@ from perception.structures import (
 
 log = logging.getLogger(__name__)
 _WARNED_NO_MAP: set[tuple[str, tuple[str, ...]]] = set()  # (dataroot, locations) already warned about
+# The radar fields a sample keeps (then dt): the devkit's motion-compensated velocities, as in BEVFusion.
+_RADAR_COLUMNS = ("x", "y", "z", "rcs", "vx_comp", "vy_comp")
 
 
 @dataclass(frozen=True)
@@ -535,10 +538,15 @@ class NuScenesDataset(Dataset):
         out = np.empty((sum(counts), 5), np.float32)  # written once: no concatenation, no final compaction
         a = 0
         for k, raw, keep, n in zip(sweeps, raws, keeps, counts):
-            src = raw if n == len(raw) else raw[keep]
+            src = raw if n == len(raw) else np.compress(keep, raw, axis=0)
+            # One product per sweep maps (x, y, z, intensity, 1) to (x', y', z', intensity, dt): the ring column
+            # (unused) of this private buffer becomes the homogeneous 1 that carries translation and dt.
+            src[:, 4] = 1.0
             T = idx.lidar_sweep2lidar[k] if lidar_aug is None else lidar_aug @ idx.lidar_sweep2lidar[k]
-            transform_points(src[:, :4], T, out=out[a:a + n, :4])
-            out[a:a + n, 4] = idx.lidar_dt[k]
+            M, b = point_affine(T, 5)
+            M[4] = b
+            M[4, 4] = idx.lidar_dt[k]
+            np.matmul(src, M, out=out[a:a + n])
             a += n
         return out
 
@@ -547,19 +555,23 @@ class NuScenesDataset(Dataset):
         rcs, vx_comp, vy_comp (rotated into this frame), dt; from all radars and K sweeps each, devkit default
         filters."""
         idx, tok = self.index, str(self.index.tokens[i])
-        parts = []
-        for k in range(idx.radar_offsets[i], idx.radar_offsets[i + 1]):
-            raw = read_radar_pcd(self._path(idx.radar_paths[k]), tok)
-            d = self.config.min_distance
-            raw = raw[~((np.abs(raw[:, 0]) < d) & (np.abs(raw[:, 1]) < d))]
-            pts = np.empty((len(raw), 7), np.float32)
-            pts[:, 0:3] = raw[:, 0:3]
-            pts[:, 3] = raw[:, 5]
-            pts[:, 4:6] = raw[:, 8:10]
-            pts[:, 6] = idx.radar_dt[k]
+        files = range(idx.radar_offsets[i], idx.radar_offsets[i + 1])
+        d = self.config.min_distance
+        raws = []
+        for k in files:
+            raw = read_radar_pcd(self._path(idx.radar_paths[k]), tok, columns=_RADAR_COLUMNS)
+            raws.append(raw[~((np.abs(raw[:, 0]) < d) & (np.abs(raw[:, 1]) < d))])
+        out = np.empty((sum(len(raw) for raw in raws), 7), np.float32)
+        a = 0
+        for k, raw in zip(files, raws):
             T = idx.radar_sweep2lidar[k] if lidar_aug is None else lidar_aug @ idx.radar_sweep2lidar[k]
-            parts.append(transform_radar(pts, T))
-        return np.concatenate(parts, 0) if parts else np.zeros((0, 7), np.float32)
+            # One product per file maps (x, y, z, rcs, vx_comp, vy_comp) to the 7 output columns, dt by the offset.
+            M, b = point_affine(T, 7, velocity_col=4)
+            b[6] = idx.radar_dt[k]
+            np.matmul(raw, M[:6], out=out[a:a + len(raw)])
+            out[a:a + len(raw)] += b
+            a += len(raw)
+        return out
 
     def load_images(self, i: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Images after the image augmentation (rng None: evaluation transform).

@@ -93,12 +93,16 @@ def read_radar_pcd(
     invalid_states: tuple[int, ...] = (0,),
     dynprop_states: tuple[int, ...] = tuple(range(7)),
     ambig_states: tuple[int, ...] = (3,),
+    columns: tuple[str, ...] = RADAR_FIELDS,
 ) -> np.ndarray:
     """Read one radar sweep, keeping the returns the devkit keeps by default (`RadarPointCloud.from_file`).
 
-    Returns: (M, 18) float32 in the radar sensor frame (x forward, y left), fields in `RADAR_FIELDS` order
-    (x, y, z m; rcs dBsm; velocities m/s). The nuScenes marker for an empty sweep (a single record with NaN
-    coordinates) gives M = 0.
+    Args:
+        columns: the fields returned, in this order (names from `RADAR_FIELDS`); the default is all of them.
+
+    Returns: (M, len(columns)) float32 in the radar sensor frame (x forward, y left), by default the 18 fields in
+    `RADAR_FIELDS` order (x, y, z m; rcs dBsm; velocities m/s). The nuScenes marker for an empty sweep (a single
+    record with NaN coordinates) gives M = 0.
 
     Raises: DataError if the file is missing, the header is malformed, the body is shorter than the header
     says (truncated) or a kept return has NaN/inf values.
@@ -133,13 +137,13 @@ def read_radar_pcd(
         )
     rec = np.frombuffer(raw, dtype=_RADAR_DTYPE, count=width, offset=pos)
     if width == 1 and np.isnan([rec["x"][0], rec["y"][0], rec["z"][0]]).all():
-        return np.zeros((0, len(RADAR_FIELDS)), np.float32)
+        return np.zeros((0, len(columns)), np.float32)
     keep = (_state_table(invalid_states)[rec["invalid_state"].view(np.uint8)]
             & _state_table(dynprop_states)[rec["dyn_prop"].view(np.uint8)]
             & _state_table(ambig_states)[rec["ambig_state"].view(np.uint8)])
     rec = rec[keep]
-    out = np.empty((len(rec), len(RADAR_FIELDS)), np.float32)
-    for j, name in enumerate(RADAR_FIELDS):
+    out = np.empty((len(rec), len(columns)), np.float32)
+    for j, name in enumerate(columns):
         out[:, j] = rec[name]
     if out.size and not np.isfinite(out).all():
         bad = int((~np.isfinite(out).all(axis=1)).sum())
