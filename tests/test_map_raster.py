@@ -33,6 +33,30 @@ def train_ds(synth_root):
         image=SMALL_IMG, train=True, bev_aug=BEVAugConfig(), lidar_sweeps=2, radar_sweeps=2))
 
 
+def test_raster_grid_sampling_matches_pointwise_lookup(train_ds):
+    """`LocationRaster.sample_grid` (one OpenCV warp) against `lookup` of every cell point (numpy floor and
+    gather) on rotated, scaled, reflected grids, partly outside the raster."""
+    raster = train_ds.map_rasterizer.raster(str(train_ds.index.locations[0]), train_ds.map_rasterizer.grid)
+    h, w = raster.bits.shape
+    rng = np.random.default_rng(0)
+    hw = (90, 120)
+    jj, ii = np.meshgrid(np.arange(hw[1]), np.arange(hw[0]))
+    checked = 0
+    for _ in range(20):
+        yaw, scale = rng.uniform(-np.pi, np.pi), rng.uniform(0.3, 0.7)
+        flip = rng.choice([-1.0, 1.0])
+        L = scale * np.array([[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]]) @ np.diag([flip, 1.0])
+        centre = (raster.x0 + rng.uniform(-0.1, 1.1) * w * raster.res, raster.y0 + rng.uniform(-0.1, 1.1) * h * raster.res)
+        cell2global = np.concatenate([L, np.asarray(centre)[:, None]], 1)
+        xy = np.stack([jj, ii, np.ones_like(jj)], -1).astype(np.float64) @ cell2global.T
+        expect = raster.lookup(xy)
+        got = raster.sample_grid(cell2global, hw)
+        assert got.shape == hw and got.dtype == np.uint8
+        assert (got != expect).mean() < 1e-3
+        checked += int(expect.any())
+    assert checked >= 5
+
+
 def test_cached_map_raster_agrees_with_exact_rendering(train_ds, synth_root):
     mr, idx = train_ds.map_rasterizer, train_ds.index
     assert train_ds.map_locations, "the synthetic set has map expansion files"
