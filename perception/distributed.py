@@ -1,5 +1,6 @@
-"""Processes and devices: the torchrun process group (`DistInfo`, `init_distributed`), rank 0's time-budget
-decisions shared with every rank (`TimeBudget`), and the default device (`pick_device`)."""
+"""Processes and devices: the torchrun process group (`DistInfo`, `init_distributed`), a flag any rank may raise
+(`any_rank`), rank 0's time-budget decisions shared with every rank (`TimeBudget`), and the default device
+(`pick_device`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ def init_distributed(device: torch.device, timeout_min: float = 60.0) -> DistInf
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def any_rank(flag: bool, dist_info: DistInfo, device: torch.device) -> bool:
+    """Whether `flag` is True on any rank, on every rank (one all-reduce of one int on `device`, CUDA for NCCL;
+    just `flag` without a process group). Also a barrier: it returns once every rank has called it."""
+    if not dist_info.enabled:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 class TimeBudget:

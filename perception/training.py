@@ -50,7 +50,7 @@ from perception.data.gt_cache import cached_gt_database
 from perception.data.gt_sampling import GTSampler
 from perception.data.loader import EpochSampler, SequenceSampler, make_loader
 from perception.data.mmdet3d_info import info_sample_tokens
-from perception.distributed import DistInfo, TimeBudget, init_distributed, pick_device
+from perception.distributed import DistInfo, TimeBudget, any_rank, init_distributed, pick_device
 from perception.errors import ConfigError, PerceptionError
 from perception.evaluation import check_tokens_in_tables, evaluate_model, require_tables
 from perception.model.build import build_model
@@ -351,12 +351,23 @@ class Trainer:
         if self.val_set is None:
             self.val_set = build_dataset(self.cfg, self.spec.data, self.spec.version, self.val_split, train=False,
                                          map_grid=self.model.map_grid, info=self.spec.val_info)
-        metrics = evaluate_model(self.eval_model(), self.val_set, self.spec.data, self.spec.version, self.val_split,
-                                 self.work_dir / "val" / f"step_{self.step:07d}", device=self.device, dist_info=self.dist,
-                                 batch_size=self.cfg.train.batch_size, workers=self.cfg.train.num_workers,
-                                 progress=self.spec.progress, info=self.spec.val_info)
-        if self.dist.enabled:  # rank 0 ran the devkit evaluation alone (train.dist_timeout_min bounds the wait)
-            dist.barrier()
+        error: Exception | None = None
+        try:
+            metrics = evaluate_model(self.eval_model(), self.val_set, self.spec.data, self.spec.version,
+                                     self.val_split, self.work_dir / "val" / f"step_{self.step:07d}", device=self.device,
+                                     dist_info=self.dist, batch_size=self.cfg.train.batch_size,
+                                     workers=self.cfg.train.num_workers, progress=self.spec.progress,
+                                     info=self.spec.val_info)
+        except Exception as exc:
+            if not self.dist.enabled:
+                raise
+            error, metrics = exc, None
+        # Rank 0 ran the devkit evaluation alone (train.dist_timeout_min bounds the wait). If it failed there,
+        # every rank stops now with an error instead of waiting out the timeout for a rank that is gone.
+        if any_rank(error is not None, self.dist, self.device):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"validation at step {self.step} failed on another rank (rank 0 logs the error)")
         if metrics is None:  # non-zero ranks
             return None
         if self.writer is not None:

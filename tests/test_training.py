@@ -125,6 +125,52 @@ def test_two_gloo_processes_share_rank0s_time_budget_validations_and_ema(synth_r
         assert torch.equal(v, r1["ema"][k]), f"EMA differs between ranks in {k}"
 
 
+def _failing_validation_worker(rank: int, world: int, port: int, data: str, work_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import perception.training as training
+
+    if rank == 0:  # the devkit part, which rank 0 runs alone after gathering every rank's predictions, fails
+        real = training.evaluate_model
+
+        def failing(*args, **kwargs):
+            real(*args, **kwargs)
+            raise OSError("disk full while writing metrics.json")
+
+        training.evaluate_model = failing
+    cfg = load_config(TINY, FAST + ["train.val_every=2", "train.max_steps=4", "train.checkpoint_every=1000",
+                                    "train.dist_timeout_min=10"])
+    t0 = time.time()
+    try:
+        training.train(cfg, RunSpec(data=Path(data), work_dir=Path(work_dir), device="cpu", progress=False))
+        message = "no error"
+    except Exception as exc:  # noqa: BLE001 - the test reads what each rank saw
+        message = f"{type(exc).__name__}: {exc}"
+    Path(out, f"rank{rank}.txt").write_text(f"{time.time() - t0:.1f}\n{message}")
+
+
+@pytest.mark.slow
+def test_rank0_validation_failure_stops_every_rank_at_once(synth_root, tmp_path):
+    """Rank 0's devkit evaluation raises: both ranks stop at once, rank 0 with that error and rank 1 with one that
+    says where to look (before, rank 1 went on into a collective with a rank that was gone: a wait of up to
+    train.dist_timeout_min, or a transport error that does not name the cause)."""
+    ctx = mp.start_processes(_failing_validation_worker,
+                             args=(2, _free_port(), str(synth_root), str(tmp_path / "ddp"), str(tmp_path)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 150
+    try:
+        while not ctx.join(timeout=5):
+            assert time.time() < deadline, "a rank still waits 150 s after rank 0's validation failed"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    r0, r1 = ((tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2))
+    assert r0[1] == "OSError: disk full while writing metrics.json"
+    assert r1[1].startswith("RuntimeError: validation at step 2 failed on another rank"), r1
+
+
 def _train_cmd(data: Path, work_dir: Path, steps: int, resume: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "perception", "train", "--config", str(TINY), "--data", str(data), "--work-dir",
            str(work_dir), "--max-steps", str(steps), "--device", "cpu"]
