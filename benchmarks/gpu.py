@@ -9,7 +9,8 @@ Sections, in this order, each recorded in ``OUT/gpu.json`` (a failure is recorde
      (``train.amp=auto``: bf16 autocast on CUDA) through the real `Trainer` and data loader on a small synthetic
      set: step time with data loading (steps 10-50 of the run), step time on preloaded batches (model only),
      peak CUDA memory, finite losses.
-  4. ``latency``: `perception bench latency` of base at batch 1 on a synthetic batch (200k LiDAR points):
+  4. ``latency``: `perception bench latency` of base (or ``--checkpoint``'s model) at batch 1 on a synthetic batch
+     (200k LiDAR points; or the first sample of ``--latency-data``):
      torch eager FP32, FP16 and BF16 autocast, `torch.compile` (FP32 and BF16), and ONNX Runtime with its CUDA
      provider when the installed onnxruntime has one (``onnxruntime-gpu``); otherwise the reason is recorded.
 Sections still to run when ``--budget-s`` is spent are recorded as skipped, so a short lease still returns
@@ -121,27 +122,33 @@ def _train(data: Path, out: Path, steps: int, workers: int, device: str, preload
 
 
 def _latency(device: str, precision: str, torch_compile: bool = False, backend: str = "torch",
-             iterations: int = 50) -> dict[str, Any]:
+             iterations: int = 50, checkpoint: Path | None = None, data: Path | None = None) -> dict[str, Any]:
     from deploy.bench import bench_latency
     from perception.config import load_config
 
-    cfg = load_config(REPO / "configs/base.yaml", [])
+    if checkpoint is None:
+        cfg = load_config(REPO / "configs/base.yaml", [])
+    else:  # the checkpoint's own config (its image size), not base.yaml's
+        from perception.checkpoint import model_from_checkpoint
+
+        cfg = model_from_checkpoint(checkpoint).config
     r = bench_latency(cfg, backend, device=device, precision=precision, iterations=iterations, warmup=5,
-                      config_name="configs/base.yaml", torch_compile=torch_compile)
+                      config_name="configs/base.yaml" if checkpoint is None else "", torch_compile=torch_compile,
+                      checkpoint=checkpoint, data=data)
     return {"backend": backend, "precision": precision, "compile": torch_compile, "first_run_s": round(r["first_run_s"], 2),
             "total_ms_median": round(r["total_ms"]["median"], 2), "total_ms_p90": round(r["total_ms"]["p90"], 2),
             "core_ms_median": round(r["core_ms"]["median"], 2),
             "stages_ms_median": {k: round(v["median"], 2) for k, v in r["stages_ms"].items()},
-            "iterations": r["iterations"], "input": r["input"]}
+            "iterations": r["iterations"], "input": r["input"], "checkpoint": r["checkpoint"]}
 
 
-def _onnx_cuda(device: str, iterations: int) -> dict[str, Any]:
+def _onnx_cuda(device: str, iterations: int, **kwargs) -> dict[str, Any]:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return {"skipped": f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
                            f"({', '.join(ort.get_available_providers())}): onnxruntime-gpu is not installed"}
-    return _latency(device, "fp32", backend="onnx", iterations=iterations)
+    return _latency(device, "fp32", backend="onnx", iterations=iterations, **kwargs)
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -163,7 +170,9 @@ def _table(report: dict[str, Any]) -> str:
         row("  peak memory allocated/reserved", f"{tr['peak_memory_gib']} / {tr['peak_memory_reserved_gib']} GiB")
     else:
         row("train base.yaml (bf16 AMP)", tr.get("error") or tr.get("skipped", ""))
-    lines.append(f"  {'latency base, batch 1':<34}{'total ms':>10}{'core ms':>10}{'p90 ms':>10}  first run")
+    ckpt = next((r["checkpoint"] for n, r in sections.items() if n.startswith("latency") and r.get("checkpoint")), None)
+    title = f"latency {'base' if ckpt is None else Path(ckpt).name}, batch 1"
+    lines.append(f"  {title:<34}{'total ms':>10}{'core ms':>10}{'p90 ms':>10}  first run")
     for name, r in sections.items():
         if not name.startswith("latency"):
             continue
@@ -185,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--iterations", type=int, default=50)
     ap.add_argument("--preloaded-steps", type=int, default=20)
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="Trained checkpoint for the latency sections (its config replaces base.yaml's; with random "
+                         "weights post-processing time means nothing: it follows how many scores pass the threshold).")
+    ap.add_argument("--latency-data", type=Path, default=None,
+                    help="Dataroot whose first sample the latency sections feed (default: a synthetic batch).")
     ap.add_argument("--only", default="", help="Comma-separated section names to run (default: all).")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of every section on the CPU (its figures mean nothing).")
     args = ap.parse_args(argv)
@@ -201,16 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"device": dev, "environment": _environment(dev), "sections": {}}
     scratch = args.scratch or args.out
     data = args.data or scratch / "synth"
+    lat = dict(iterations=args.iterations, checkpoint=args.checkpoint, data=args.latency_data)
     plan: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("tests", lambda: _run_tests(args.out)),
         ("train", lambda: (_synth(data), _train(data, scratch, args.train_steps, args.workers, dev,
                                                          args.preloaded_steps))[1]),
-        ("latency_torch_fp32", lambda: _latency(dev, "fp32", iterations=args.iterations)),
-        ("latency_torch_fp16", lambda: _latency(dev, "fp16", iterations=args.iterations)),
-        ("latency_torch_bf16", lambda: _latency(dev, "bf16", iterations=args.iterations)),
-        ("latency_onnxruntime_cuda_fp32", lambda: _onnx_cuda(dev, args.iterations)),
-        ("latency_torch_compile_bf16", lambda: _latency(dev, "bf16", torch_compile=True, iterations=args.iterations)),
-        ("latency_torch_compile_fp32", lambda: _latency(dev, "fp32", torch_compile=True, iterations=args.iterations)),
+        ("latency_torch_fp32", lambda: _latency(dev, "fp32", **lat)),
+        ("latency_torch_fp16", lambda: _latency(dev, "fp16", **lat)),
+        ("latency_torch_bf16", lambda: _latency(dev, "bf16", **lat)),
+        ("latency_onnxruntime_cuda_fp32", lambda: _onnx_cuda(dev, **lat)),
+        ("latency_torch_compile_bf16", lambda: _latency(dev, "bf16", torch_compile=True, **lat)),
+        ("latency_torch_compile_fp32", lambda: _latency(dev, "fp32", torch_compile=True, **lat)),
     ]
     if args.only:
         unknown = set(args.only.split(",")) - {name for name, _ in plan}
