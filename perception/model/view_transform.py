@@ -83,7 +83,8 @@ class LiftSplatGeometry(RigGeometry):
         self.depth_min, self.depth_step, self.num_bins = float(depth_min), float(depth_step), int(num_bins)
         self.segment_size = segment_size
         h, w = image_size[0] // feature_stride, image_size[1] // feature_stride
-        depth_bins = self.depth_min + self.depth_step * torch.arange(num_bins, dtype=torch.float32)
+        self.depth_bins = self.depth_min + self.depth_step * torch.arange(num_bins, dtype=torch.float32)  # (D,) m
+        depth_bins = self.depth_bins
         # Pixel centre of feature cell (i, j), in the OpenCV convention (pixel centres at integers).
         v = torch.arange(h, dtype=torch.float32) * feature_stride + (feature_stride - 1) / 2
         u = torch.arange(w, dtype=torch.float32) * feature_stride + (feature_stride - 1) / 2
@@ -231,8 +232,6 @@ class LiftSplat(ViewTransform):
         self.depth_net = nn.Sequential(
             _conv_bn_relu(in_channels, in_channels), nn.Conv2d(in_channels, num_bins + out_channels, 1)
         )
-        depth_bins = depth_min + depth_step * torch.arange(num_bins, dtype=torch.float32)
-        self.register_buffer("depth_bins", depth_bins, persistent=False)  # (D,) metres
 
     def lift(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """features (B, N, C, h, w) -> depth probabilities (B*N, D, h, w) float32 and context (B*N, C', h, w)."""
@@ -264,9 +263,10 @@ class LiftSplat(ViewTransform):
         b, n = cam2img.shape[:2]
         h, w = self.feature_size
         stride = self.feature_stride
-        step = float(self.depth_bins[1] - self.depth_bins[0])
-        lo = float(self.depth_bins[0]) - step / 2
-        hi = float(self.depth_bins[-1]) + step / 2
+        geo = self.rig_geometry
+        step = geo.depth_step
+        lo = geo.depth_min - step / 2
+        hi = geo.depth_min + (geo.num_bins - 1) * step + step / 2
         out = torch.full((b, n, h, w), -1, dtype=torch.long, device=cam2img.device)
         lidar2cam = torch.linalg.inv(cam2lidar.float())
         for i, pts in enumerate(torch.split(points_lidar[:, :3], num_points_lidar.tolist())):
@@ -284,7 +284,7 @@ class LiftSplat(ViewTransform):
             flat = (cam * h * w + row * w + col)[valid]
             nearest = torch.full((n * h * w,), float("inf"), device=pts.device)
             nearest = nearest.scatter_reduce(0, flat, z[valid], reduce="amin")
-            bins = torch.round((nearest - float(self.depth_bins[0])) / step).clamp(0, self.num_bins - 1).long()
+            bins = torch.round((nearest - geo.depth_min) / step).clamp(0, self.num_bins - 1).long()
             out[i] = torch.where(torch.isfinite(nearest), bins, torch.full_like(bins, -1)).view(n, h, w)
         return out
 
