@@ -83,6 +83,21 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(synth_r
     assert single.step == 3
 
 
+def _run_two_ranks(worker, data: Path, tmp_path: Path, hang: str, timeout_s: float = 150.0) -> None:
+    """`worker(rank, world, port, data, work_dir, out)` in two spawned processes (gloo); fails with `hang` when they
+    have not both finished within `timeout_s`."""
+    ctx = mp.start_processes(worker, args=(2, _free_port(), str(data), str(tmp_path / "ddp"), str(tmp_path)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + timeout_s
+    try:
+        while not ctx.join(timeout=5):
+            assert time.time() < deadline, f"the two ranks did not finish in {timeout_s:.0f} s ({hang})"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
 def _budget_worker(rank: int, world: int, port: int, data: str, work_dir: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -107,16 +122,7 @@ def _budget_worker(rank: int, world: int, port: int, data: str, work_dir: str, o
 def test_two_gloo_processes_share_rank0s_time_budget_validations_and_ema(synth_root, tmp_path):
     """Rank 1's clock is skewed: every rank still stops at rank 0's step, validates at the same steps (no
     hang in a collective entered alone) and averages the same EMA (initialised from rank 0's broadcast weights)."""
-    ctx = mp.start_processes(_budget_worker, args=(2, _free_port(), str(synth_root), str(tmp_path / "ddp"), str(tmp_path)),
-                             nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + 150
-    try:
-        while not ctx.join(timeout=5):
-            assert time.time() < deadline, "the two ranks did not finish in 150 s (a rank waits in a collective alone)"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    _run_two_ranks(_budget_worker, synth_root, tmp_path, "a rank waits in a collective alone")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["stopped_early"] and r1["stopped_early"]
     assert (r0["step"], r0["total_steps"], r0["validated"]) == (r1["step"], r1["total_steps"], r1["validated"])
@@ -155,17 +161,7 @@ def test_rank0_validation_failure_stops_every_rank_at_once(synth_root, tmp_path)
     """Rank 0's devkit evaluation raises: both ranks stop at once, rank 0 with that error and rank 1 with one that
     says where to look (before, rank 1 went on into a collective with a rank that was gone: a wait of up to
     train.dist_timeout_min, or a transport error that does not name the cause)."""
-    ctx = mp.start_processes(_failing_validation_worker,
-                             args=(2, _free_port(), str(synth_root), str(tmp_path / "ddp"), str(tmp_path)),
-                             nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + 150
-    try:
-        while not ctx.join(timeout=5):
-            assert time.time() < deadline, "a rank still waits 150 s after rank 0's validation failed"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    _run_two_ranks(_failing_validation_worker, synth_root, tmp_path, "a rank still waits after rank 0's validation failed")
     r0, r1 = ((tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2))
     assert r0[1] == "OSError: disk full while writing metrics.json"
     assert r1[1].startswith("RuntimeError: validation at step 2 failed on another rank"), r1
