@@ -17,6 +17,7 @@ from perception.cache import cache_dir
 from perception.data.bench import bench_report, run_data_bench, stage_times
 from perception.data.collate import collate_samples
 from perception.data.dataset import DatasetConfig, NuScenesDataset
+from perception.data.map_raster import LocationRaster
 from perception.data.transforms import BEVAugConfig, ImageAugConfig, sample_bev_aug, transform_points, transform_radar
 from perception.structures import MAP_CLASSES
 
@@ -55,6 +56,14 @@ def test_raster_grid_sampling_matches_pointwise_lookup(train_ds):
         assert (got != expect).mean() < 1e-3
         checked += int(expect.any())
     assert checked >= 5
+    # a raster wider than OpenCV's warp accepts (32767 pixels): still sampled, through the covered window
+    wide = LocationRaster(np.zeros((8, 40000), np.uint8), x0=0.0, y0=0.0, res=0.1)
+    wide.bits[3, 35000:35010] = 5
+    cell2global = np.array([[0.1, 0.0, 3500.05], [0.0, 0.1, 0.05]])  # cell (j, i) -> pixel centre (35000 + j, i)
+    got = wide.sample_grid(cell2global, (8, 12))
+    np.testing.assert_array_equal(got, wide.lookup(
+        np.stack(np.meshgrid(np.arange(12) * 0.1 + 3500.05, np.arange(8) * 0.1 + 0.05), -1)))
+    assert got[3, :10].tolist() == [5] * 10
 
 
 def test_cached_map_raster_agrees_with_exact_rendering(train_ds, synth_root):

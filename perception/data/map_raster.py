@@ -89,8 +89,18 @@ class LocationRaster:
         cell2px = to_px[:, :2] @ cell2global
         cell2px[:, 2] += to_px[:, 2]
         H, W = hw
-        return cv2.warpAffine(self.bits, cell2px, (W, H), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        # Warp only the raster window the grid covers (plus a pixel): OpenCV's warp refuses sources of 32767
+        # pixels or more on a side (a large city at a fine grid), and reads less of the memory-mapped raster.
+        corners = cell2px @ np.array([[0, W, 0, W], [0, 0, H, H], [1, 1, 1, 1]], np.float64)  # (2, 4): c, r
+        h, w = self.bits.shape
+        c0, r0 = (max(0, int(np.floor(corners[k].min())) - 1) for k in (0, 1))
+        c1, r1 = min(w, int(np.ceil(corners[0].max())) + 2), min(h, int(np.ceil(corners[1].max())) + 2)
+        if c1 <= c0 or r1 <= r0:
+            return np.zeros((H, W), np.uint8)
+        cell2px[:, 2] -= (c0, r0)
+        return cv2.warpAffine(np.asarray(self.bits[r0:r1, c0:c1]), cell2px, (W, H),
+                              flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=0)
 
 
 def rasterize_location(nmap, res: float, line_width_m: float, edge_width_m: float) -> LocationRaster:
