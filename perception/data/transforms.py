@@ -180,21 +180,20 @@ def point_affine(T: np.ndarray, width: int, dtype=np.float32, velocity_col: int 
     return M.astype(dtype), b.astype(dtype)
 
 
-def transform_points(points: np.ndarray, T: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Apply a (4, 4) transform to the first 3 columns of (N, >=3) points; other columns are kept. `out`: an
-    (N, points' width) array (e.g. rows of a larger one) to write into instead of a new array."""
-    M, b = point_affine(T, points.shape[1], points.dtype)
+def transform_points(points: np.ndarray, T: np.ndarray, out: np.ndarray | None = None,
+                     velocity_col: int | None = None) -> np.ndarray:
+    """Apply a (4, 4) transform to the first 3 columns of (N, >=3) points (and its linear part to the planar
+    velocity at `velocity_col`, see `point_affine`); other columns are kept. `out`: an (N, points' width) array
+    (e.g. rows of a larger one) to write into instead of a new array."""
+    M, b = point_affine(T, points.shape[1], points.dtype, velocity_col=velocity_col)
     out = np.matmul(points, M, out=out)
     out += b
     return out
 
 
-def transform_radar(points_radar: np.ndarray, T: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def transform_radar(points_radar: np.ndarray, T: np.ndarray) -> np.ndarray:
     """(M, 7) radar points (x, y, z, rcs, vx, vy, dt): positions by T, velocities by T's linear part."""
-    M, b = point_affine(T, points_radar.shape[1], points_radar.dtype, velocity_col=4)
-    out = np.matmul(points_radar, M, out=out)
-    out += b
-    return out
+    return transform_points(points_radar, T, velocity_col=4)
 
 
 def transform_boxes(boxes: np.ndarray, A: np.ndarray) -> np.ndarray:

@@ -84,11 +84,10 @@ class LiftSplatGeometry(RigGeometry):
         self.segment_size = segment_size
         h, w = image_size[0] // feature_stride, image_size[1] // feature_stride
         self.depth_bins = self.depth_min + self.depth_step * torch.arange(num_bins, dtype=torch.float32)  # (D,) m
-        depth_bins = self.depth_bins
         # Pixel centre of feature cell (i, j), in the OpenCV convention (pixel centres at integers).
         v = torch.arange(h, dtype=torch.float32) * feature_stride + (feature_stride - 1) / 2
         u = torch.arange(w, dtype=torch.float32) * feature_stride + (feature_stride - 1) / 2
-        d, vv, uu = torch.meshgrid(depth_bins, v, u, indexing="ij")
+        d, vv, uu = torch.meshgrid(self.depth_bins, v, u, indexing="ij")
         self._frustum_img = {torch.device("cpu"): torch.stack([uu * d, vv * d, d], -1)}  # (D, h, w, 3) per device
 
     def frustum_img(self, device: torch.device) -> Tensor:
