@@ -47,7 +47,7 @@ from perception.cache import atomic_write, cache_path, table_fingerprint
 from perception.checkpoint import model_from_checkpoint
 from perception.data.build import build_dataset
 from perception.data.collate import collate_samples
-from perception.data.loader import data_worker_init
+from perception.data.loader import SampleLoader
 from perception.data.dataset import split_scene_names
 from perception.data.mmdet3d_info import info_sample_tokens
 from perception.data.submission import submission_entries, write_submission
@@ -635,8 +635,7 @@ def _shard_loader(dataset, batch_size: int, workers: int, rank: int, world: int,
         indices, batch_size = scene_ordered_indices(dataset.index, rank, world), 1
     else:
         indices = list(range(rank, len(dataset), world))
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, collate_fn=collate_samples,
-                      worker_init_fn=data_worker_init if workers else None)
+    return SampleLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, collate_fn=collate_samples)
 
 
 def gather_inference(out: InferenceOutput, dist_info) -> InferenceOutput | None:

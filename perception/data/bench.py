@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from perception.data.collate import collate_samples
 from perception.data.dataset import NuScenesDataset
-from perception.data.loader import data_worker_init
+from perception.data.loader import SampleLoader
 from perception.data.transforms import sample_bev_aug
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,11 @@ def run_data_bench(dataset: NuScenesDataset, workers: tuple[int, ...] = (0, 1, 2
         warmup = max(2, 2 * w)
         order = [i % len(dataset) for i in range(samples + warmup)]
         common = dict(batch_size=1, num_workers=w, sampler=order, persistent_workers=False,
-                      prefetch_factor=4 if w else None, worker_init_fn=data_worker_init if w else None)
+                      prefetch_factor=4 if w else None)
         pipe, dec = [], []
         for _ in range(repeats):
-            pipe.append(_rate(DataLoader(dataset, collate_fn=collate_samples, **common), samples, warmup))
-            dec.append(_rate(DataLoader(_DecodeOnly(dataset), collate_fn=_first, **common), samples, warmup))
+            pipe.append(_rate(SampleLoader(dataset, collate_fn=collate_samples, **common), samples, warmup))
+            dec.append(_rate(SampleLoader(_DecodeOnly(dataset), collate_fn=_first, **common), samples, warmup))
         res = BenchResult(workers=w, samples=samples, pipeline_samples_per_s=statistics.median(pipe),
                           decode_only_samples_per_s=statistics.median(dec))
         log.info("workers=%d: pipeline %.2f samples/s, decode-only %.2f samples/s (%.0f%%)", w,

@@ -8,10 +8,13 @@ sample goes into which optimizer step.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import os
 from typing import Iterator
 
+import cv2
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -27,8 +30,8 @@ def data_worker_init(worker_id: int) -> None:
     glibc keeps freed blocks up to 64 MB on the heap (mmap threshold 64 MB, trim threshold 256 MB) instead of
     returning each to the kernel: every item allocates multi-MB point clouds and images, and fresh pages cost a
     fault each (measured: LiDAR loading of 10 sweeps 18 -> 9.5 ms on the synthetic set). Skipped where the C
-    library is not glibc. (Not `cv2.setNumThreads` here: in a forked worker whose parent already ran OpenCV's
-    thread pool it deadlocks.)
+    library is not glibc. (OpenCV's thread count is set by `SampleLoader` in the parent, not here: in a forked
+    worker whose parent already ran OpenCV's thread pool `cv2.setNumThreads` deadlocks.)
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -38,6 +41,45 @@ def data_worker_init(worker_id: int) -> None:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     mallopt(_M_MMAP_THRESHOLD, 64 << 20)
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+@contextlib.contextmanager
+def _single_threaded_opencv():
+    """OpenCV runs on one thread in the worker processes started inside this block (fork: the parent's setting is
+    inherited; spawn/forkserver: a fresh interpreter reads OPENCV_FOR_THREADS_NUM when it imports cv2); the
+    parent's own setting is restored on exit."""
+    threads, env = cv2.getNumThreads(), os.environ.get("OPENCV_FOR_THREADS_NUM")
+    cv2.setNumThreads(1)
+    os.environ["OPENCV_FOR_THREADS_NUM"] = "1"
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+        if env is None:
+            os.environ.pop("OPENCV_FOR_THREADS_NUM", None)
+        else:
+            os.environ["OPENCV_FOR_THREADS_NUM"] = env
+
+
+class SampleLoader(DataLoader):
+    """A `DataLoader` whose worker processes run OpenCV on one thread each (and set up glibc's allocator with
+    `data_worker_init` unless another `worker_init_fn` is given).
+
+    OpenCV's default pool has one thread per core in every process: with a worker per core, the warps of each item
+    fan out over threads that wait on one another. Measured on the synthetic set (`configs/base.yaml`, 2 workers,
+    2 cores): 70 -> 60 ms of worker CPU per sample. With no workers, the loading process keeps its own setting.
+    """
+
+    def __init__(self, dataset: Dataset, **kwargs):
+        if kwargs.get("num_workers", 0) and kwargs.get("worker_init_fn") is None:
+            kwargs["worker_init_fn"] = data_worker_init
+        super().__init__(dataset, **kwargs)
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        with _single_threaded_opencv():  # the workers start in here (every epoch: they are not persistent)
+            return super().__iter__()
 
 
 class EpochSampler(Sampler[int]):
@@ -81,9 +123,8 @@ class EpochSampler(Sampler[int]):
 def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, workers: int) -> DataLoader:
     """A `DataLoader` of `Batch`es (`collate_samples`) of `batch_size` samples drawn in `sampler`'s order, with
     `workers` worker processes (0: in this process); pinned memory when CUDA is available."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_samples,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=data_worker_init if workers else None)
+    return SampleLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_samples, persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
 class SequenceSampler(Sampler[int]):
