@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from perception.data.shm_pool import Pooled, pack, unpack
+
 MODALITIES: tuple[str, ...] = ("camera", "lidar", "radar")
 # Pickling a Batch (a DataLoader worker sending it to the main process) sends CPU tensors up to this size inline,
 # as bytes: each tensor torch shares by memory costs a shared-memory segment and a file descriptor passed over a
@@ -22,7 +24,13 @@ INLINE_PICKLE_BYTES = 64 * 1024
 
 
 def _rebuild_batch(values: dict[str, Any]) -> "Batch":
-    return Batch(**{k: torch.from_numpy(v) if isinstance(v, _Inline) else v for k, v in values.items()})
+    def rebuild(v):
+        if isinstance(v, _Inline):
+            return torch.from_numpy(v)
+        if isinstance(v, Pooled):
+            return unpack(v)
+        return v
+    return Batch(**{k: rebuild(v) for k, v in values.items()})
 
 
 class _Inline(np.ndarray):
@@ -86,7 +94,8 @@ class Batch:
             v = getattr(self, f.name)
             small = (isinstance(v, Tensor) and v.device.type == "cpu" and v.dtype != torch.bfloat16
                      and not v.requires_grad and v.numel() * v.element_size() <= INLINE_PICKLE_BYTES)
-            values[f.name] = v.numpy().copy().view(_Inline) if small else v
+            pooled = pack(v)  # a tensor in a worker's reused shared memory: sent by reference
+            values[f.name] = pooled or (v.numpy().copy().view(_Inline) if small else v)
         return _rebuild_batch, (values,)
 
     @property

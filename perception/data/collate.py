@@ -3,8 +3,9 @@
 Point clouds and boxes are concatenated along the first axis and their per-sample counts kept, so empty point
 clouds and scenes without boxes need no padding or special case. Map masks become float32 {0, 1}.
 
-In a DataLoader worker the large outputs (images, point clouds) are written straight into shared memory, as
-torch's `default_collate` does, so sending the batch to the main process copies nothing more.
+In a DataLoader worker the large outputs (images, point clouds, map masks) are written straight into shared memory
+that the worker reuses from batch to batch (`perception.data.shm_pool`); the main process copies them out when it
+receives the batch.
 """
 
 from __future__ import annotations
@@ -14,21 +15,22 @@ from typing import Sequence
 import torch
 from torch.utils.data import get_worker_info
 
-from perception.data.batch import Batch
+from perception.data.batch import INLINE_PICKLE_BYTES, Batch
 from perception.data.dataset import Sample
+from perception.data.shm_pool import worker_pool
 
 
 def _cat(tensors: Sequence[torch.Tensor], stack: bool) -> torch.Tensor:
-    """torch.stack (`stack`) or torch.cat along dim 0, into a shared-memory tensor inside a DataLoader worker."""
-    if get_worker_info() is None:
-        return torch.stack(list(tensors)) if stack else torch.cat(list(tensors), 0)
+    """torch.stack (`stack`) or torch.cat along dim 0; inside a DataLoader worker, a result larger than what a Batch
+    pickles inline goes into the worker's shared pool."""
     first = tensors[0]
     shape = (len(tensors), *first.shape) if stack else (sum(t.shape[0] for t in tensors), *first.shape[1:])
     numel = 1
     for n in shape:
         numel *= n
-    storage = first.untyped_storage()._new_shared(numel * first.element_size())
-    out = first.new_empty(0).set_(storage).view(-1)[:numel].view(shape)
+    if get_worker_info() is None or numel * first.element_size() <= INLINE_PICKLE_BYTES:
+        return torch.stack(list(tensors)) if stack else torch.cat(list(tensors), 0)
+    out = worker_pool().empty(shape, first.dtype)
     return torch.stack(list(tensors), out=out) if stack else torch.cat(list(tensors), 0, out=out)
 
 
@@ -58,7 +60,7 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
         labels=torch.cat([s.labels for s in samples], 0),
         attributes=torch.cat([s.attributes for s in samples], 0),
         num_boxes=torch.tensor([len(s.boxes_lidar) for s in samples], dtype=torch.int64),
-        map_masks=torch.stack([s.map_masks for s in samples]).to(torch.float32),
+        map_masks=_cat([s.map_masks.to(torch.float32) for s in samples], stack=True),
         scene_tags=torch.stack([s.scene_tags for s in samples]),
         modality_mask=torch.tensor([[True, True, s.has_radar] for s in samples], dtype=torch.bool),
         has_map=torch.tensor([s.has_map for s in samples], dtype=torch.bool),
