@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from perception.data.loading import MAX_ABS_COORD_M, read_jpeg, read_lidar_bin, read_radar_pcd
+from perception.data.loading import MAX_ABS_COORD_M, read_jpeg, read_lidar_bin, read_radar_pcd, read_radar_pcds
 from perception.errors import ConfigError, DataError, PerceptionError
+from perception.structures import RADAR_CHANNELS
 
 FUZZ_CASES = 150  # per binary reader
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +99,33 @@ def test_fuzz_radar_reader(synth_root, tmp_path):
         with pytest.raises(DataError):
             read_radar_pcd(path, "tok")
         cases += 1
+        # Read together with good files (as a sample's ~30 sweeps are), the error names the bad file.
+        good = [_keyframe(synth_root, ch) for ch in ("RADAR_FRONT", "RADAR_BACK_LEFT")]
+        with pytest.raises(DataError) as err:
+            read_radar_pcds([good[0], path, good[1]], "tok")
+        assert str(path) in str(err.value) and str(good[0]) not in str(err.value)
     assert cases >= FUZZ_CASES
+
+
+def test_radar_files_read_together_equal_the_devkit_reading_each(synth_root, tmp_path):
+    from nuscenes.utils.data_classes import RadarPointCloud
+
+    paths = [_keyframe(synth_root, ch) for ch in RADAR_CHANNELS]
+    empty = tmp_path / "empty.pcd"  # the nuScenes empty-sweep marker: one record with NaN coordinates
+    raw = paths[0].read_bytes()
+    header_end = raw.index(b"DATA binary\n") + len(b"DATA binary\n")
+    width = int(raw.decode("latin-1").split("WIDTH ")[1].split("\n")[0])
+    marker = bytearray(raw[header_end:header_end + 43])
+    marker[0:12] = np.full(3, np.nan, np.float32).tobytes()
+    header = raw[:header_end].decode().replace(f"WIDTH {width}\n", "WIDTH 1\n").replace(f"POINTS {width}\n", "POINTS 1\n")
+    empty.write_bytes(header.encode() + bytes(marker) + raw[header_end + width * 43:])  # (the file's tail, as nuScenes')
+    paths = [paths[0], empty, *paths[1:]]
+    together, counts = read_radar_pcds(paths, "tok", columns=("x", "y", "vx_comp", "rcs"))
+    # The devkit reads each file alone with its default filters (fields: x y z dyn_prop id rcs vx vy vx_comp ...).
+    alone = [RadarPointCloud.from_file(str(p)).points[[0, 1, 8, 5]].T.astype(np.float32) for p in paths]
+    assert counts.tolist() == [len(a) for a in alone] and counts[1] == 0 and counts.sum() > 0
+    np.testing.assert_array_equal(together, np.concatenate(alone))
+    assert read_radar_pcds([], "tok")[0].shape == (0, 18)
 
 
 def test_fuzz_jpeg_reader(synth_root, tmp_path):

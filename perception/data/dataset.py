@@ -33,7 +33,7 @@ from perception.data.loading import (
     pose_matrix,
     read_jpeg,
     read_lidar_bin,
-    read_radar_pcd,
+    read_radar_pcds,
 )
 from perception.data.map_raster import MapRasterizer
 from perception.data.transforms import (
@@ -556,21 +556,23 @@ class NuScenesDataset(Dataset):
         filters."""
         idx, tok = self.index, str(self.index.tokens[i])
         files = range(idx.radar_offsets[i], idx.radar_offsets[i + 1])
-        d = self.config.min_distance
-        raws = []
-        for k in files:
-            raw = read_radar_pcd(self._path(idx.radar_paths[k]), tok, columns=_RADAR_COLUMNS)
-            raws.append(raw[~((np.abs(raw[:, 0]) < d) & (np.abs(raw[:, 1]) < d))])
-        out = np.empty((sum(len(raw) for raw in raws), 7), np.float32)
+        raw, counts = read_radar_pcds([self._path(idx.radar_paths[k]) for k in files], tok, columns=_RADAR_COLUMNS)
+        d = self.config.min_distance  # each return in its own sensor frame, as the devkit filters
+        keep = ~((np.abs(raw[:, 0]) < d) & (np.abs(raw[:, 1]) < d))
+        if not keep.all():
+            kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+            counts = np.diff(kept_before[np.concatenate([[0], np.cumsum(counts)])])
+            raw = np.compress(keep, raw, axis=0)
+        out = np.empty((len(raw), 7), np.float32)
         a = 0
-        for k, raw in zip(files, raws):
+        for k, n in zip(files, counts.tolist()):
             T = idx.radar_sweep2lidar[k] if lidar_aug is None else lidar_aug @ idx.radar_sweep2lidar[k]
             # One product per file maps (x, y, z, rcs, vx_comp, vy_comp) to the 7 output columns, dt by the offset.
             M, b = point_affine(T, 7, velocity_col=4)
             b[6] = idx.radar_dt[k]
-            np.matmul(raw, M[:6], out=out[a:a + len(raw)])
-            out[a:a + len(raw)] += b
-            a += len(raw)
+            np.matmul(raw[a:a + n], M[:6], out=out[a:a + n])
+            out[a:a + n] += b
+            a += n
         return out
 
     def load_images(self, i: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -595,7 +597,7 @@ class NuScenesDataset(Dataset):
                 img = read_jpeg(path, tok, rgb=False)
                 aug, _ = sample_image_aug(rng, (img.shape[1], img.shape[0]), cfg)
             out = warp_image(img, aug @ np.linalg.inv(reduced_decode_matrix(f)), cfg.final_hw)
-            images[c, 2], images[c, 1], images[c, 0] = cv2.split(out)  # BGR (libjpeg's order) -> RGB planes
+            cv2.split(out, [images[c, 2], images[c, 1], images[c, 0]])  # BGR (libjpeg's order) into RGB planes
             img_aug[c] = aug
             cam2img[c] = aug @ idx.cam_intrinsics[i, c]
         return images, cam2img, img_aug
