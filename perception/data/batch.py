@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from perception.data.shm_pool import Pooled, pack, unpack
+from perception.data.shm_pool import INLINE_PICKLE_BYTES, Pooled, pack, unpack
 
 MODALITIES: tuple[str, ...] = ("camera", "lidar", "radar")
-# Pickling a Batch (a DataLoader worker sending it to the main process) sends CPU tensors up to this size inline,
-# as bytes: each tensor torch shares by memory costs a shared-memory segment and a file descriptor passed over a
-# socket (~0.3 ms per tensor on both ends), far more than copying a few KB.
-INLINE_PICKLE_BYTES = 64 * 1024
+# Pickling a Batch (a DataLoader worker sending it to the main process) sends CPU tensors up to
+# INLINE_PICKLE_BYTES inline, as bytes: each tensor torch shares by memory costs a shared-memory segment and a file
+# descriptor passed over a socket (~0.3 ms per tensor on both ends), far more than copying a few KB. Larger ones
+# from a worker's pool go by reference (`perception.data.shm_pool`).
 
 
 def _rebuild_batch(values: dict[str, Any]) -> "Batch":

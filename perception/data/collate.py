@@ -30,7 +30,10 @@ def _cat(tensors: Sequence[torch.Tensor], stack: bool) -> torch.Tensor:
         numel *= n
     if get_worker_info() is None or numel * first.element_size() <= INLINE_PICKLE_BYTES:
         return torch.stack(list(tensors)) if stack else torch.cat(list(tensors), 0)
-    out = worker_pool().empty(shape, first.dtype)
+    pool = worker_pool()
+    if len(tensors) == 1 and pool.holds(first):  # one item that was written into the pool (`output_array`)
+        return first.unsqueeze(0) if stack else first
+    out = pool.empty(shape, first.dtype)
     return torch.stack(list(tensors), out=out) if stack else torch.cat(list(tensors), 0, out=out)
 
 

@@ -36,6 +36,7 @@ from perception.data.loading import (
     read_radar_pcds,
 )
 from perception.data.map_raster import MapRasterizer
+from perception.data.shm_pool import output_array
 from perception.data.transforms import (
     BEVAugConfig,
     ImageAugConfig,
@@ -535,7 +536,7 @@ class NuScenesDataset(Dataset):
         d = self.config.min_distance  # applied in each sweep's own sensor frame, as the devkit does
         keeps = [~((np.abs(raw[:, 0]) < d) & (np.abs(raw[:, 1]) < d)) for raw in raws]
         counts = [int(keep.sum()) for keep in keeps]
-        out = np.empty((sum(counts), 5), np.float32)  # written once: no concatenation, no final compaction
+        out = output_array((sum(counts), 5), np.float32)  # written once: no concatenation, no final compaction
         a = 0
         for k, raw, keep, n in zip(sweeps, raws, keeps, counts):
             src = raw if n == len(raw) else np.compress(keep, raw, axis=0)
@@ -582,7 +583,7 @@ class NuScenesDataset(Dataset):
         """
         idx, tok, cfg = self.index, str(self.index.tokens[i]), self.config.image
         H, W = cfg.final_hw
-        images = np.empty((len(CAMERA_CHANNELS), 3, H, W), np.uint8)
+        images = output_array((len(CAMERA_CHANNELS), 3, H, W), np.uint8)
         cam2img = np.empty((len(CAMERA_CHANNELS), 3, 3))
         img_aug = np.empty((len(CAMERA_CHANNELS), 3, 3))
         for c in range(len(CAMERA_CHANNELS)):

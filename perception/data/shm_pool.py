@@ -22,9 +22,13 @@ import os
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import get_worker_info
 
+# Tensors up to this size are pickled inline (as bytes) rather than shared: see `perception.data.batch`.
+INLINE_PICKLE_BYTES = 64 * 1024
 MAX_SEGMENTS = 32  # a cap, not an allocation: a worker keeps as many as are busy at once (in flight + held)
 _FLAG_BYTES = 8  # one int64; data capacity is kept a multiple of 8 so the flag is aligned
 _HEADROOM = 1.25  # a new segment holds this much more than asked, so that the next, slightly larger cloud fits
@@ -47,6 +51,7 @@ class Pooled:
 class _Segment:
     def __init__(self, key: tuple[int, int, int], capacity: int):
         self.key, self.capacity, self.sent = key, capacity, False
+        self.handed = False  # packed for the receiver: from then on only the receiver frees it
         self.storage = torch.UntypedStorage._new_shared(capacity + _FLAG_BYTES)
         self.flag = _flag_view(self.storage, capacity)
         self.flag.zero_()
@@ -99,16 +104,38 @@ class SharedPool:
             self.segments[seg.storage.data_ptr()] = seg
             self.allocated += 1
         seg.flag.fill_(1)
+        seg.handed = False
         return torch.empty(0, dtype=dtype).set_(seg.storage, 0, shape)
+
+    def array(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """`empty` as a numpy array, for a dataset item to write its output straight into shared memory. The
+        segment is freed again when the array and every view of it are gone in this process, unless it was
+        packed for the receiver first (a batch of one item, sent as it is: then the receiver frees it)."""
+        t = self.empty(shape, torch.from_numpy(np.empty(0, dtype)).dtype)
+        array = t.numpy()
+        seg = self.segments.get(t.untyped_storage().data_ptr())
+        if seg is not None:
+            weakref.finalize(array, _free_unless_handed, seg)
+        return array
+
+    def holds(self, t: Tensor) -> bool:
+        """`t` starts at the beginning of one of this pool's kept segments and is contiguous (`pack` sends it)."""
+        return (t.untyped_storage().data_ptr() in self.segments and t.storage_offset() == 0
+                and t.is_contiguous())
 
     def pack(self, t: Tensor) -> Pooled | None:
         """`t` as a `Pooled` if it is a whole-segment-prefix tensor of one of this pool's kept segments."""
-        seg = self.segments.get(t.untyped_storage().data_ptr())
-        if seg is None or t.storage_offset() != 0 or not t.is_contiguous():
+        if not self.holds(t):
             return None
-        first, seg.sent = not seg.sent, True
+        seg = self.segments[t.untyped_storage().data_ptr()]
+        first, seg.sent, seg.handed = not seg.sent, True, True
         dropped, self._dropped = tuple(self._dropped), []
         return Pooled(seg.key, seg.storage if first else None, t.dtype, tuple(t.shape), seg.capacity, dropped)
+
+
+def _free_unless_handed(seg: _Segment) -> None:
+    if not seg.handed:
+        seg.flag.zero_()
 
 
 _POOL: SharedPool | None = None
@@ -121,6 +148,17 @@ def worker_pool() -> SharedPool:
     if _POOL is None or _POOL_PID != os.getpid():
         _POOL, _POOL_PID = SharedPool(), os.getpid()
     return _POOL
+
+
+def output_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised numpy array for a dataset item's large output: in a DataLoader worker (and larger than
+    `INLINE_PICKLE_BYTES`) in the worker's pool, so that a batch of one item reaches the main process with no copy;
+    elsewhere ordinary memory."""
+    dtype = np.dtype(dtype)
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if get_worker_info() is None or nbytes <= INLINE_PICKLE_BYTES:
+        return np.empty(shape, dtype)
+    return worker_pool().array(tuple(shape), dtype)
 
 
 def pack(t: Tensor) -> Pooled | None:
