@@ -107,7 +107,12 @@ def _budget_worker(rank: int, world: int, port: int, data: str, work_dir: str, o
         time.time = lambda: t0 + 4.0 * (real() - t0)
     cfg = load_config(TINY, FAST + ["train.val_every=2", "train.ema_decay=0.9", "train.max_steps=30",
                                     "train.checkpoint_every=1000", "train.dist_timeout_min=2"])
-    trainer = Trainer(cfg, RunSpec(data=Path(data), work_dir=Path(work_dir), time_budget_s=5.0, device="cpu", progress=False))
+    # "fixed": a length far beyond what 5 s allows, so the budget (rank 0's clock) always ends the run.
+    # "adaptive": the budget alone, the length estimated from rank 0's step rate and broadcast (a run that keeps
+    # its pace then ends on its last step a moment before the budget, or the budget ends it).
+    fixed = os.environ["BUDGET_TEST_LENGTH"] == "fixed"
+    trainer = Trainer(cfg, RunSpec(data=Path(data), work_dir=Path(work_dir), max_steps=1000 if fixed else None,
+                                   time_budget_s=5.0, device="cpu", progress=False))
     validated = []
     validate = trainer.validate
     trainer.validate = lambda: validated.append(trainer.step) or validate()
@@ -119,12 +124,16 @@ def _budget_worker(rank: int, world: int, port: int, data: str, work_dir: str, o
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_share_rank0s_time_budget_validations_and_ema(synth_root, tmp_path):
+@pytest.mark.parametrize("length", ["fixed", "adaptive"])
+def test_two_gloo_processes_share_rank0s_time_budget_validations_and_ema(synth_root, tmp_path, monkeypatch, length):
     """Rank 1's clock is skewed: every rank still stops at rank 0's step, validates at the same steps (no
     hang in a collective entered alone) and averages the same EMA (initialised from rank 0's broadcast weights)."""
+    monkeypatch.setenv("BUDGET_TEST_LENGTH", length)  # read by the spawned ranks
     _run_two_ranks(_budget_worker, synth_root, tmp_path, "a rank waits in a collective alone")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    assert r0["stopped_early"] and r1["stopped_early"]
+    assert r0["stopped_early"] == r1["stopped_early"]
+    if length == "fixed":
+        assert r0["stopped_early"] and r0["total_steps"] == 1000
     assert (r0["step"], r0["total_steps"], r0["validated"]) == (r1["step"], r1["total_steps"], r1["validated"])
     assert r0["validated"][-1] == r0["step"] and len(r0["validated"]) >= 2  # periodic validation(s), then the final one
     for k, v in r0["ema"].items():
