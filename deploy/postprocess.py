@@ -8,11 +8,14 @@ the sigmoid of their logits: exactly what `BEVFusionModel.predict` does after it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import asdict
+from typing import Any, Mapping, Sequence
 
 import torch
+from torch import Tensor
 
 from perception.model.bevfusion import DecodeSettings, Prediction, outputs_to_predictions
+from perception.model.lidar_velocity import LidarVelocityConfig
 from perception.model.heads import CIRCLE_NMS_RADIUS_M
 from perception.structures import BEVGrid
 
@@ -27,12 +30,16 @@ class PostprocessSpec:
     def to_json(self) -> dict[str, Any]:
         return {"top_k": self.decode.top_k, "score_threshold": self.decode.score_threshold,
                 "max_detections": self.decode.max_detections, "circle_nms_radius_m": dict(CIRCLE_NMS_RADIUS_M),
+                "lidar_velocity": None if self.decode.lidar_velocity is None else asdict(self.decode.lidar_velocity),
                 "peaks": "3x3 max-pool on sigmoid(heatmap)", "boxes": "Boxes3D layout in LIDAR_TOP: x, y, z, w, l, h, yaw, vx, vy"}
 
     @staticmethod
     def from_json(d: Mapping[str, Any], grid: BEVGrid) -> "PostprocessSpec":
+        lv = d.get("lidar_velocity")  # (absent in manifests written before the option)
+        lidar_velocity = None if lv is None else LidarVelocityConfig(**{**lv, "classes": tuple(lv["classes"])})
         return PostprocessSpec(grid=grid, decode=DecodeSettings(top_k=int(d["top_k"]), score_threshold=float(d["score_threshold"]),
-                                                                max_detections=int(d["max_detections"])))
+                                                                max_detections=int(d["max_detections"]),
+                                                                lidar_velocity=lidar_velocity))
 
 
 class Postprocessor:
@@ -42,6 +49,8 @@ class Postprocessor:
         self.spec = spec
 
     @torch.no_grad()
-    def __call__(self, outputs: Mapping[str, Any]) -> list[Prediction]:
+    def __call__(self, outputs: Mapping[str, Any], points_lidar: Sequence[Tensor | None] | None = None
+                 ) -> list[Prediction]:
+        """`points_lidar`: per sample, its LiDAR points or None (see `outputs_to_predictions`)."""
         out = {k: torch.as_tensor(v).float() for k, v in outputs.items()}
-        return outputs_to_predictions(out, self.spec.grid, self.spec.decode)
+        return outputs_to_predictions(out, self.spec.grid, self.spec.decode, points_lidar)

@@ -34,7 +34,7 @@ from deploy.tensorrt import TensorRTExecutor
 from perception.data.batch import Batch
 from perception.errors import PerceptionError
 from perception.evaluation import evaluate_predictor, write_metrics
-from perception.model.bevfusion import Prediction
+from perception.model.bevfusion import Prediction, lidar_points_per_sample
 from perception.model.preprocess import Preprocessor
 from perception.model.temporal import History, TemporalState
 
@@ -167,7 +167,7 @@ class Runner:
         out = self.infer(inputs)
         if self.temporal and state is not None:
             state.update(batch.meta, out["bev"])
-        return self.postprocessor(out)
+        return self.postprocessor(out, lidar_points_per_sample(batch))
 
 
 def _resolve_export(path: Path, suffixes: tuple[str, ...]) -> tuple[Manifest, Path | None]:

@@ -206,6 +206,7 @@ def eval_cmd(
     batch_size: int = typer.Option(2, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),
     info: Optional[Path] = typer.Option(None, "--info", help=INFO_HELP + "; the ground truth still comes from the --data tables, which must hold every sample."),
+    lidar_velocity: Optional[bool] = typer.Option(None, "--lidar-velocity/--head-velocity", help="Box velocities measured from the LiDAR sweeps' motion blur, or the head's (default: as the checkpoint's model.heads.lidar_velocity; torch backend)."),
 ) -> None:
     """Official nuScenes metrics (the devkit's DetectionEval), map segmentation IoU and scene-tag mAP."""
     from perception.evaluation import evaluate_checkpoint, evaluate_results_file, format_metrics
@@ -220,7 +221,9 @@ def eval_cmd(
         common = dict(device=device, modalities=_parse_modalities(modalities), batch_size=batch_size, workers=workers,
                       info=info)
         if backend == "torch":
-            metrics = evaluate_checkpoint(checkpoint, data, version, split, out, **common)
+            metrics = evaluate_checkpoint(checkpoint, data, version, split, out, lidar_velocity=lidar_velocity, **common)
+        elif lidar_velocity is not None:
+            raise typer.BadParameter("--lidar-velocity/--head-velocity: an export keeps the setting it was exported with")
         else:  # lazy: deploy (onnx, onnxruntime, modelopt) is loaded only for exports
             from deploy.runners import evaluate_export
 
@@ -241,6 +244,7 @@ def track_cmd(
     min_score: float = typer.Option(0.0, "--min-score", min=0.0, help="Detections below this score are not tracked."),
     device: Optional[str] = typer.Option(None, "--device"),
     workers: int = typer.Option(2, "--workers", min=0),
+    lidar_velocity: Optional[bool] = typer.Option(None, "--lidar-velocity/--head-velocity", help="With --checkpoint: box velocities from the LiDAR sweeps or the head (default: as the checkpoint says)."),
 ) -> None:
     """3D multi-object tracking (CenterPoint's greedy association with predicted velocities), scored by the
     devkit's TrackingEval (AMOTA, AMOTP, recall, MOTA, IDS, per class)."""
@@ -250,7 +254,8 @@ def track_cmd(
     if (checkpoint is None) == (results is None):
         raise typer.BadParameter("give exactly one of --checkpoint and --results")
     if checkpoint is not None:
-        evaluate_checkpoint(checkpoint, data, version, split, out / "detection", device=device, workers=workers)
+        evaluate_checkpoint(checkpoint, data, version, split, out / "detection", device=device, workers=workers,
+                            lidar_velocity=lidar_velocity)
         results = out / "detection" / "submission.json"
     m = run_tracking(results, data, version, split, out, TrackerSettings(max_age=max_age, min_score=min_score))
     typer.echo(format_tracking(m))

@@ -210,6 +210,8 @@ class HeadsConfig(_Section):
     top_k: int = Field(100, ge=1, description="Peaks kept per sample before NMS.")
     score_threshold: float = Field(0.1, ge=0.0, le=1.0)
     max_detections: int = Field(100, ge=1, description="Boxes kept per sample after NMS.")
+    lidar_velocity: bool = Field(False, description="Replace box velocities by ones measured from the motion blur "
+                                 "of the LiDAR sweeps (`perception.model.lidar_velocity`), where LiDAR is present.")
     map_grid: Optional[GridConfig] = Field(
         None, description="Grid of the map segmentation output, bilinearly sampled from the BEV features (None: "
                           "the BEV grid). The data pipeline must rasterise `map_masks` on the same grid.")

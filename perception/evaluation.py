@@ -53,6 +53,7 @@ from perception.data.mmdet3d_info import info_sample_tokens
 from perception.data.submission import submission_entries, write_submission
 from perception.distributed import pick_device
 from perception.errors import DataError, PerceptionError
+from perception.model.lidar_velocity import LidarVelocityConfig
 from perception.model.temporal import TemporalState
 from perception.progress import progress_bar
 from perception.structures import (ATTRIBUTES, BEVFUSION_MAP_GRID, CLASS_ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES,
@@ -738,12 +739,18 @@ def evaluate_predictor(predictor, cfg, dataroot: str | Path, version: str, split
 
 def evaluate_checkpoint(checkpoint: str | Path, dataroot: str | Path, version: str, split: str | None, out: str | Path, *,
                         device: str | None = None, modalities: Sequence[bool] | None = None, batch_size: int = 2,
-                        workers: int = 0, progress: bool = True, info: str | Path | None = None) -> dict:
+                        workers: int = 0, progress: bool = True, info: str | Path | None = None,
+                        lidar_velocity: bool | None = None) -> dict:
     """`perception eval --checkpoint CKPT.pt`: evaluate a training checkpoint with the torch model (exports are
     evaluated by `deploy.runners.evaluate_export` with the same metrics).
-    `info`: evaluate the samples of this mmdet3d v2 info file instead (`split` None); see the module docstring."""
+    `info`: evaluate the samples of this mmdet3d v2 info file instead (`split` None); see the module docstring.
+    `lidar_velocity`: measure box velocities from the LiDAR sweeps (True) or take the head's (False) whatever the
+    checkpoint's `model.heads.lidar_velocity` says (None: as it says)."""
     dev = pick_device(device)
     loaded = model_from_checkpoint(checkpoint, device=dev)
+    if lidar_velocity is not None:
+        loaded.model.decode = replace(loaded.model.decode,
+                                      lidar_velocity=LidarVelocityConfig() if lidar_velocity else None)
     return evaluate_predictor(loaded.model, loaded.config, dataroot, version, split, out, device=dev,
                               modalities=modalities, batch_size=batch_size, workers=workers, progress=progress,
                               info=info)

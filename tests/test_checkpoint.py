@@ -56,6 +56,17 @@ def test_checkpoint_evaluates_after_its_pretrained_file_is_deleted(synth_root, t
     metrics = evaluate_checkpoint(last, synth_root, "v1.0-mini", "mini_val", tmp_path / "eval", device="cpu", progress=False)
     assert 0.0 <= metrics["nds"] <= 1.0 and metrics["num_samples"] == 6
 
+    # `--lidar-velocity` on a checkpoint trained without it: every sample's boxes go through the measurement
+    import perception.model.bevfusion as bevfusion
+
+    calls = []
+    real = bevfusion.refine_velocities
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bevfusion, "refine_velocities", lambda *a: calls.append(1) or real(*a))
+        evaluate_checkpoint(last, synth_root, "v1.0-mini", "mini_val", tmp_path / "eval_lv", device="cpu",
+                            progress=False, lidar_velocity=True)
+    assert len(calls) == 6
+
     ckpt = load_checkpoint(last)
     assert ckpt["config"]["model"]["camera"]["pretrained"] is None
     assert ckpt["provenance"] == {"model.camera.pretrained": "vit", "model.camera.pretrained_sha256": vit_sha}

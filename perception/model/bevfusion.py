@@ -14,6 +14,7 @@ Three layers, kept apart, each one implementation shared by training, evaluation
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from perception.data.batch import MODALITIES, Batch
 from perception.errors import ConfigError
 from perception.model.camera import CameraEncoder
 from perception.model.decoder import BEVDecoder
+from perception.model.lidar_velocity import LidarVelocityConfig, refine_velocities
 from perception.model.heads import (
     REGRESSION_COLUMNS, BEVHeads, DetectionTargets, build_detection_targets, decode_detections, gather_regression,
 )
@@ -63,11 +65,14 @@ class Prediction:
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """Detection post-processing: peaks kept before NMS, score threshold, boxes kept after NMS (per sample)."""
+    """Detection post-processing: peaks kept before NMS, score threshold, boxes kept after NMS (per sample), and
+    whether box velocities are measured from the LiDAR sweeps (`perception.model.lidar_velocity`; None: the
+    head's)."""
 
     top_k: int = 100
     score_threshold: float = 0.1
     max_detections: int = 100
+    lidar_velocity: LidarVelocityConfig | None = None
 
 
 class BEVFusionModel(nn.Module):
@@ -319,7 +324,7 @@ class BEVFusionModel(nn.Module):
         history from `state` and leaves this batch's fused BEV in it (no state: no history)."""
         out = self(*self.prepare(batch).as_args(), self.history(batch, state))
         self._remember(batch, out, state)
-        return outputs_to_predictions(out, self.grid, self.decode)
+        return outputs_to_predictions(out, self.grid, self.decode, lidar_points_per_sample(batch))
 
     @torch.no_grad()
     def predict_many(self, batches: list[Batch], states: list[TemporalState | None] | None = None) -> list[list[Prediction]]:
@@ -345,23 +350,36 @@ class BEVFusionModel(nn.Module):
             heads = self.fuse_heads(camera_bev, features[keys[1]], features[keys[2]], inputs.modality_mask,
                                     self.history(batch, state))
             self._remember(batch, heads, state)
-            out.append(outputs_to_predictions(heads, self.grid, self.decode))
+            out.append(outputs_to_predictions(heads, self.grid, self.decode, lidar_points_per_sample(batch)))
         return out
 
 
-def outputs_to_predictions(out: dict[str, Tensor], grid: BEVGrid, decode: DecodeSettings) -> list[Prediction]:
+def outputs_to_predictions(out: dict[str, Tensor], grid: BEVGrid, decode: DecodeSettings,
+                           points_lidar: Sequence[Tensor | None] | None = None) -> list[Prediction]:
     """Post-processing shared by `BEVFusionModel.predict` and every deploy runner: the core's output tensors
     (batch first) -> one `Prediction` per sample (detections decoded by top-k and per-class NMS, map and scene
-    probabilities)."""
+    probabilities).
+
+    points_lidar: per sample, its (N, 5) LiDAR points (`Batch.points_lidar` layout) or None where LiDAR is missing;
+        used only with `decode.lidar_velocity`, which replaces box velocities measured from them."""
     detections = decode_detections(out, grid, top_k=decode.top_k, score_threshold=decode.score_threshold,
                                    max_detections=decode.max_detections)
     map_probs = out["map"].sigmoid()
     scene_probs = out["scene"].sigmoid()
-    return [
-        Prediction(boxes_lidar=Boxes3D(d.boxes), scores=d.scores, labels=d.labels, attributes=d.attributes,
-                   map_probs=map_probs[i], scene_probs=scene_probs[i])
-        for i, d in enumerate(detections)
-    ]
+    preds = []
+    for i, d in enumerate(detections):
+        boxes = d.boxes
+        if decode.lidar_velocity is not None and points_lidar is not None and points_lidar[i] is not None:
+            boxes = refine_velocities(boxes, d.labels, points_lidar[i], decode.lidar_velocity)
+        preds.append(Prediction(boxes_lidar=Boxes3D(boxes), scores=d.scores, labels=d.labels,
+                                attributes=d.attributes, map_probs=map_probs[i], scene_probs=scene_probs[i]))
+    return preds
+
+
+def lidar_points_per_sample(batch: Batch) -> list[Tensor | None]:
+    """Each sample's LiDAR points, None where the modality mask says LiDAR is missing."""
+    present = batch.modality_mask[:, 1].tolist()
+    return [p if ok else None for p, ok in zip(batch.split_points("points_lidar"), present)]
 
 
 def _float32_outputs(out: dict[str, Tensor]) -> dict[str, Tensor]:

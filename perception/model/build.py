@@ -19,6 +19,7 @@ from perception.errors import ConfigError
 from perception.model.bevfusion import BEVFusionModel, DecodeSettings
 from perception.model.camera import CameraEncoder, SimpleFeaturePyramid, build_vit_backbone, load_backbone_checkpoint
 from perception.model.decoder import BEVDecoder
+from perception.model.lidar_velocity import LidarVelocityConfig
 from perception.model.heads import BEVHeads, CenterHead, MapHead, SceneHead
 from perception.model.view_transform import (
     BEVSample, BEVSampleGeometry, LiftSplat, LiftSplatGeometry, RigGeometry, ViewTransform)
@@ -109,7 +110,8 @@ def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
         camera_encoder=camera_encoder, view_transform=view_transform, lidar_encoder=lidar_encoder,
         radar_encoder=radar_encoder, fuser=fuser, bev_decoder=bev_decoder, heads=heads, grid=grid,
         loss_weights=cfg.loss,
-        decode=DecodeSettings(top_k=m.heads.top_k, score_threshold=m.heads.score_threshold, max_detections=m.heads.max_detections),
+        decode=DecodeSettings(top_k=m.heads.top_k, score_threshold=m.heads.score_threshold, max_detections=m.heads.max_detections,
+                              lidar_velocity=LidarVelocityConfig() if m.heads.lidar_velocity else None),
         modality_dropout=m.fuser.modality_dropout,
         paired_drop=tuple(tuple(name in names for name in MODALITIES) for names in m.fuser.paired_drop),
         paired_weight=m.fuser.paired_weight,

@@ -1,0 +1,111 @@
+"""Box velocities measured from the motion blur of the LiDAR sweeps (no learning): an option of the
+post-processing (`DecodeSettings.lidar_velocity`).
+
+A sample's sweeps are motion-compensated into the keyframe's LIDAR_TOP frame, so a static object's points from all
+sweeps coincide, while a moving object's are smeared along its path: the sweep taken dt seconds before the
+keyframe shows it v * dt behind. For each box, the points in a corridor along its length axis (within its width
+and height, `pad_m` beyond each end) are moved forward by v * dt for trial speeds v, and the speed at which they
+form the sharpest histogram along the axis (the sum of squared bin counts: contrast maximisation, as used for
+motion estimation from event cameras) is the estimate. The velocity points along the box's yaw (its sign comes
+from the data, so a box predicted back to front gets the right velocity).
+
+Measured on synthetic `mini_val` with the ground-truth boxes within 50 m (`benchmarks/lidar_velocity_gt.py`), mean
+error: car 0.35, bus 0.17, construction vehicle 0.13, pedestrian 0.16, motorcycle 0.12, bicycle 0.14 m/s; truck 2.9
+and trailer 3.2 m/s (a truck and its trailer move together along one corridor, and at too high a speed one's points
+land in the other's box). Boxes off by a few tenths of a metre cost more (car 1.0 m/s with `--noise`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LidarVelocityConfig:
+    """Search settings. Speeds in m/s, lengths in metres.
+
+    classes: label indices whose velocity is replaced (others keep the head's); default: every detection class
+        whose velocity the nuScenes metrics score (not barrier, traffic cone).
+    """
+
+    classes: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    max_speed: float = 16.0
+    speed_step: float = 0.25
+    bin_m: float = 0.25
+    pad_m: float = 4.0
+    min_keyframe_points: int = 3
+    min_sweeps: int = 3
+    across_margin_m: float = 0.2
+    ground_clearance_m: float = 0.3
+    top_margin_m: float = 0.2
+
+
+def lidar_box_velocity(boxes: Tensor, points: Tensor, cfg: LidarVelocityConfig = LidarVelocityConfig()
+                       ) -> tuple[Tensor, Tensor]:
+    """Velocities of `boxes` from the sweeps in `points`.
+
+    Args:
+        boxes: (K, 9) float, `Boxes3D` layout in the keyframe LIDAR_TOP frame (x, y, z centre, w, l, h, yaw, ...).
+        points: (N, 5) float, the sample's motion-compensated LiDAR sweeps in the same frame: x, y, z, intensity,
+            dt (s, >= 0; 0 for the keyframe sweep).
+
+    Returns: velocity (K, 2) float32 m/s in that frame, and valid (K,) bool: False where the box holds fewer than
+    `min_keyframe_points` keyframe points or its corridor has points from fewer than `min_sweeps` sweeps (its
+    velocity is then 0 and should not be used).
+    """
+    K = boxes.shape[0]
+    velocity = torch.zeros(K, 2, dtype=torch.float32)
+    valid = torch.zeros(K, dtype=torch.bool)
+    if K == 0 or points.shape[0] == 0:
+        return velocity, valid
+    boxes = boxes.detach().to("cpu", torch.float32)
+    points = points.detach().to("cpu", torch.float32)
+    order = torch.argsort(points[:, 0])
+    pts = points[order]
+    xs = pts[:, 0].contiguous()
+    n_speeds = int(round(2 * cfg.max_speed / cfg.speed_step)) + 1
+    speeds = torch.linspace(-cfg.max_speed, cfg.max_speed, n_speeds)
+    # Ties (e.g. every trial speed pushes the same points out) go to the slowest speed.
+    tie_break = speeds.abs() * 1e-6
+    for k in range(K):
+        x, y, z, w, l, h, yaw = boxes[k, :7].tolist()
+        reach = l / 2 + cfg.pad_m + w / 2
+        lo, hi = torch.searchsorted(xs, torch.tensor([x - reach, x + reach])).tolist()
+        p = pts[lo:hi]
+        c, s = torch.cos(torch.tensor(yaw)), torch.sin(torch.tensor(yaw))
+        dx, dy = p[:, 0] - x, p[:, 1] - y
+        along = dx * c + dy * s
+        across = -dx * s + dy * c
+        half_extent = l / 2 + cfg.pad_m
+        m = ((across.abs() < w / 2 + cfg.across_margin_m) & (along.abs() < half_extent)
+             & (p[:, 2] > z - h / 2 + cfg.ground_clearance_m) & (p[:, 2] < z + h / 2 + cfg.top_margin_m))
+        along, dt = along[m], p[m, 4]
+        keyframe = dt == 0
+        if int((keyframe & (along.abs() < l / 2)).sum()) < cfg.min_keyframe_points:
+            continue
+        if torch.unique(dt).numel() < cfg.min_sweeps:
+            continue
+        moved = along[None, :] + speeds[:, None] * dt[None, :]  # (V, M): each point at keyframe time, per speed
+        n_bins = int(2 * half_extent / cfg.bin_m) + 1
+        bins = torch.floor((moved + half_extent) / cfg.bin_m).long()
+        inside = (bins >= 0) & (bins < n_bins)
+        flat = (torch.arange(n_speeds)[:, None] * n_bins + bins.clamp(0, n_bins - 1))[inside]
+        hist = torch.zeros(n_speeds * n_bins).index_add_(0, flat, torch.ones(flat.numel()))
+        sharpness = (hist.view(n_speeds, n_bins) ** 2).sum(1)
+        v = float(speeds[int(torch.argmax(sharpness / sharpness.max().clamp_min(1) - tie_break))])
+        velocity[k] = torch.tensor([v * float(c), v * float(s)])
+        valid[k] = True
+    return velocity, valid
+
+
+def refine_velocities(boxes: Tensor, labels: Tensor, points: Tensor, cfg: LidarVelocityConfig) -> Tensor:
+    """`boxes` (K, 9) with vx, vy replaced by `lidar_box_velocity` where it is valid and the label is one of
+    `cfg.classes` (a new tensor on the boxes' device and dtype)."""
+    velocity, valid = lidar_box_velocity(boxes, points, cfg)
+    use = valid & torch.isin(labels.cpu(), torch.tensor(cfg.classes, dtype=labels.dtype))
+    out = boxes.clone()
+    out[use.to(boxes.device), 7:9] = velocity[use].to(boxes.device, boxes.dtype)
+    return out

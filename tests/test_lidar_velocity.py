@@ -1,0 +1,123 @@
+"""Box velocities from the LiDAR sweeps' motion blur (`perception.model.lidar_velocity`), against scenes built with
+a known motion."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from deploy.postprocess import PostprocessSpec
+from perception.model.bevfusion import DecodeSettings, outputs_to_predictions
+from perception.model.lidar_velocity import LidarVelocityConfig, lidar_box_velocity, refine_velocities
+from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid
+
+SWEEP_DT = np.arange(10) * 0.05  # keyframe + 9 sweeps at 20 Hz, seconds before the keyframe
+
+
+def _surface_points(rng, centre_xy, size_wlh, yaw, n):
+    """n points on the vertical faces of a box (as a LiDAR sees a vehicle), z from 0.2 m above its bottom."""
+    w, l, h = size_wlh
+    u = rng.uniform(-0.5, 0.5, n)
+    side = rng.integers(0, 4, n)
+    along = np.where(side < 2, u * l, np.where(side == 2, l / 2, -l / 2))
+    across = np.where(side < 2, np.where(side == 0, w / 2, -w / 2), u * w)
+    c, s = math.cos(yaw), math.sin(yaw)
+    x = centre_xy[0] + along * c - across * s
+    y = centre_xy[1] + along * s + across * c
+    z = rng.uniform(-h / 2 + 0.2, h / 2, n)
+    return np.stack([x, y, z], 1)
+
+
+def _scene(rng, objects):
+    """Sweeps of `objects` [(centre_xy at the keyframe, (w, l, h), yaw, velocity_xy)], with ground points."""
+    clouds = []
+    for dt in SWEEP_DT:
+        for centre, size, yaw, vel in objects:
+            then = np.asarray(centre) - np.asarray(vel) * dt  # dt seconds earlier
+            xyz = _surface_points(rng, then, size, yaw, 150)
+            clouds.append(np.c_[xyz, np.full(len(xyz), 50.0), np.full(len(xyz), dt)])
+        ground = np.c_[rng.uniform(-30, 30, (2000, 2)), np.full(2000, -1.0), np.zeros(2000), np.full(2000, dt)]
+        clouds.append(ground)
+    return torch.from_numpy(np.concatenate(clouds).astype(np.float32))
+
+
+def _boxes(objects, head_velocity=(0.0, 0.0)):
+    rows = [[*centre, 0.0, *size, yaw, *head_velocity] for centre, size, yaw, _ in objects]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_measures_moving_and_static_objects():
+    rng = np.random.default_rng(0)
+    car = ((10.0, 5.0), (1.9, 4.6, 1.6), 0.3, (7.0 * math.cos(0.3), 7.0 * math.sin(0.3)))
+    reversing = ((-8.0, 12.0), (1.9, 4.6, 1.6), 1.2, (-2.0 * math.cos(1.2), -2.0 * math.sin(1.2)))
+    parked = ((3.0, -9.0), (1.9, 4.6, 1.6), -0.7, (0.0, 0.0))
+    walker = ((-5.0, -4.0), (0.6, 0.7, 1.7), 2.0, (1.4 * math.cos(2.0), 1.4 * math.sin(2.0)))
+    objects = [car, reversing, parked, walker]
+    velocity, valid = lidar_box_velocity(_boxes(objects), _scene(rng, objects))
+    assert valid.all()
+    for (_, _, _, truth), v in zip(objects, velocity.tolist()):
+        assert math.dist(v, truth) <= 0.3, (v, truth)
+
+
+def test_a_box_turned_back_to_front_gets_the_same_velocity():
+    rng = np.random.default_rng(1)
+    car = ((12.0, -3.0), (1.9, 4.6, 1.6), 0.0, (6.0, 0.0))
+    points = _scene(rng, [car])
+    flipped = _boxes([car])
+    flipped[0, 6] = math.pi
+    velocity, _ = lidar_box_velocity(flipped, points)
+    assert velocity[0].tolist() == pytest.approx([6.0, 0.0], abs=0.3)
+
+
+def test_too_few_points_or_sweeps_is_not_valid():
+    rng = np.random.default_rng(2)
+    car = ((10.0, 5.0), (1.9, 4.6, 1.6), 0.0, (5.0, 0.0))
+    only_keyframe = _scene(rng, [car])
+    only_keyframe = only_keyframe[only_keyframe[:, 4] == 0]
+    far_away = _boxes([((40.0, 40.0), (1.9, 4.6, 1.6), 0.0, (0, 0))])
+    velocity, valid = lidar_box_velocity(torch.cat([_boxes([car]), far_away]), only_keyframe)
+    assert not valid.any() and (velocity == 0).all()
+    velocity, valid = lidar_box_velocity(torch.zeros(0, 9), only_keyframe)
+    assert velocity.shape == (0, 2) and valid.shape == (0,)
+
+
+def test_refinement_replaces_only_valid_boxes_of_scored_classes():
+    rng = np.random.default_rng(3)
+    car = ((10.0, 5.0), (1.9, 4.6, 1.6), 0.0, (5.0, 0.0))
+    cone = ((10.0, 5.0), (1.9, 4.6, 1.6), 0.0, (5.0, 0.0))  # same points, but a class whose velocity is not scored
+    nowhere = ((-40.0, -40.0), (1.9, 4.6, 1.6), 0.0, (0.0, 0.0))
+    boxes = _boxes([car, cone, nowhere], head_velocity=(-1.0, -1.0))
+    labels = torch.tensor([DETECTION_CLASSES.index(n) for n in ("car", "traffic_cone", "car")])
+    out = refine_velocities(boxes, labels, _scene(rng, [car]), LidarVelocityConfig())
+    assert out[0, 7:9].tolist() == pytest.approx([5.0, 0.0], abs=0.3)
+    assert out[1, 7:9].tolist() == [-1.0, -1.0] and out[2, 7:9].tolist() == [-1.0, -1.0]
+    assert torch.equal(out[:, :7], boxes[:, :7]) and boxes[0, 7] == -1.0  # a new tensor
+
+
+def test_post_processing_uses_the_points_only_when_enabled_and_present():
+    grid = BEVGrid()
+    h, w = grid.height, grid.width
+    out = {"heatmap": torch.full((2, len(DETECTION_CLASSES), h, w), -10.0), "offset": torch.zeros(2, 2, h, w),
+           "z": torch.zeros(2, 1, h, w), "log_size": torch.tensor([1.9, 4.6, 1.6]).log().view(1, 3, 1, 1).expand(2, 3, h, w),
+           "rot": torch.zeros(2, 2, h, w), "velocity": torch.zeros(2, 2, h, w),
+           "attribute": torch.zeros(2, len(ATTRIBUTES), h, w), "map": torch.zeros(2, len(MAP_CLASSES), h, w),
+           "scene": torch.zeros(2, len(SCENE_TAGS))}
+    out["rot"][:, 1] = 1.0  # cos(yaw) = 1, sin(yaw) = 0: yaw 0 (the head's rot layout is sin, cos)
+    row, col = grid.height // 2 + 6, grid.width // 2 + 12  # a cell centre
+    x, y = grid.x_min + (col + 0.5) * grid.cell, grid.y_min + (row + 0.5) * grid.cell
+    out["heatmap"][:, DETECTION_CLASSES.index("car"), row, col] = 5.0
+    points = _scene(np.random.default_rng(4), [((x, y), (1.9, 4.6, 1.6), 0.0, (4.0, 0.0))])
+    on = DecodeSettings(lidar_velocity=LidarVelocityConfig())
+    plain, measured = outputs_to_predictions(out, grid, on, [None, points])
+    assert len(plain.labels) == 1 and len(measured.labels) == 1
+    assert plain.boxes_lidar.tensor[0, 7:9].tolist() == [0.0, 0.0]  # no LiDAR: the head's velocity
+    assert measured.boxes_lidar.tensor[0, 7:9].tolist() == pytest.approx([4.0, 0.0], abs=0.3)
+    off = outputs_to_predictions(out, grid, DecodeSettings(), [points, points])
+    assert all(p.boxes_lidar.tensor[0, 7:9].tolist() == [0.0, 0.0] for p in off)
+    # The deploy manifest carries the option.
+    spec = PostprocessSpec(grid=grid, decode=on)
+    assert PostprocessSpec.from_json(spec.to_json(), grid) == spec
+    assert PostprocessSpec.from_json({**spec.to_json(), "lidar_velocity": None}, grid).decode.lidar_velocity is None
