@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from perception.data.loading import (
     invert_rigid,
+    kept_counts,
     pose_matrix,
     read_jpeg,
     read_lidar_bin,
@@ -561,8 +562,7 @@ class NuScenesDataset(Dataset):
         d = self.config.min_distance  # each return in its own sensor frame, as the devkit filters
         keep = ~((np.abs(raw[:, 0]) < d) & (np.abs(raw[:, 1]) < d))
         if not keep.all():
-            kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-            counts = np.diff(kept_before[np.concatenate([[0], np.cumsum(counts)])])
+            counts = kept_counts(keep, counts)
             raw = np.compress(keep, raw, axis=0)
         out = np.empty((len(raw), 7), np.float32)
         a = 0

@@ -148,6 +148,13 @@ def _radar_records(path: str | Path, token: str | None) -> np.ndarray:
     return rec
 
 
+def kept_counts(keep: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(F,) int64: how many of each consecutive group's rows `keep` (sum(counts),) bool keeps, for groups of
+    `counts` (F,) rows (the files of a concatenation)."""
+    kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    return np.diff(kept_before[np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])])
+
+
 def read_radar_pcds(
     paths: list[str | Path],
     token: str | None = None,
@@ -172,9 +179,7 @@ def read_radar_pcds(
     keep = (_state_table(invalid_states)[rec["invalid_state"].view(np.uint8)]
             & _state_table(dynprop_states)[rec["dyn_prop"].view(np.uint8)]
             & _state_table(ambig_states)[rec["ambig_state"].view(np.uint8)])
-    ends = np.cumsum([len(r) for r in records], dtype=np.int64)
-    kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-    counts = np.diff(kept_before[np.concatenate([[0], ends])])
+    counts = kept_counts(keep, np.array([len(r) for r in records], np.int64))
     rec = rec[keep]
     out = np.empty((len(rec), len(columns)), np.float32)
     for j, name in enumerate(columns):
