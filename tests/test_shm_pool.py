@@ -177,3 +177,25 @@ def test_items_written_straight_into_the_pool_arrive_intact(synth_root):
         for b, ref in zip(kept, refs, strict=True):
             assert torch.equal(b.images, ref.images) and torch.equal(b.points_lidar, ref.points_lidar)
             assert torch.equal(b.map_masks, ref.map_masks) and torch.equal(b.boxes, ref.boxes)
+
+
+def test_a_pinning_loader_pins_every_tensor_of_a_batch(sample):
+    """With `pin_memory=True` (CUDA training), the DataLoader's pinning thread pins the Batch's tensors (it leaves
+    objects of types it does not know untouched unless they have `pin_memory`). Pinning itself needs CUDA, so it
+    is recorded here instead."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = collate_samples([sample])
+    pinned_ids = []
+
+    def fake_pin(t, *args, **kwargs):
+        out = t.clone()
+        pinned_ids.append(id(out))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "pin_memory", fake_pin)
+        out = pin_memory(batch)
+    tensors = [f.name for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)]
+    assert type(out).__name__ == "Batch" and {id(getattr(out, n)) for n in tensors} <= set(pinned_ids)
+    assert all(torch.equal(getattr(out, n), getattr(batch, n)) for n in tensors) and out.meta == batch.meta

@@ -110,6 +110,16 @@ class Batch:
             values[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
         return Batch(**values)
 
+    def pin_memory(self) -> "Batch":
+        """A copy with every CPU tensor in page-locked memory, so that `to(cuda, non_blocking=True)` copies
+        asynchronously. A DataLoader with `pin_memory=True` calls this in its pinning thread (without it, torch's
+        pinning leaves objects of unknown types as they are)."""
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            values[f.name] = v.pin_memory() if isinstance(v, Tensor) and v.device.type == "cpu" else v
+        return Batch(**values)
+
     def split_points(self, name: str) -> list[Tensor]:
         """Per-sample views of `points_lidar` or `points_radar`."""
         counts = getattr(self, f"num_{name}").tolist()
