@@ -59,7 +59,7 @@ def test_measures_moving_and_static_objects():
     velocity, valid = lidar_box_velocity(_boxes(objects), _scene(rng, objects))
     assert valid.all()
     for (_, _, _, truth), v in zip(objects, velocity.tolist()):
-        assert math.dist(v, truth) <= 0.3, (v, truth)
+        assert math.dist(v, truth) <= 0.4, (v, truth)  # search grid: 0.25 m/s, 0.025 rad
 
 
 def test_a_box_turned_back_to_front_gets_the_same_velocity():
@@ -121,3 +121,18 @@ def test_post_processing_uses_the_points_only_when_enabled_and_present():
     spec = PostprocessSpec(grid=grid, decode=on)
     assert PostprocessSpec.from_json(spec.to_json(), grid) == spec
     assert PostprocessSpec.from_json({**spec.to_json(), "lidar_velocity": None}, grid).decode.lidar_velocity is None
+
+
+def test_direction_comes_from_the_points_when_the_box_yaw_is_off():
+    """A detector's yaw is off by some degrees: 0.15 rad at 8 m/s would be 1.2 m/s of error if the velocity
+    followed the box; the measured one follows the points."""
+    rng = np.random.default_rng(5)
+    motion = 0.4
+    car = ((6.0, -12.0), (1.9, 4.6, 1.6), motion, (8.0 * math.cos(motion), 8.0 * math.sin(motion)))
+    points = _scene(rng, [car])
+    box = _boxes([car])
+    box[0, 6] = motion + 0.15
+    velocity, valid = lidar_box_velocity(box, points)
+    assert valid[0] and math.dist(velocity[0].tolist(), car[3]) <= 0.4
+    along_box_only, _ = lidar_box_velocity(box, points, LidarVelocityConfig(turn_steps=0))
+    assert math.dist(along_box_only[0].tolist(), car[3]) > 1.0
