@@ -41,7 +41,6 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from perception.cache import atomic_write, cache_path, table_fingerprint
 from perception.checkpoint import model_from_checkpoint

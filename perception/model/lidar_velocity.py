@@ -86,8 +86,8 @@ def lidar_box_velocity(boxes: Tensor, points: Tensor, cfg: LidarVelocityConfig =
         along = dx * c + dy * s
         across = -dx * s + dy * c
         half_extent = l / 2 + cfg.pad_m
-        m = ((across.abs() < w / 2 + cfg.across_margin_m) & (along.abs() < half_extent)
-             & (p[:, 2] > z - h / 2 + cfg.ground_clearance_m) & (p[:, 2] < z + h / 2 + cfg.top_margin_m))
+        z_ok = (p[:, 2] > z - h / 2 + cfg.ground_clearance_m) & (p[:, 2] < z + h / 2 + cfg.top_margin_m)
+        m = (across.abs() < w / 2 + cfg.across_margin_m) & (along.abs() < half_extent) & z_ok
         along, dt = along[m], p[m, 4]
         keyframe = dt == 0
         if int((keyframe & (along.abs() < l / 2)).sum()) < cfg.min_keyframe_points:
@@ -104,7 +104,6 @@ def lidar_box_velocity(boxes: Tensor, points: Tensor, cfg: LidarVelocityConfig =
         v = float(speeds[int(torch.argmax(sharpness / sharpness.max().clamp_min(1) - tie_break))])
         heading = yaw
         if cfg.turn_steps and abs(v) > cfg.speed_step:
-            z_ok = (p[:, 2] > z - h / 2 + cfg.ground_clearance_m) & (p[:, 2] < z + h / 2 + cfg.top_margin_m)
             heading += _direction_offset(p[z_ok, :2] - torch.tensor([x, y]), p[z_ok, 4], w, l, yaw, v, cfg)
         velocity[k] = torch.tensor([v * math.cos(heading), v * math.sin(heading)])
         valid[k] = True
