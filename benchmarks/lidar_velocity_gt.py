@@ -12,6 +12,7 @@ detector might (centre and z by N(0, 0.3 m), sizes by U(0.9, 1.1), yaw by N(0, 0
 from __future__ import annotations
 
 import argparse
+import ast
 
 import numpy as np
 import torch
@@ -31,7 +32,11 @@ def main() -> None:
     ap.add_argument("--max-range", type=float, default=50.0)
     ap.add_argument("--noise", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a LidarVelocityConfig field (Python literal), e.g. --set max_reverse_speed=1.0 "
+                         "--set silhouette_classes=()")
     args = ap.parse_args()
+    cfg = LidarVelocityConfig(**{k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)})
 
     ds = build_dataset(load_config(args.config), args.data, args.version, args.split, train=False)
     rng = np.random.default_rng(args.seed)
@@ -45,7 +50,7 @@ def main() -> None:
             measured_from[:, :3] += rng.normal(0, 0.3, (n, 3))
             measured_from[:, 3:6] *= rng.uniform(0.9, 1.1, (n, 3))
             measured_from[:, 6] += rng.normal(0, 0.1, n)
-        velocity, valid = lidar_box_velocity(torch.from_numpy(measured_from), points, LidarVelocityConfig())
+        velocity, valid = lidar_box_velocity(torch.from_numpy(measured_from), points, cfg, torch.from_numpy(labels))
         for k in np.flatnonzero(np.hypot(boxes[:, 0], boxes[:, 1]) <= args.max_range):
             err = float(np.hypot(*(velocity[k].numpy() - boxes[k, 7:9])))
             rows[DETECTION_CLASSES[labels[k]]].append((err, bool(valid[k]), float(np.hypot(*boxes[k, 7:9]))))

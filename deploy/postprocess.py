@@ -36,7 +36,8 @@ class PostprocessSpec:
     @staticmethod
     def from_json(d: Mapping[str, Any], grid: BEVGrid) -> "PostprocessSpec":
         lv = d.get("lidar_velocity")  # (absent in manifests written before the option)
-        lidar_velocity = None if lv is None else LidarVelocityConfig(**{**lv, "classes": tuple(lv["classes"])})
+        lidar_velocity = None if lv is None else LidarVelocityConfig(  # fields absent from older manifests: defaults
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in lv.items()})
         return PostprocessSpec(grid=grid, decode=DecodeSettings(top_k=int(d["top_k"]), score_threshold=float(d["score_threshold"]),
                                                                 max_detections=int(d["max_detections"]),
                                                                 lidar_velocity=lidar_velocity))
