@@ -201,6 +201,8 @@ class DecoderConfig(_Section):
     channels: tuple[int, int] = (64, 128)
     layers: tuple[int, int] = (2, 2)
     out_channels: int = Field(128, ge=1)
+    position_channels: bool = Field(False, description="Append each BEV cell's grid position (two channels, "
+                                    "[-1, 1]) to the decoder's input (`BEVDecoder`).")
 
 
 class HeadsConfig(_Section):

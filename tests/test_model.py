@@ -29,6 +29,7 @@ from perception.errors import ConfigError
 from fusion.bev_pool import bev_flat_index
 from perception.model.bevfusion import BEVFusionModel, DecodeSettings, Prediction, outputs_to_predictions
 from perception.model.build import build_model
+from perception.model.decoder import BEVDecoder
 from perception.model.camera import build_vit_backbone, layer_decay_param_groups, load_backbone_checkpoint
 from perception.model.heads import (
     CIRCLE_NMS_RADIUS_M, CenterHead, build_detection_targets, circle_nms, decode_detections,
@@ -123,6 +124,31 @@ def test_empty_scene_and_empty_point_clouds(small_models, name):
             assert p.map_probs.shape == (len(MAP_CLASSES), *grid.shape)
             assert p.scene_probs.shape == (len(SCENE_TAGS),)
         model.train()
+
+
+def test_decoder_position_channels_break_translation_invariance_only_when_asked():
+    """A uniform BEV gives the same features in every interior cell of one parity (all convolutions, padding only
+    at the edges), unless the decoder appends the cells' positions; those are the column and row scaled to [-1, 1]."""
+    torch.manual_seed(0)
+    bev = torch.ones(2, 8, 32, 32)
+    for position in (False, True):
+        decoder = BEVDecoder(in_channels=8, channels=(8, 16), layers=(1, 1), out_channels=8,
+                             position_channels=position).eval()
+        assert decoder.stage1[0].in_channels == 8 + 2 * position
+        with torch.no_grad():
+            interior = decoder(bev)[:, :, 10:22:2, 10:22:2]  # one parity: the stride-2 stage repeats every 2 cells
+        spread = float((interior - interior[:, :, :1, :1]).abs().max())
+        assert (spread > 1e-3) if position else (spread < 1e-5), (position, spread)
+    seen = []
+    decoder.stage1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        decoder(torch.zeros(1, 8, 4, 6))
+    np.testing.assert_allclose(seen[0][0, 8].numpy(), np.tile(np.linspace(-1, 1, 6), (4, 1)), atol=1e-6)  # column: x
+    np.testing.assert_allclose(seen[0][0, 9].numpy(), np.tile(np.linspace(-1, 1, 4)[:, None], (1, 6)), atol=1e-6)
+    cfg = small_config("tiny", "model.decoder.position_channels=true")
+    decoder = build_model(cfg).bev_decoder
+    decoder(torch.randn(1, cfg.model.fuser.out_channels, 32, 32)).square().mean().backward()
+    assert decoder.stage1[0].weight.grad[:, -2:].abs().sum() > 0
 
 
 def test_rig_geometry_cache_hits_only_the_same_calibration(small_models):
@@ -694,12 +720,13 @@ def test_tiny_model_overfits_one_sample():
 # ----------------------------------------------------------------------------------------------- ONNX
 
 
-@pytest.mark.parametrize("kind", ["lift_splat", "bev_sample"])
+@pytest.mark.parametrize("kind", ["lift_splat", "bev_sample", "position_channels"])
 def test_onnx_export_of_the_core_matches_torch(tmp_path, kind):
     ort = pytest.importorskip("onnxruntime")
     from deploy.export import export_model
 
-    extra = [] if kind == "lift_splat" else ["model.view_transform={kind: bev_sample, z_levels: 4, out_channels: 32}", "loss.depth=0"]
+    extra = {"lift_splat": [], "position_channels": ["model.decoder.position_channels=true"],
+             "bev_sample": ["model.view_transform={kind: bev_sample, z_levels: 4, out_channels: 32}", "loss.depth=0"]}[kind]
     cfg = small_config("tiny", *extra)
     model = build_model(cfg).eval()
     grid = cfg.grid.build()
@@ -717,6 +744,11 @@ def test_onnx_export_of_the_core_matches_torch(tmp_path, kind):
     got = session.run(None, {n: t.numpy() for n, t in inputs.named().items()})
     for name, value in zip(names, got):
         np.testing.assert_allclose(value, expected[name].numpy(), rtol=1e-3, atol=1e-4, err_msg=name)
+    if kind == "position_channels":  # the other graphs are checked in test_deploy
+        from deploy.trt_compat import check_onnx
+
+        report = check_onnx(tmp_path / "core.onnx")
+        assert report.ok, report.format()
 
 
 # ----------------------------------------------------------------------------------------- model-info

@@ -98,7 +98,7 @@ def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
     fuser = BEVFuser(in_channels=(view_transform.out_channels, lidar_encoder.out_channels, radar_encoder.out_channels),
                      out_channels=m.fuser.out_channels)
     bev_decoder = BEVDecoder(in_channels=fuser.out_channels, channels=m.decoder.channels, layers=m.decoder.layers,
-                             out_channels=m.decoder.out_channels)
+                             out_channels=m.decoder.out_channels, position_channels=m.decoder.position_channels)
     map_grid = grid if m.heads.map_grid is None else m.heads.map_grid.build("model.heads.map_grid", even=False)
     heads = BEVHeads(
         detection=CenterHead(in_channels=bev_decoder.out_channels, hidden=m.heads.det_channels),
