@@ -53,8 +53,7 @@ def main() -> None:
     cfg = load_config(args.config)
     ds = build_dataset(cfg, args.data, args.version, args.split, train=False)
     grid = cfg.grid.build() if cfg.model.heads.map_grid is None else cfg.model.heads.map_grid.build("model.heads.map_grid", even=False)
-    xs = grid.x_min + (np.arange(grid.width) + 0.5) * grid.cell
-    ys = grid.y_min + (np.arange(grid.height) + 0.5) * grid.cell
+    xs, ys = grid.cell_centers()
     centres = np.stack(np.meshgrid(xs, ys, indexing="xy"), -1)  # (H, W, 2): rows along y, columns along x
     total = np.zeros(len(MAP_CLASSES))
     seen = np.zeros(len(MAP_CLASSES))

@@ -37,8 +37,8 @@ class LidarVelocityConfig:
     max_turn_rad, turn_steps: the direction of motion is searched within this angle of the box's yaw (a predicted
         yaw is off by a few degrees, and 0.1 rad at 7 m/s is already 0.7 m/s of error); 0 steps: the yaw itself.
     silhouette_classes: label indices measured from each sweep's silhouette along the box axis rather than from its
-        point counts (default none; `(1, 3)`: truck, trailer). A truck and its trailer make one long side face: its point density
-        along the axis follows the beam pattern and the occlusion edges, which move with the sensor rather than
+        point counts (default none; `(1, 3)`: truck, trailer). A truck and its trailer make one long side face: its
+        point density along the axis follows the beam pattern and the occlusion edges, which move with the sensor rather than
         the vehicle, and the counts align best at the sensor's speed or at rest. The silhouette (the bins that hold
         a point, dilated by `silhouette_dilate_m` to close the gaps between beam columns, in a corridor
         `silhouette_across_margin_m` wider than the box to tolerate a yaw error over a long body) keeps only the
