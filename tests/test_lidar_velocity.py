@@ -84,6 +84,29 @@ def test_too_few_points_or_sweeps_is_not_valid():
     assert velocity.shape == (0, 2) and valid.shape == (0,)
 
 
+def test_a_car_seen_only_from_behind_is_measured_from_a_box_a_little_off():
+    # The sensor sits behind a car in its lane, so every point lies on the rear face (as in the synthetic LiDAR).
+    # A detector's box that is 0.25 m too far forward, or 0.3 m too short, has none of those points strictly
+    # inside it; they are within `keyframe_margin_m` of its end, and the car is measured.
+    rng = np.random.default_rng(5)
+    w, l, h, speed = 1.9, 4.6, 1.6, 7.0
+    clouds = []
+    for dt in SWEEP_DT:
+        rear_x = 20.0 - speed * dt - l / 2 + 0.03
+        n = 80
+        clouds.append(np.c_[np.full(n, rear_x), rng.uniform(-w / 2, w / 2, n), rng.uniform(-h / 2 + 0.2, h / 2, n),
+                            np.full(n, 50.0), np.full(n, dt)])
+    points = torch.from_numpy(np.concatenate(clouds).astype(np.float32))
+    truth = _boxes([((20.0, 0.0), (w, l, h), 0.0, (speed, 0.0))])
+    forward, short = truth.clone(), truth.clone()
+    forward[0, 0] += 0.25
+    short[0, 4] -= 0.3
+    for boxes in (truth, forward, short):
+        velocity, valid = lidar_box_velocity(boxes, points)
+        assert bool(valid[0]) and velocity[0].tolist() == pytest.approx([speed, 0.0], abs=0.3)
+    _, valid = lidar_box_velocity(forward, points, LidarVelocityConfig(keyframe_margin_m=0.0))
+    assert not bool(valid[0])  # what the strict count did
+
 def test_refinement_replaces_only_valid_boxes_of_scored_classes():
     rng = np.random.default_rng(3)
     car = ((10.0, 5.0), (1.9, 4.6, 1.6), 0.0, (5.0, 0.0))
