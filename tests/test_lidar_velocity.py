@@ -107,6 +107,7 @@ def test_a_car_seen_only_from_behind_is_measured_from_a_box_a_little_off():
     _, valid = lidar_box_velocity(forward, points, LidarVelocityConfig(keyframe_margin_m=0.0))
     assert not bool(valid[0])  # what the strict count did
 
+
 def test_refinement_replaces_only_valid_boxes_of_scored_classes():
     rng = np.random.default_rng(3)
     car = ((10.0, 5.0), (1.9, 4.6, 1.6), 0.0, (5.0, 0.0))
