@@ -41,9 +41,9 @@ class LidarVelocityConfig:
         which lies on the box's end: a predicted box a few centimetres too far forward or too short would hold none
         (without the margin, 46% of the matched cars of a demo checkpoint were not measured).
     silhouette_classes: label indices measured from each sweep's silhouette along the box axis rather than from its
-        point counts (default `(1, 3)`: truck, trailer; `()`: none). A truck and its trailer make one long side face: its
-        point density along the axis follows the beam pattern and the occlusion edges, which move with the sensor rather than
-        the vehicle, and the counts align best at the sensor's speed or at rest. The silhouette (the bins that hold
+        point counts (default `(1, 3)`: truck, trailer; `()`: none). A truck and its trailer make one long side
+        face: its point density along the axis follows the beam pattern and the occlusion edges, which move with
+        the sensor rather than the vehicle, and the counts align best at the sensor's speed or at rest. The silhouette (the bins that hold
         a point, dilated by `silhouette_dilate_m` to close the gaps between beam columns, in a corridor
         `silhouette_across_margin_m` wider than the box to tolerate a yaw error over a long body) keeps only the
         body's ends; its contrast is normalised by the coverage, since body parts enter and leave the window.
