@@ -250,6 +250,9 @@ class LossConfig(_Section):
     attribute: float = Field(0.2, ge=0.0)
     map_focal: float = Field(1.0, ge=0.0)
     map_dice: float = Field(1.0, ge=0.0)
+    map_dice_empty: bool = Field(True, description="Average the map Dice term over every (sample, class) map (true) "
+                                 "or only over the maps with target cells (false: an empty map is left to the focal "
+                                 "term, so a class that most samples lack is not pushed to zero everywhere).")
     scene: float = Field(0.2, ge=0.0)
     depth: float = Field(0.0, ge=0.0, description="BEVDepth-style depth supervision from LiDAR (lift_splat only).")
 

@@ -104,6 +104,28 @@ def test_every_loss_runs_in_float32_under_autocast(dtype):
     assert float(depth) == pytest.approx(-math.log(1e-6) - math.log(1 - hi) - math.log1p(-1e-6), rel=1e-5)
 
 
+
+def test_dice_without_empty_maps_averages_over_the_maps_with_target_cells():
+    # Two samples x two classes of three cells; map (sample 0, class 1) has no target cell. Float64 closed form
+    # over the three maps with target cells.
+    logits = torch.tensor([[[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]], [[-0.5, 2.0, 0.0], [0.0, 1.0, -3.0]]])
+    target = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]], [[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]])
+    per_map = {}
+    for b in range(2):
+        for c in range(2):
+            probs = [_sigmoid(x) for x in logits[b, c].tolist()]
+            t = target[b, c].tolist()
+            per_map[b, c] = 1 - (2 * sum(p * q for p, q in zip(probs, t)) + 1) / (sum(probs) + sum(t) + 1)
+    got = dice_loss(logits.unsqueeze(2), target.unsqueeze(2), empty_maps=False)
+    assert float(got) == pytest.approx((per_map[0, 0] + per_map[1, 0] + per_map[1, 1]) / 3, rel=1e-6)
+    assert float(dice_loss(logits.unsqueeze(2), target.unsqueeze(2))) == pytest.approx(sum(per_map.values()) / 4, rel=1e-6)
+    # No target cell anywhere: 0, and still differentiable.
+    empty_logits = logits.clone().requires_grad_(True)
+    none = dice_loss(empty_logits.unsqueeze(2), torch.zeros_like(target).unsqueeze(2), empty_maps=False)
+    none.backward()
+    assert float(none) == 0.0 and empty_logits.grad is not None
+
+
 # --------------------------------------------------------------------------------------------- pooling
 
 

@@ -76,12 +76,21 @@ def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamm
 
 
 @_in_float32
-def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
-    """Soft Dice loss per (sample, class) map, averaged. logits, target: (B, C, H, W)."""
+def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0, empty_maps: bool = True) -> Tensor:
+    """Soft Dice loss per (sample, class) map, averaged. logits, target: (B, C, H, W).
+
+    empty_maps=False averages over the maps whose target has a positive cell only (0 when none has): a map without
+    target cells scores ``1 - eps / (sum p + eps)``, low only when its probabilities sum to well under ``eps`` over
+    the whole map, which pushes a class absent from most samples to zero everywhere.
+    """
     prob = logits.sigmoid().flatten(2)
     target = target.flatten(2)
     inter = (prob * target).sum(-1)
-    return (1 - (2 * inter + eps) / (prob.sum(-1) + target.sum(-1) + eps)).mean()
+    dice = 1 - (2 * inter + eps) / (prob.sum(-1) + target.sum(-1) + eps)
+    if empty_maps:
+        return dice.mean()
+    present = (target.sum(-1) > 0).to(dice.dtype)
+    return (dice * present).sum() / present.sum().clamp(min=1)
 
 
 @_in_float32
