@@ -179,7 +179,7 @@ def _fit_axis(xy: Tensor, w: float, l: float, yaw: float, cfg: LidarVelocityConf
     the box. A rectangle has four such orientations a quarter turn apart; the one nearest `yaw` keeps the box's
     length axis, and a face seen alone (a rear face, a side) gives the axis as well as a corner does.
 
-    xy: (M, 2) keyframe points above the ground, relative to the box centre, in the box's frame's x, y (metres).
+    xy: (M, 2) keyframe points above the ground: x, y in the boxes' frame (metres), relative to the box centre.
     Returns `yaw` itself when fewer than `axis_fit_min_points` points are near the box."""
     c, s = math.cos(yaw), math.sin(yaw)
     along, across = xy[:, 0] * c + xy[:, 1] * s, -xy[:, 0] * s + xy[:, 1] * c
