@@ -306,8 +306,9 @@ class BEVFusionModel(nn.Module):
             losses["map_focal"] = w.map_focal * (sigmoid_focal_loss(map_logits, map_target) if has_map.any()
                                                  else out["map"].float().sum() * 0.0)
         if w.map_dice > 0:
-            losses["map_dice"] = w.map_dice * (dice_loss(map_logits, map_target, empty_maps=w.map_dice_empty) if has_map.any()
-                                               else out["map"].float().sum() * 0.0)
+            losses["map_dice"] = w.map_dice * (
+                dice_loss(map_logits, map_target, empty_maps=w.map_dice_empty) if has_map.any()
+                else out["map"].float().sum() * 0.0)
         if w.scene > 0:
             has_tags = batch.has_scene_tags.to(out["scene"].device)
             losses["scene"] = w.scene * (
