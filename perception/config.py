@@ -249,6 +249,9 @@ class LossConfig(_Section):
                             "relative to 1 for the box geometry (CenterPoint's code_weights).")
     attribute: float = Field(0.2, ge=0.0)
     map_focal: float = Field(1.0, ge=0.0)
+    map_focal_alpha: Optional[float] = Field(
+        0.25, gt=0.0, lt=1.0, description="Class-balance weight of the map focal term: positive cells weigh alpha, "
+        "negative ones 1 - alpha (RetinaNet's 0.25); null weighs both 1, as BEVFusion's map head does.")
     map_dice: float = Field(1.0, ge=0.0)
     map_dice_empty: bool = Field(True, description="Average the map Dice term over every (sample, class) map (true) "
                                  "or only over the maps with target cells (false: an empty map is left to the focal "

@@ -126,6 +126,45 @@ def test_dice_without_empty_maps_averages_over_the_maps_with_target_cells():
     assert float(none) == 0.0 and empty_logits.grad is not None
 
 
+def _focal_reference(logits: list[float], target: list[float], alpha: float | None) -> float:
+    """RetinaNet focal loss (gamma 2) in float64, element by element; alpha None weighs every cell 1."""
+    total = 0.0
+    for x, t in zip(logits, target):
+        p = _sigmoid(x)
+        if t == 1.0:
+            total -= (1.0 if alpha is None else alpha) * math.log(p) * (1 - p) ** 2
+        else:
+            total -= (1.0 if alpha is None else 1 - alpha) * math.log(1 - p) * p**2
+    return total / len(logits)
+
+
+@pytest.mark.parametrize("alpha", [0.25, None], ids=["alpha0.25", "no_alpha"])
+def test_sigmoid_focal_loss_alpha_against_closed_form(alpha):
+    logits = [2.5, -1.0, 0.3, -4.0, 0.0, 6.0]
+    target = [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    got = sigmoid_focal_loss(torch.tensor(logits), torch.tensor(target), alpha=alpha)
+    assert float(got) == pytest.approx(_focal_reference(logits, target, alpha), rel=1e-6)
+
+
+def test_model_map_focal_term_follows_loss_map_focal_alpha():
+    """`loss.map_focal_alpha` reaches the model's map term: the term equals the float64 closed form on the
+    model's own map logits and targets, for 0.25 and for null."""
+    overrides = ["data.image_size=[64, 176]", "model.camera.blocks=1", "model.fuser.modality_dropout=0",
+                 "model.fuser.paired_drop=[]", "grid.x_min=-12.8", "grid.x_max=12.8", "grid.y_min=-12.8", "grid.y_max=12.8"]
+    for alpha in (0.25, None):
+        torch.manual_seed(0)
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides + [f"loss.map_focal_alpha={'null' if alpha is None else alpha}"])
+        assert cfg.loss.map_focal_alpha == alpha
+        model = build_model(cfg).train()
+        batch = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=cfg.grid.build(), seed=5)
+        out = model(*model.prepare(batch).as_args())
+        losses = model.loss(batch)
+        assert bool(batch.has_map.all()) and float(batch.map_masks.sum()) > 0
+        ref = _focal_reference(out["map"].detach().double().flatten().tolist(),
+                               batch.map_masks.double().flatten().tolist(), alpha)
+        assert float(losses["map_focal"].detach()) == pytest.approx(cfg.loss.map_focal * ref, rel=1e-4)
+
+
 # --------------------------------------------------------------------------------------------- pooling
 
 

@@ -303,8 +303,9 @@ class BEVFusionModel(nn.Module):
         has_map = batch.has_map.to(out["map"].device)
         map_logits, map_target = out["map"][has_map], batch.map_masks[has_map]
         if w.map_focal > 0:
-            losses["map_focal"] = w.map_focal * (sigmoid_focal_loss(map_logits, map_target) if has_map.any()
-                                                 else out["map"].float().sum() * 0.0)
+            losses["map_focal"] = w.map_focal * (
+                sigmoid_focal_loss(map_logits, map_target, alpha=w.map_focal_alpha) if has_map.any()
+                else out["map"].float().sum() * 0.0)
         if w.map_dice > 0:
             losses["map_dice"] = w.map_dice * (
                 dice_loss(map_logits, map_target, empty_maps=w.map_dice_empty) if has_map.any()

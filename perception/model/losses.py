@@ -9,7 +9,7 @@ a logit from ~6.3 (bfloat16) or ~8.4 (float16) up: a clamped sigmoid of a confid
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -66,13 +66,19 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -1)
 
 
 @_in_float32
-def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Multi-label focal loss (RetinaNet), mean over all elements. logits, target: same shape, target in {0, 1}."""
+def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: Optional[float] = 0.25, gamma: float = 2.0) -> Tensor:
+    """Multi-label focal loss (RetinaNet), mean over all elements. logits, target: same shape, target in {0, 1}.
+
+    alpha weighs positive cells by ``alpha`` and negative ones by ``1 - alpha`` (RetinaNet's 0.25 favours the
+    negatives); None leaves both at 1, as BEVFusion's map head does.
+    """
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = prob * target + (1 - prob) * (1 - target)
-    alpha_t = alpha * target + (1 - alpha) * (1 - target)
-    return (alpha_t * ce * (1 - p_t).pow(gamma)).mean()
+    loss = ce * (1 - p_t).pow(gamma)
+    if alpha is not None:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.mean()
 
 
 @_in_float32
