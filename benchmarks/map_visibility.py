@@ -7,9 +7,10 @@ map cell counts as *seen* when the keyframe LiDAR sweep's ray towards the cell's
 stopped earlier: the sweep is binned by azimuth (`--azimuth-deg`), the nearest return more than
 `--obstacle-height` metres above the ground (the 2nd percentile of point heights) sets how far that bin sees,
 and a cell within `--max-range` metres and nearer than that is seen. Prints, per class, the target cells, the share
-seen, and the share seen in each sample that has the class, so a class that one scene hides shows as such. A cell
-that no sensor sees can only be segmented from priors (layout, context), so the share seen bounds what a model
-that reads its sensors can reach.
+seen, the median range of its target cells from the LiDAR, and the share seen in each sample that has the class,
+so a class that one scene hides shows as such. A cell that no sensor sees can only be segmented from priors
+(layout, context), so the share seen bounds what a model that reads its sensors can reach: a prediction of exactly
+the seen target cells scores IoU = the share seen, and the last line gives the mean of those over the classes.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def main() -> None:
     total = np.zeros(len(MAP_CLASSES))
     seen = np.zeros(len(MAP_CLASSES))
     per_sample: list[list[float]] = [[] for _ in MAP_CLASSES]
+    ranges: list[list[np.ndarray]] = [[] for _ in MAP_CLASSES]
+    cell_range = np.hypot(centres[..., 0], centres[..., 1])
     for i in range(len(ds)):
         sample = ds[i]
         if not sample.has_map:
@@ -72,16 +75,21 @@ def main() -> None:
                 total[c] += n
                 seen[c] += int((masks[c] & visible).sum())
                 per_sample[c].append((masks[c] & visible).sum() / n)
+                ranges[c].append(cell_range[masks[c]])
     print(f"{args.split}: {len(ds)} samples, map grid {grid.height}x{grid.width} at {grid.cell:g} m; a cell is seen when "
           f"the keyframe sweep's ray reaches its ground ({args.azimuth_deg:g} deg bins, obstacles > {args.obstacle_height:g} m)")
-    print(f"{'class':15s} {'cells':>7s} {'seen':>6s} {'samples':>7s} {'seen per sample: min / median / max':>36s}")
+    print(f"{'class':15s} {'cells':>7s} {'seen':>6s} {'range m':>7s} {'samples':>7s} "
+          f"{'seen per sample: min / median / max':>36s}")
     for c, name in enumerate(MAP_CLASSES):
         if not per_sample[c]:
-            print(f"{name:15s} {0:7d}      -       0")
+            print(f"{name:15s} {0:7d}      -       -       0")
             continue
         q = np.percentile(per_sample[c], [0, 50, 100])
-        print(f"{name:15s} {int(total[c]):7d} {seen[c] / total[c]:6.3f} {len(per_sample[c]):7d} "
-              f"{q[0]:12.3f} / {q[1]:.3f} / {q[2]:.3f}")
+        print(f"{name:15s} {int(total[c]):7d} {seen[c] / total[c]:6.3f} {np.median(np.concatenate(ranges[c])):7.1f} "
+              f"{len(per_sample[c]):7d} {q[0]:12.3f} / {q[1]:.3f} / {q[2]:.3f}")
+    present = total > 0
+    print(f"mIoU of a prediction of exactly the seen target cells, over the {int(present.sum())} classes present: "
+          f"{float(np.mean(seen[present] / total[present])):.3f}")
 
 
 if __name__ == "__main__":
