@@ -12,6 +12,9 @@ crashing the devkit half way through loading:
 
 Errors are what makes loading, training or evaluation fail; warnings are legal but worth knowing (real
 nuScenes has annotations without points, for example). Every finding names the file or token.
+
+The summary also says how diverse the world is (``summary["world"]``, `world_summary`: off-axis keyframes,
+turning scenes, junctions and roads near the keyframes), from the tables and the map expansion JSON alone.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from perception.data.world_summary import format_world, world_summary
 from perception.errors import PerceptionError
 from perception.progress import progress_bar
 from perception.structures import SCENE_TAGS, parse_scene_tags
@@ -92,6 +96,8 @@ class Report:
             lines.append("  heads:")
             for k, v in s["heads"].items():
                 lines.append(f"    {k:<18} {v}")
+        if "world" in s:
+            lines.extend(format_world(s["world"]))
         if "files_checked" in s:
             lines.append(f"  files checked        {s['files_checked']} present, {s['files_decoded']} decoded")
         lines.append("")
@@ -144,6 +150,7 @@ def check_dataroot(dataroot: str | Path, version: str = "v1.0-mini", max_files_p
         _check_devkit(root, version, report)
     _check_maps(root, tables, report)
     _summarise_heads(root, tables, report)
+    _summarise_world(root, version, tables, report)
     _check_files(root, tables, report, max_files_per_channel, progress)
     return report
 
@@ -399,6 +406,15 @@ def _summarise_heads(root: Path, t: dict[str, list[dict]], report: Report) -> No
     heads["scene tags"] = (f"trained and scored on all {n_all} samples (scene descriptions through the keyword table; "
                            f"{tagged} samples carry at least one tag)")
     s["heads"] = heads
+
+
+def _summarise_world(root: Path, version: str, t: dict[str, list[dict]], report: Report) -> None:
+    """How diverse the world is (`world_summary`: off-axis keyframes, turning scenes, junctions and roads),
+    from the tables and the map expansion JSON; scene tags are `_summarise_heads`'s."""
+    try:
+        report.summary["world"] = world_summary(root, version, tables=t)
+    except Exception as exc:  # a summary, not a check: malformed records are the table checks' findings
+        report.warn("world_summary", root / version, f"world summary skipped: {type(exc).__name__}: {exc}")
 
 
 # ------------------------------------------------------------------------------------------------ files
