@@ -22,7 +22,7 @@ from perception.config import load_config
 from perception.data.build import build_dataset
 from perception.data.check import check_dataroot
 from perception.data.collate import collate_samples
-from perception.data.synth.generate import SynthConfig, dataset_exists, generate
+from perception.data.synth.generate import GENERATOR_VERSION, SynthConfig, dataset_exists, generate, generator_version, remove_synthetic
 from perception.errors import PerceptionError
 from perception.evaluation import evaluate_model, format_metrics
 from perception.tracking import format_tracking, run_tracking
@@ -41,7 +41,12 @@ SENSOR_SUBSETS: dict[str, tuple[bool, bool, bool]] = {
 
 def ensure_synthetic(data: Path, version: str = "v1.0-mini") -> None:
     """Write the default synthetic mini set into `data` unless a dataset is already there."""
-    if dataset_exists(data, version):
+    written_by = generator_version(data)
+    if dataset_exists(data, version) and written_by is not None and written_by != GENERATOR_VERSION:
+        # An older world must not leak into new measurements: remove what the generator wrote, write anew.
+        log.warning("%s was written by synthetic generator version %s (now %s): regenerating it", data, written_by, GENERATOR_VERSION)
+        remove_synthetic(data)
+    elif dataset_exists(data, version):
         log.info("using the dataset in %s", data)
         return
     if data.exists() and any(data.iterdir()):

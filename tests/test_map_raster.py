@@ -43,11 +43,16 @@ def test_raster_grid_sampling_matches_pointwise_lookup(train_ds):
     hw = (90, 120)
     jj, ii = np.meshgrid(np.arange(hw[1]), np.arange(hw[0]))
     checked = 0
+    on_map = np.argwhere(raster.bits != 0)
     for _ in range(20):
         yaw, scale = rng.uniform(-np.pi, np.pi), rng.uniform(0.3, 0.7)
         flip = rng.choice([-1.0, 1.0])
         L = scale * np.array([[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]]) @ np.diag([flip, 1.0])
-        centre = (raster.x0 + rng.uniform(-0.1, 1.1) * w * raster.res, raster.y0 + rng.uniform(-0.1, 1.1) * h * raster.res)
+        if rng.random() < 0.5:  # anywhere, partly outside the raster
+            centre = (raster.x0 + rng.uniform(-0.1, 1.1) * w * raster.res, raster.y0 + rng.uniform(-0.1, 1.1) * h * raster.res)
+        else:  # on the map's content (roads cover a small part of the canvas)
+            row, col = on_map[int(rng.integers(len(on_map)))]
+            centre = (raster.x0 + col * raster.res, raster.y0 + row * raster.res)
         cell2global = np.concatenate([L, np.asarray(centre)[:, None]], 1)
         xy = np.stack([jj, ii, np.ones_like(jj)], -1).astype(np.float64) @ cell2global.T
         expect = raster.lookup(xy)

@@ -17,7 +17,8 @@ from nuscenes.utils.geometry_utils import points_in_box, view_points
 from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 
-from perception.structures import CAMERA_CHANNELS, RADAR_CHANNELS, SCENE_TAGS
+from perception.data.synth.world import DRIVE_WORDS
+from perception.structures import CAMERA_CHANNELS, RADAR_CHANNELS, SCENE_TAGS, parse_scene_tags
 
 
 def _box_in_sensor(nusc, ann_token, sd_token):
@@ -45,7 +46,11 @@ def test_tables_and_splits(synth_nusc):
         assert n == scene["nbr_samples"] and sample["token"] == scene["last_sample_token"]
         assert np.all(np.diff(ts) > 0)
         tags = [t.strip() for t in scene["description"].split(",")]
-        assert set(tags) - {"day", "clear"} <= set(SCENE_TAGS)
+        assert tags[0] in ("day", "dusk", "night") and tags[1] in ("clear", "rain")
+        assert set(tags[2:]) <= set(SCENE_TAGS) | set(DRIVE_WORDS), tags
+    # The words that say what the drive does never read as a scene tag.
+    for word in DRIVE_WORDS:
+        assert not parse_scene_tags(word).any(), word
     # Sweeps interleave with keyframes at the sensor rate: 2 LiDAR sweeps 50 ms apart before each keyframe.
     sd = nusc.get("sample_data", nusc.sample[3]["data"]["LIDAR_TOP"])
     prev = nusc.get("sample_data", sd["prev"])

@@ -2,8 +2,9 @@
 
 The ground (road, markings, walkways, car park, grass) is textured per pixel from the world's ground raster;
 sky above the horizon; road users and structures are shaded solids drawn far to near, so nearer objects
-occlude farther ones. An object's 3D box projects onto its own pixels. Night scenes are dark and noisy; rain
-scenes hazy with streaks.
+occlude farther ones. An object's 3D box projects onto its own pixels. Night scenes are dark and noisy, with
+pools of street-lamp light; dusk scenes dim and warm; rain scenes hazy with streaks. Each scene has its own
+exposure and noise level.
 """
 
 from __future__ import annotations
@@ -109,10 +110,14 @@ def render(model: CameraModel, world: World, boxes: WorldBoxes, ego2global: np.n
     cls = world.ground_class(uv[:, 0], uv[:, 1])
     colour = _PALETTE[cls]
     flat[model.ground_index] = colour * (1 - model.ground_fog) + _HAZE * model.ground_fog
-    # At night the surroundings go dark while road users stay lit by headlights and street lamps.
-    night_bg, night_agent = (0.22, 0.8) if world.night else (1.0, 1.0)
-    if world.night:
+    # At night the surroundings go dark, save the street lamps' pools, while road users stay lit by headlights
+    # and lamps; at dusk the light is dimmer and warmer.
+    night_bg, night_agent = (0.22, 0.8) if world.night else (0.55, 0.85) if world.dusk else (1.0, 1.0)
+    if world.night or world.dusk:
         img *= night_bg
+    if world.night and len(world.lamps):
+        pool = world.lamp_light(uv[:, 0], uv[:, 1])
+        flat[model.ground_index] *= (1.0 + 2.6 * pool)[:, None]
     # Solids, far to near.
     cam2global = ego2global @ sensor.sensor2ego
     global2cam = np.linalg.inv(cam2global)
@@ -152,6 +157,10 @@ def render(model: CameraModel, world: World, boxes: WorldBoxes, ego2global: np.n
         noise_sigma = 6.0
     else:
         noise_sigma = 2.5
+    if world.dusk:
+        img *= np.array([1.05, 0.88, 0.72], dtype=np.float32)
+    img *= np.float32(world.exposure)
+    noise_sigma *= world.noise
     if world.rain:
         img = 0.72 * img + 0.28 * np.float32(150.0)
         streaks = np.zeros((H, W), np.float32)

@@ -1,6 +1,7 @@
 """Map files: the map expansion JSON (v1.3 layout that `NuScenesMap` loads) and the semantic-prior PNG.
 
-Polygons are written as simple polygons and dividers as straight 2-node lines, which the devkit's Shapely 2.0
+Polygons are written as valid polygons (holes where the drivable area or a walkway encloses one) and dividers
+as straight 2-node lines, which the devkit's Shapely 2.0
 clipping handles (see shared/docs/nuscenes-format.md, pitfalls 7 and 8).
 """
 
@@ -39,9 +40,11 @@ class _MapBuilder:
             out.append(t)
         return out
 
-    def polygon(self, pts: np.ndarray) -> str:
+    def polygon(self, poly) -> str:
+        """A polygon record from (exterior (P, 2), [holes (Q, 2)]) in global metres."""
+        exterior, holes = poly
         t = self.tok("polygon")
-        self.layers["polygon"].append({"token": t, "exterior_node_tokens": self.nodes(pts), "holes": []})
+        self.layers["polygon"].append({"token": t, "exterior_node_tokens": self.nodes(exterior), "holes": [{"node_tokens": self.nodes(h)} for h in holes]})
         return t
 
     def line(self, pts: np.ndarray) -> tuple[str, list[str]]:
@@ -69,9 +72,9 @@ def write_maps(root: Path, location: str, scenes: list[dict], canvas: tuple[floa
         segs = []
         for p, inter in zip(geo["road_segment"], geo["road_segment_is_intersection"]):
             segs.append(mb.add("road_segment", {"polygon_token": mb.polygon(p), "is_intersection": inter, "drivable_area_token": da}))
-        for p in geo["lane"]:
-            from_line, _ = mb.line(p[[0, 3]])
-            to_line, _ = mb.line(p[[1, 2]])
+        for p, (from_edge, to_edge) in zip(geo["lane"], geo["lane_edges"]):
+            from_line, _ = mb.line(from_edge)
+            to_line, _ = mb.line(to_edge)
             mb.add("lane", {"polygon_token": mb.polygon(p), "lane_type": "CAR", "from_edge_line_token": from_line, "to_edge_line_token": to_line, "left_lane_divider_segments": [], "right_lane_divider_segments": []})
         crossings = []
         for p in geo["ped_crossing"]:
@@ -79,11 +82,11 @@ def write_maps(root: Path, location: str, scenes: list[dict], canvas: tuple[floa
         for p in geo["walkway"]:
             mb.add("walkway", {"polygon_token": mb.polygon(p)})
         for p in geo["stop_line"]:
-            c = p.mean(0)
-            nearest = int(np.argmin([np.linalg.norm(q.mean(0) - c) for q in geo["ped_crossing"]]))
+            c = p[0].mean(0)
+            nearest = int(np.argmin([np.linalg.norm(q[0].mean(0) - c) for q in geo["ped_crossing"]]))
             mb.add("stop_line", {"polygon_token": mb.polygon(p), "stop_line_type": "PED_CROSSING", "ped_crossing_tokens": [crossings[nearest]], "traffic_light_tokens": [], "road_block_token": ""})
-        for p in geo["carpark_area"]:
-            mb.add("carpark_area", {"polygon_token": mb.polygon(p), "orientation": round(float(geo["theta"] + math.pi / 2), 4), "road_block_token": ""})
+        for p, yaw in zip(geo["carpark_area"], geo["carpark_orientation"]):
+            mb.add("carpark_area", {"polygon_token": mb.polygon(p), "orientation": round(float(math.remainder(yaw, 2 * math.pi)), 4), "road_block_token": ""})
         for seg in geo["road_divider"]:
             line_tok, _ = mb.line(seg)
             mb.add("road_divider", {"line_token": line_tok, "road_segment_token": segs[0]})
@@ -99,9 +102,9 @@ def write_maps(root: Path, location: str, scenes: list[dict], canvas: tuple[floa
     prior = np.zeros((h_px, w_px), dtype=np.uint8)
     shift = 2
     for geo in scenes:
-        for p in geo["drivable_area"]:
-            px = np.stack([p[:, 0] / PRIOR_RES, h_px - p[:, 1] / PRIOR_RES], 1)
-            cv2.fillPoly(prior, [np.round(px * (1 << shift)).astype(np.int32)], 255, lineType=cv2.LINE_8, shift=shift)
+        for exterior, holes in geo["drivable_area"]:
+            rings = [np.stack([r[:, 0] / PRIOR_RES, h_px - r[:, 1] / PRIOR_RES], 1) for r in [exterior, *holes]]
+            cv2.fillPoly(prior, [np.round(px * (1 << shift)).astype(np.int32) for px in rings], 255, lineType=cv2.LINE_8, shift=shift)
     name = MAP_PNG[location]
     cv2.imwrite(str(root / "maps" / name), prior)
     return name

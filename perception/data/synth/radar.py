@@ -88,7 +88,7 @@ def scan(world: World, boxes: WorldBoxes, radar2global: np.ndarray, rng: np.rand
     """One radar scan: a RADAR_DTYPE array of returns in the radar frame."""
     centers, yaws = boxes_in_frame(boxes, radar2global)
     R = radar2global[:3, :3]
-    ego_v_global = np.array([*world.ego_velocity_global(), 0.0])
+    ego_v_global = np.array([*world.ego_velocity_global(t), 0.0])
     ego_v_radar = R.T @ ego_v_global
     rows = []
     n_agents = boxes.num_agents
@@ -124,8 +124,7 @@ def scan(world: World, boxes: WorldBoxes, radar2global: np.ndarray, rng: np.rand
             if not _in_fov(p[:1], p[1:])[0] or _segment_blocked(p, centers[:, :2], boxes.sizes, yaws, b):
                 continue
             if is_agent:
-                a = world.agents[b]
-                v_global = np.array([*(world.rotation @ np.array([a.du, a.dv])), 0.0])
+                v_global = np.array([*world.agent_velocity_global(b, t), 0.0])
             else:
                 v_global = np.zeros(3)
             v_comp, v_rel = _doppler((R.T @ v_global)[:2], ego_v_radar[:2], p, rng)
