@@ -179,6 +179,10 @@ def test_every_class_near_the_drive_and_velocities_in_range():
                 if np.linalg.norm(a.xy[keys] - w.ego_xy[keys], axis=1).min() < 28.0}
         assert near >= set(DETECTION_CLASS.values()), set(DETECTION_CLASS.values()) - near
         assert 0.0 <= w.ego_speed.min() and w.ego_speed.max() <= 15.0
+        # The ego's path is continuous: each step moves it by its speed, with no sideways jump or heading spike.
+        step = np.linalg.norm(np.diff(w.ego_xy, axis=0), axis=1)
+        assert np.all(step - w.ego_speed[:-1] * w.grid.dt < 0.3)
+        assert np.all(np.abs(np.diff(w.ego_yaw)) / w.grid.dt < 1.5)
         # The ego's velocity is the derivative of its pose (finite differences as the devkit's box_velocity).
         p0, _ = w.ego_pose(1.0)
         p1, _ = w.ego_pose(1.1)

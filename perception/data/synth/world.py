@@ -400,7 +400,8 @@ def chain_route(net: rd.Network, direction: int, lanes: list[int], change: tuple
             prev_k = k - direction
             nxt_k = k + direction
             i = min(lanes[prev_k], a.lanes_entering() - 1)
-            o = min(lanes[nxt_k], b.lanes_leaving() - 1)
+            # Into a road where the ego changes lanes, the path arrives in the lane the change starts from.
+            o = min(change[1] if change is not None and change[0] == nxt_k else lanes[nxt_k], b.lanes_leaving() - 1)
             pts = rd.connector(a, i, b, o)
             stops.append((s_acc - STOP_NEAR, j))
         if parts:
