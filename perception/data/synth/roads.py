@@ -179,10 +179,7 @@ class Road:
 
     def band(self, d0, d1, s0: float = 0.0, s1: float | None = None) -> np.ndarray:
         """Polygon (P, 2) between offsets d0 < d1 (scalars or (K,) arrays) from arc length s0 to s1."""
-        s1 = self.line.length if s1 is None else s1
-        sel = (self.line.s > s0 + 1e-6) & (self.line.s < s1 - 1e-6)
-        ss = np.concatenate([[s0], self.line.s[sel], [s1]])
-        xy, h = self.line.at(ss)
+        xy, h = self.line.at(self._ss(s0, s1))
         nrm = np.stack([-np.sin(h), np.cos(h)], 1)
         a = xy + nrm * np.asarray(d0)
         b = xy + nrm * np.asarray(d1)

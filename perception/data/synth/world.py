@@ -1146,8 +1146,7 @@ def _shift_geometry(geo: dict, mid: np.ndarray) -> dict:
         c = p.representative_point()
         flags.append(any(f and s.contains(c) for s, f in zip(seg_src, geo["is_intersection"])))
     out["is_intersection"] = flags
-    lane_keep = [k for k, p in enumerate(geo["polygons"]["lane"])]
-    out["lane_edges"] = [(e0 - mid, e1 - mid) for k, (e0, e1) in enumerate(geo["lane_edges"]) if k in lane_keep]
+    out["lane_edges"] = [(e0 - mid, e1 - mid) for e0, e1 in geo["lane_edges"]]
     out["polygons"] = {k: [_poly_tuple(p) for p in v] for k, v in polys.items()}
     inside = lambda seg: bool(np.all(np.abs(seg) < EXTENT - 0.5))  # noqa: E731
     out["lines"] = {k: [s - mid for s in v if inside(s - mid)] for k, v in geo["lines"].items()}
