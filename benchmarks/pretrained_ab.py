@@ -11,7 +11,8 @@ after ``--`` are config overrides given to every run.
 
 Reads each run's ``eval/by_sensors.json`` and ``summary.json`` and writes ``OUT/results.json`` (every run, and
 per arm the mean, sample standard deviation, min and max of: steps trained, all-sensor NDS / mAP / mAVE / seg mIoU,
-camera-only NDS / mAP / seg mIoU, and each map class's IoU with all sensors and with the camera only), then
+LiDAR + radar (cameras missing) NDS / seg mIoU and what the cameras add, camera-only NDS / mAP / seg
+mIoU, and each map class's IoU with all sensors and with the camera only), then
 prints a table. Time-budgeted: the step counts say how much training each figure had.
 """
 
@@ -37,6 +38,10 @@ def run_figures(run_dir: Path) -> dict[str, float]:
     fig = {"steps": float(summary["steps"]), "nds": allm["nds"], "map": allm["map"], "mave": allm["mave"],
            "seg_miou": allm["seg_miou"], "camera_nds": cam["nds"], "camera_map": cam["map"],
            "camera_seg_miou": cam["seg_miou"]}
+    if "lidar_radar" in by:  # runs made before the demo evaluated without cameras lack it
+        lr = by["lidar_radar"]
+        fig.update({"lidar_radar_nds": lr["nds"], "lidar_radar_seg_miou": lr["seg_miou"],
+                    "cameras_add_nds": allm["nds"] - lr["nds"], "cameras_add_seg_miou": allm["seg_miou"] - lr["seg_miou"]})
     for name in MAP_CLASSES:
         fig[f"iou_{name}"] = allm["seg_iou"][name]
         fig[f"camera_iou_{name}"] = cam["seg_iou"][name]
@@ -46,7 +51,7 @@ def run_figures(run_dir: Path) -> dict[str, float]:
 def aggregate(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     """name -> {mean, std (sample; 0 for one run), min, max, n} over the runs."""
     out = {}
-    for key in runs[0]:
+    for key in [k for k in runs[0] if all(k in r for r in runs)]:
         vals = [r[key] for r in runs]
         out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                     "min": min(vals), "max": max(vals), "n": len(vals)}
@@ -54,15 +59,21 @@ def aggregate(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def table(per_arm: dict[str, dict[str, dict[str, float]]]) -> str:
-    keys = ["steps", "nds", "map", "mave", "seg_miou", "camera_nds", "camera_map", "camera_seg_miou"]
+    keys = ["steps", "nds", "map", "mave", "seg_miou", "lidar_radar_nds", "lidar_radar_seg_miou", "cameras_add_nds",
+            "cameras_add_seg_miou", "camera_nds", "camera_map", "camera_seg_miou"]
     keys += [f"iou_{c}" for c in MAP_CLASSES] + [f"camera_iou_{c}" for c in MAP_CLASSES]
     arms = list(per_arm)
     lines = ["| figure | " + " | ".join(f"{a} (mean ± std [min, max])" for a in arms) + " |",
              "|---|" + "---|" * len(arms)]
     for k in keys:
         cells = []
+        if not any(k in per_arm[a] for a in arms):
+            continue
         for a in arms:
-            s = per_arm[a][k]
+            s = per_arm[a].get(k)
+            if s is None:
+                cells.append("n/a")
+                continue
             fmt = "{:.0f}" if k == "steps" else "{:.3f}"
             cells.append(f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")

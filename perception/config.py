@@ -212,6 +212,9 @@ class HeadsConfig(_Section):
     top_k: int = Field(100, ge=1, description="Peaks kept per sample before NMS.")
     score_threshold: float = Field(0.1, ge=0.0, le=1.0)
     max_detections: int = Field(100, ge=1, description="Boxes kept per sample after NMS.")
+    map_camera: bool = Field(False, description="Also give the map head the camera BEV features (masked like the "
+                             "fuser's input) next to the decoder's output: the painted classes only a camera sees "
+                             "reach the map head without passing the fuser and decoder.")
     lidar_velocity: bool = Field(False, description="Replace box velocities by ones measured from the motion blur "
                                  "of the LiDAR sweeps (`perception.model.lidar_velocity`), where LiDAR is present.")
     map_grid: Optional[GridConfig] = Field(

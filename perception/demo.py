@@ -2,8 +2,9 @@
 
 1. Writes the synthetic nuScenes mini set into `--data` unless it is already there, and checks it.
 2. Trains `configs/tiny.yaml` for `--minutes` (GPU if present, else CPU), checkpointing as it goes.
-3. Evaluates on `mini_val` with all sensors, then with only LiDAR, only camera and only radar, and tracks the
-   all-sensor detections (`perception.tracking`, scored by the devkit's `TrackingEval`).
+3. Evaluates on `mini_val` with all sensors, then without the cameras (LiDAR + radar), with only LiDAR, only
+   camera and only radar, and tracks the all-sensor detections (`perception.tracking`, scored by the devkit's
+   `TrackingEval`). The report's "What the cameras add" table is all sensors minus LiDAR + radar, same checkpoint.
 4. Writes `W/checkpoints/last.pt`, `W/eval/metrics.json`, `W/eval/submission.json`, `W/eval/<sensors>/...`,
    `W/tracking/tracking_{submission,metrics}.json`, `W/report.md` with the metrics tables, pictures (learning
    curve, a BEV view of one sample), and `W/summary.json` (config, steps trained, times, seed, the camera's
@@ -32,7 +33,8 @@ from perception.viz import agg_pyplot, plot_bev
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-SENSOR_SUBSETS: dict[str, tuple[bool, bool, bool]] = {
+SENSOR_SUBSETS: dict[str, tuple[bool, bool, bool]] = {  # (camera, lidar, radar) present
+    "lidar_radar": (False, True, True),
     "lidar_only": (False, True, False),
     "camera_only": (True, False, False),
     "radar_only": (False, False, True),
@@ -88,6 +90,7 @@ def run_demo(data: Path, work_dir: Path, minutes: float, config: Path = DEFAULT_
     tracking = run_tracking(eval_dir / "submission.json", data, "v1.0-mini", "mini_val", work_dir / "tracking")
     print(format_metrics(metrics, title="mini_val, all sensors"))
     print("\n" + _subset_table(metrics, subsets))
+    print("\n" + camera_contribution_table(metrics, subsets["lidar_radar"]))
     print("\n" + _tracking_line(tracking))
     pictures = _pictures(work_dir, result.history, model, val_set, trainer.device)
     _write_report(work_dir, cfg, result, metrics, subsets, pictures, minutes, train_s, time.time() - t_start,
@@ -108,6 +111,25 @@ def _subset_table(clean: dict, subsets: dict[str, dict]) -> str:
     for name, m in rows:
         seg, scene = (("n/a" if v is None else f"{v:.4f}") for v in (m["seg_miou"], m["scene_map"]))
         lines.append(f"| {name} | {m['nds']:.4f} | {m['map']:.4f} | {seg} | {scene} |")
+    return "\n".join(lines)
+
+
+CONTRIBUTION_ROWS = (("NDS", "nds", None), ("mAP", "map", None), ("seg mIoU", "seg_miou", None),
+                     ("ped crossing IoU", "seg_iou", "ped_crossing"), ("stop line IoU", "seg_iou", "stop_line"),
+                     ("walkway IoU", "seg_iou", "walkway"), ("divider IoU", "seg_iou", "divider"))
+
+
+def camera_contribution_table(with_cameras: dict, without_cameras: dict) -> str:
+    """Markdown table: each figure with all sensors, without the cameras (LiDAR + radar, same checkpoint) and the
+    difference, i.e. what the cameras add. Both arguments are `evaluate_model` metrics dicts."""
+    lines = ["| figure | all sensors | LiDAR + radar | cameras add |", "|---|---|---|---|"]
+    for label, key, cls in CONTRIBUTION_ROWS:
+        a, b = with_cameras.get(key), without_cameras.get(key)
+        if cls is not None:
+            a, b = (None if m is None else m.get(cls) for m in (a, b))
+        if a is None or b is None:
+            continue
+        lines.append(f"| {label} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
     return "\n".join(lines)
 
 
@@ -174,6 +196,12 @@ def _write_report(work_dir: Path, cfg, result, metrics: dict, subsets: dict, pic
         "## Metrics by sensor set",
         "",
         _subset_table(metrics, subsets),
+        "",
+        "## What the cameras add",
+        "",
+        "All sensors against the same checkpoint evaluated without its cameras (`perception eval --modalities lidar,radar`).",
+        "",
+        camera_contribution_table(metrics, subsets["lidar_radar"]),
         "",
         "## All sensors",
         "",

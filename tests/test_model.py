@@ -717,15 +717,45 @@ def test_tiny_model_overfits_one_sample():
     assert ok, f"boxes not within 0.5 m after {step + 1} steps (heatmap loss {first:.2f} -> {last:.3f})"
 
 
+def test_map_camera_feeds_the_masked_camera_bev_to_the_map_head_only():
+    """`model.heads.map_camera`: the map head sees [decoder output, camera BEV x camera mask]; detection and scene
+    heads see the decoder output alone. Checked against the heads applied by hand."""
+    torch.manual_seed(0)
+    cfg = small_config("tiny", "model.heads.map_camera=true")
+    model = build_model(cfg).eval()
+    vt, dec = model.view_transform.out_channels, model.bev_decoder.out_channels
+    assert model.heads.map_segmentation.net[0].in_channels == dec + vt
+    h, w = cfg.grid.build().shape
+    camera_bev, lidar_bev, radar_bev = (torch.randn(2, c, h, w) for c in (vt, model.lidar_encoder.out_channels,
+                                                                          model.radar_encoder.out_channels))
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    with torch.no_grad():
+        out = model.fuse_heads(camera_bev, lidar_bev, radar_bev, mask)
+        decoded = model.bev_decoder(model.fuser(camera_bev, lidar_bev, radar_bev, mask))
+        cam = camera_bev * torch.tensor([1.0, 0.0])[:, None, None, None]
+        torch.testing.assert_close(out["map"], model.heads.map_segmentation.net(torch.cat([decoded, cam], 1)))
+        torch.testing.assert_close(out["heatmap"], model.heads.detection(decoded)["heatmap"])
+        torch.testing.assert_close(out["scene"], model.heads.scene(decoded))
+        # A sample without cameras does not depend on the camera BEV at all.
+        other = model.fuse_heads(camera_bev + 5.0, lidar_bev, radar_bev, mask)
+    torch.testing.assert_close(other["map"][1], out["map"][1])
+    assert not torch.allclose(other["map"][0], out["map"][0])
+    model.train()
+    batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=cfg.grid.build(), seed=1)
+    sum(model.loss(batch).values()).backward()
+    assert model.heads.map_segmentation.net[0].weight.grad[:, dec:].abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------- ONNX
 
 
-@pytest.mark.parametrize("kind", ["lift_splat", "bev_sample", "position_channels"])
+@pytest.mark.parametrize("kind", ["lift_splat", "bev_sample", "position_channels", "map_camera"])
 def test_onnx_export_of_the_core_matches_torch(tmp_path, kind):
     ort = pytest.importorskip("onnxruntime")
     from deploy.export import export_model
 
     extra = {"lift_splat": [], "position_channels": ["model.decoder.position_channels=true"],
+             "map_camera": ["model.heads.map_camera=true"],
              "bev_sample": ["model.view_transform={kind: bev_sample, z_levels: 4, out_channels: 32}", "loss.depth=0"]}[kind]
     cfg = small_config("tiny", *extra)
     model = build_model(cfg).eval()

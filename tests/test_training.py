@@ -233,15 +233,30 @@ def test_demo_writes_checkpoint_metrics_submission_and_report(synth_root, tmp_pa
     work = tmp_path / "demo"
     metrics = run_demo(synth_root, work, minutes=0.15, overrides=FAST[:-1], progress=False)
     for rel in ("checkpoints/last.pt", "eval/metrics.json", "eval/submission.json", "report.md",
-                "eval/lidar_only/metrics.json", "eval/camera_only/metrics.json", "eval/radar_only/metrics.json",
+                "eval/lidar_only/metrics.json", "eval/camera_only/metrics.json", "eval/lidar_radar/metrics.json", "eval/radar_only/metrics.json",
                 "bev_sample.png", "learning_curve.png", "config.yaml"):
         assert (work / rel).is_file(), rel
     assert 0.0 <= metrics["nds"] <= 1.0 and metrics["num_samples"] == 6
     report = (work / "report.md").read_text()
-    assert "| lidar_only |" in report and "configs/tiny.yaml` trained for" in report
+    assert "| lidar_only |" in report and "| lidar_radar |" in report and "configs/tiny.yaml` trained for" in report
+    assert "## What the cameras add" in report and "| ped crossing IoU |" in report and "| stop line IoU |" in report
     assert "Camera backbone `vit_tiny_patch16_224`, first 4 blocks, randomly initialised" in report
     assert "AMOTA" in report and (work / "tracking" / "tracking_metrics.json").is_file()
     assert any((work / "tb").iterdir())
+
+
+def test_camera_contribution_is_all_sensors_minus_lidar_radar():
+    from perception.demo import camera_contribution_table
+
+    fused = {"nds": 0.40, "map": 0.30, "seg_miou": 0.25, "seg_iou": {"ped_crossing": 0.20, "stop_line": 0.05}}
+    no_cam = {"nds": 0.35, "map": 0.31, "seg_miou": 0.15, "seg_iou": {"ped_crossing": 0.02, "stop_line": 0.0}}
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in camera_contribution_table(fused, no_cam).splitlines()[2:]}
+    assert [c.strip() for c in rows["NDS"]] == ["0.4000", "0.3500", "+0.0500"]
+    assert rows["mAP"][2].strip() == "-0.0100" and rows["ped crossing IoU"][2].strip() == "+0.1800"
+    assert rows["stop line IoU"][2].strip() == "+0.0500" and "walkway IoU" not in rows  # absent classes are left out
+    no_map = camera_contribution_table({"nds": 0.4, "map": 0.3, "seg_miou": None, "seg_iou": None},
+                                       {"nds": 0.3, "map": 0.3, "seg_miou": None, "seg_iou": None})
+    assert "seg mIoU" not in no_map and "| NDS |" in no_map
 
 
 def test_ema_weights_are_kept_checkpointed_and_evaluated(synth_root, tmp_path):

@@ -96,6 +96,8 @@ class BEVFusionModel(nn.Module):
             ``_no_<modalities>`` (``heatmap_no_radar``). Empty = no paired pass.
         temporal: fuses the previous keyframe's fused BEV into the current one (None: the single-frame model);
             `loss` and `predict` then take a `TemporalState` that carries the history between calls.
+        map_camera: the map head also takes the camera BEV (masked like the fuser's input) next to the decoder's
+            output; its `MapHead` must have been built for decoder + view-transform channels.
     """
 
     def __init__(self, *, camera_encoder: CameraEncoder, view_transform: ViewTransform, lidar_encoder: LidarEncoder,
@@ -103,7 +105,7 @@ class BEVFusionModel(nn.Module):
                  loss_weights: LossConfig, decode: DecodeSettings,
                  modality_dropout: float | tuple[float, float, float] = 0.0,
                  paired_drop: tuple[tuple[bool, bool, bool], ...] = (), paired_weight: float = 1.0,
-                 temporal: TemporalFuser | None = None):
+                 temporal: TemporalFuser | None = None, map_camera: bool = False):
         super().__init__()
         for name, part in (("view_transform", view_transform), ("lidar_encoder", lidar_encoder), ("radar_encoder", radar_encoder)):
             if part.grid != grid:
@@ -129,6 +131,7 @@ class BEVFusionModel(nn.Module):
         if temporal is not None and temporal.grid != grid:
             raise ValueError(f"BEVFusionModel: temporal fuser was built for {temporal.grid}, not {grid}")
         self.temporal = temporal
+        self.map_camera = map_camera
         reg_weights = [loss_weights.velocity if c in ("vx", "vy") else 1.0 for c in REGRESSION_COLUMNS]
         self.register_buffer("regression_weights", torch.tensor(reg_weights), persistent=False)
 
@@ -202,11 +205,12 @@ class BEVFusionModel(nn.Module):
         """Fuser (under the (B, 3) bool modality mask), temporal fusion with `history` (temporal models), BEV
         decoder and heads -> the head outputs of `forward`."""
         bev = self.fuser(camera_bev, lidar_bev, radar_bev, modality_mask)
+        map_extra = camera_bev * modality_mask[:, :1, None, None].to(camera_bev.dtype) if self.map_camera else None
         if self.temporal is None:
-            return self.heads(self.bev_decoder(bev))
+            return self.heads(self.bev_decoder(bev), map_extra)
         if history is None:
             history = History.empty(bev.shape[0], bev.shape[1], self.grid, bev.device, bev.dtype)
-        out = self.heads(self.bev_decoder(self.temporal(bev, *history.as_tuple())))
+        out = self.heads(self.bev_decoder(self.temporal(bev, *history.as_tuple())), map_extra)
         out["bev"] = bev
         return out
 

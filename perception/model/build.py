@@ -102,7 +102,8 @@ def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
     map_grid = grid if m.heads.map_grid is None else m.heads.map_grid.build("model.heads.map_grid", even=False)
     heads = BEVHeads(
         detection=CenterHead(in_channels=bev_decoder.out_channels, hidden=m.heads.det_channels),
-        map_segmentation=MapHead(in_channels=bev_decoder.out_channels, hidden=m.heads.map_channels, feature_grid=grid,
+        map_segmentation=MapHead(in_channels=bev_decoder.out_channels + (view_transform.out_channels if m.heads.map_camera else 0),
+                                 hidden=m.heads.map_channels, feature_grid=grid,
                                  map_grid=map_grid),
         scene=SceneHead(in_channels=bev_decoder.out_channels, hidden=m.heads.scene_channels),
     )
@@ -115,6 +116,7 @@ def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
         modality_dropout=m.fuser.modality_dropout,
         paired_drop=tuple(tuple(name in names for name in MODALITIES) for names in m.fuser.paired_drop),
         paired_weight=m.fuser.paired_weight,
+        map_camera=m.heads.map_camera,
         temporal=TemporalFuser(m.fuser.out_channels, grid) if m.temporal.frames else None,
     )
     logger.info("built %s with %s view transform: %.2fM parameters", m.camera.backbone, type(view_transform).__name__,

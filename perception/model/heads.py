@@ -136,9 +136,11 @@ class BEVHeads(nn.Module):
         self.map_segmentation = map_segmentation
         self.scene = scene
 
-    def forward(self, bev: Tensor) -> dict[str, Tensor]:
+    def forward(self, bev: Tensor, map_extra: Tensor | None = None) -> dict[str, Tensor]:
+        """bev: (B, C, H, W) decoded BEV features; map_extra: (B, C_x, H, W) more features on the same grid for
+        the map head only (concatenated after `bev`; the map head was built for C + C_x channels), or None."""
         out = self.detection(bev)
-        out["map"] = self.map_segmentation(bev)
+        out["map"] = self.map_segmentation(bev if map_extra is None else torch.cat([bev, map_extra], 1))
         out["scene"] = self.scene(bev)
         return out
 
