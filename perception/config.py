@@ -286,6 +286,13 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (exact resume on CPU).")
     gt_sampling: bool = Field(False, description="Paste ground-truth objects' LiDAR points from a train-split database.")
+    gt_sampling_stop_epoch: Optional[int] = Field(
+        None, ge=0, description="With gt_sampling: no pasting from this (0-based) epoch on, as BEVFusion's "
+                                "gt_paste_stop_epoch (null: paste until the end).")
+    cbgs: bool = Field(False, description="Class-balanced grouping and sampling (CBGS, as mmdet3d's CBGSDataset): each "
+                                          "class's samples repeated toward balance; an epoch is one pass over the "
+                                          "expanded list (`perception.data.loader.CBGSSampler`). Not with "
+                                          "model.temporal.frames.")
 
 
 class ExperimentConfig(_Section):
@@ -299,6 +306,10 @@ class ExperimentConfig(_Section):
     def _check_cross_section(self) -> "ExperimentConfig":
         if self.loss.depth > 0 and not isinstance(self.model.view_transform, LiftSplatConfig):
             raise ValueError("loss.depth > 0 needs model.view_transform.kind=lift_splat (bev_sample predicts no depth)")
+        if self.train.cbgs and self.model.temporal.frames:
+            raise ValueError("train.cbgs cannot be combined with model.temporal.frames > 0: temporal training streams "
+                             "each scene's keyframes in time order (SequenceSampler), CBGS repeats and reorders "
+                             "samples; set train.cbgs=false or model.temporal.frames=0")
         return self
 
 

@@ -4,7 +4,10 @@ The loop is short on purpose (`Trainer.fit`, `Trainer.train_step`); everything a
 here or in the modules it composes:
   - data: `perception.data.build.build_dataset` turns the experiment config into a `NuScenesDataset`;
     `perception.data.loader.EpochSampler` gives every rank its share of a seeded per-epoch permutation, and can
-    start mid-epoch (exact resume); `perception.data.gt_cache` caches the GT-sampling database;
+    start mid-epoch (exact resume); `CBGSSampler` does the same over a class-balanced expansion of the split
+    (``train.cbgs``; an epoch is then one pass over the expansion); `perception.data.gt_cache` caches the
+    GT-sampling database, which stops pasting at ``train.gt_sampling_stop_epoch`` (the dataset is told the epoch
+    before each epoch's loader starts its workers);
   - optimisation: AdamW with layer-wise lr decay over the camera ViT, linear warm-up then cosine decay
     (`perception.schedule`), gradient clipping, gradient accumulation, AMP on GPU, optional EMA of the weights;
   - checkpoints: `W/checkpoints/last.pt`, `best.pt` and `step_XXXXXXX.pt`, each written to a temp file and
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from perception.checkpoint import (
@@ -47,8 +50,8 @@ from perception.config import ExperimentConfig, TrainConfig
 from perception.data.batch import Batch
 from perception.data.build import build_dataset, default_splits
 from perception.data.gt_cache import cached_gt_database
-from perception.data.gt_sampling import GTSampler
-from perception.data.loader import EpochSampler, SequenceSampler, make_loader
+from perception.data.gt_sampling import GTSampler, GTSamplerConfig
+from perception.data.loader import CBGSSampler, EpochSampler, SequenceSampler, make_loader
 from perception.data.mmdet3d_info import info_sample_tokens
 from perception.distributed import DistInfo, TimeBudget, any_rank, init_distributed, pick_device
 from perception.errors import ConfigError, PerceptionError
@@ -58,6 +61,7 @@ from perception.model.camera import layer_decay_param_groups
 from perception.model.temporal import TemporalState
 from perception.progress import progress_bar
 from perception.schedule import EMA, autocast_dtype, lr_lambda
+from perception.structures import DETECTION_CLASSES
 from perception.train_log import (
     VAL_SCALARS, RunningMean, format_losses, gather_skipped, log_scalars, log_validation, open_work_dir, record_skipped,
     write_skipped_report)
@@ -123,16 +127,20 @@ class Trainer:
         self.val_set = None  # built on first validation
         self.micro_batch = t.batch_size
         self.global_batch = t.batch_size * self.dist.world_size * t.accumulate_steps
-        self.batches_per_epoch = len(self.train_set) // self.global_batch
         # Temporal fusion: batch slots stream consecutive keyframes (`SequenceSampler`), the history of each slot
         # is carried from step to step (a resumed run starts without history).
         self.state = TemporalState() if cfg.model.temporal.frames else None
         if self.state is not None and self.train_set.index.scene_tokens is None:
             raise ConfigError("model.temporal.frames: the training samples have no scene tokens (mmdet3d info files); "
                               "train a temporal model from the nuScenes tables")
+        # An epoch is the split, or with train.cbgs one pass over its class-balanced expansion (`CBGSSampler`).
+        self.sample_classes = self.train_set.index.classes_of_samples() if t.cbgs else None
+        epoch_samples = len(self.train_set) if self.sample_classes is None else len(self._sampler(0, 0).expanded())
+        self.batches_per_epoch = epoch_samples // self.global_batch
         if self.batches_per_epoch == 0:
             raise ConfigError(f"train.batch_size: a global batch of {self.global_batch} samples is larger than the "
-                              f"{len(self.train_set)} samples of split {self.train_split}")
+                              f"{epoch_samples} samples of {'a CBGS epoch of ' if t.cbgs else ''}split "
+                              f"{self.train_split}")
         # With only a time budget, the schedule's length is estimated from the measured step rate (`fit`).
         self.adaptive_length = spec.time_budget_s is not None and spec.max_steps is None and spec.epochs is None
         self.total_steps = schedule_length(spec, t, self.batches_per_epoch)
@@ -160,7 +168,8 @@ class Trainer:
 
     def _gt_sampler(self) -> GTSampler:
         return GTSampler(cached_gt_database(self.train_set.with_config(train=False, bev_aug=None), self.dist,
-                                            fallback_dir=self.work_dir / "cache", grid=self.model.grid))
+                                            fallback_dir=self.work_dir / "cache", grid=self.model.grid),
+                         GTSamplerConfig(stop_epoch=self.cfg.train.gt_sampling_stop_epoch))
 
     def state_dict(self) -> dict:
         """Everything `_resume` restores, and what rebuilds the model anywhere (see `perception.checkpoint`)."""
@@ -216,19 +225,30 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- training
 
-    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+    def _sampler(self, epoch: int, start_batch: int) -> Sampler[int]:
+        """This rank's samples of `epoch` from its global batch `start_batch` on: scenes streamed in time order
+        for a temporal model (`SequenceSampler`), the class-balanced expansion with train.cbgs (`CBGSSampler`),
+        else a permutation of the split (`EpochSampler`)."""
         t = self.cfg.train
-        self.train_set.set_epoch(epoch)
+        common = dict(micro_batch=self.micro_batch, world_size=self.dist.world_size, rank=self.dist.rank, seed=t.seed,
+                      epoch=epoch)
         if self.state is not None:
             index = self.train_set.index
-            sampler = SequenceSampler(index.scene_tokens, index.timestamps, micro_batch=self.micro_batch,
-                                      world_size=self.dist.world_size, rank=self.dist.rank, seed=t.seed, epoch=epoch,
-                                      start_batch=start_batch * t.accumulate_steps)
-            return make_loader(self.train_set, sampler, self.micro_batch, t.num_workers)
-        sampler = EpochSampler(len(self.train_set), micro_batch=self.micro_batch, world_size=self.dist.world_size,
-                               rank=self.dist.rank, accumulate=t.accumulate_steps, seed=t.seed, epoch=epoch,
-                               start_batch=start_batch)
-        return make_loader(self.train_set, sampler, self.micro_batch, t.num_workers)
+            return SequenceSampler(index.scene_tokens, index.timestamps, **common,
+                                   start_batch=start_batch * t.accumulate_steps)
+        if self.sample_classes is not None:
+            return CBGSSampler(self.sample_classes, num_classes=len(DETECTION_CLASSES), **common,
+                               accumulate=t.accumulate_steps, start_batch=start_batch)
+        return EpochSampler(len(self.train_set), **common, accumulate=t.accumulate_steps, start_batch=start_batch)
+
+    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+        """The loader of `epoch` from global batch `start_batch` on. The dataset is set to `epoch` first: the
+        loader's workers are not persistent, so they start with this epoch (augmentation seeds, GT-sampling stop)."""
+        t = self.cfg.train
+        self.train_set.set_epoch(epoch)
+        if t.gt_sampling and epoch == t.gt_sampling_stop_epoch:
+            log.info("GT sampling stops from epoch %d (train.gt_sampling_stop_epoch)", epoch)
+        return make_loader(self.train_set, self._sampler(epoch, start_batch), self.micro_batch, t.num_workers)
 
     def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
         """One optimizer step over `accumulate_steps` micro-batches; returns the mean loss terms, their sum

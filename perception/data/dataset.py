@@ -164,6 +164,12 @@ class SampleIndex:
         a, b = self.box_offsets[i], self.box_offsets[i + 1]
         return self.boxes[a:b], self.labels[a:b], self.attributes[a:b]
 
+    def classes_of_samples(self) -> list[set[int]]:
+        """(S,) per sample, the distinct labels (ids into DETECTION_CLASSES) of its boxes (from the index: nothing
+        is loaded)."""
+        off = self.box_offsets
+        return [set(self.labels[a:b].tolist()) for a, b in zip(off[:-1], off[1:])]
+
     def subset(self, keep: np.ndarray) -> "SampleIndex":
         """A new index over the samples where `keep` (S,) bool is True."""
         keep = np.asarray(keep, bool)
@@ -500,7 +506,10 @@ class NuScenesDataset(Dataset):
                                gt_sampler=self.gt_sampler, index=self.index)
 
     def set_epoch(self, epoch: int) -> None:
-        """Vary the augmentation draws between epochs (they are seeded by (seed, epoch, index))."""
+        """The training epoch of the items loaded from now on: the augmentation draws are seeded by (seed, epoch,
+        index), and GT sampling stops at its `GTSamplerConfig.stop_epoch`. DataLoader workers hold a copy of the
+        dataset made when they start: set the epoch before iterating a loader whose workers are not persistent
+        (as `perception.data.loader.make_loader` makes them)."""
         self._epoch = int(epoch)
 
     def __getitem__(self, i: int) -> Sample:
@@ -626,7 +635,7 @@ class NuScenesDataset(Dataset):
         images, cam2img, img_aug = self.load_images(i, rng)
         boxes, labels, attrs = (a.copy() for a in idx.boxes_of(i))
         augment = cfg.train and cfg.bev_aug is not None
-        if cfg.train and self.gt_sampler is not None:
+        if cfg.train and self.gt_sampler is not None and self.gt_sampler.active(self._epoch):
             # Objects are pasted in the sample's own LiDAR frame, then everything is augmented.
             points_lidar = self.load_points_lidar(i)
             points_radar = self.load_points_radar(i)

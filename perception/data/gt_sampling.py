@@ -92,11 +92,13 @@ class GTDatabase:
 
 @dataclass(frozen=True)
 class GTSamplerConfig:
-    """Target number of boxes per class after pasting (classes not named: no pasting)."""
+    """`targets`: number of boxes per class after pasting (classes not named: no pasting). `stop_epoch`: no
+    pasting from this (0-based) training epoch on (None: never stop), as BEVFusion's ``gt_paste_stop_epoch``."""
 
     targets: dict[str, int] = field(default_factory=lambda: {
         "car": 2, "truck": 3, "construction_vehicle": 7, "bus": 4, "trailer": 6, "barrier": 2,
         "motorcycle": 6, "bicycle": 6, "pedestrian": 2, "traffic_cone": 2})
+    stop_epoch: int | None = None
 
 
 class GTSampler:
@@ -107,6 +109,10 @@ class GTSampler:
         self.config = config or GTSamplerConfig()
         self._by_class = {c: np.flatnonzero(database.labels == DETECTION_CLASSES.index(c))
                           for c in self.config.targets}
+
+    def active(self, epoch: int) -> bool:
+        """Whether objects are pasted in training epoch `epoch` (before `config.stop_epoch`)."""
+        return self.config.stop_epoch is None or epoch < self.config.stop_epoch
 
     def paste(self, points_lidar: np.ndarray, boxes: np.ndarray, labels: np.ndarray, attributes: np.ndarray,
               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

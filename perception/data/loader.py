@@ -1,5 +1,5 @@
-"""Training batches: which samples each rank draws in an epoch (`EpochSampler`) and the `DataLoader` that
-collates them into `Batch`es (`make_loader`).
+"""Training batches: which samples each rank draws in an epoch (`EpochSampler`; class-balanced: `CBGSSampler`;
+temporal: `SequenceSampler`) and the `DataLoader` that collates them into `Batch`es (`make_loader`).
 
 An epoch is a permutation of the split seeded by (seed, epoch), cut into global batches of
 ``micro_batch x world_size x accumulate`` samples, so that every rank and every resumed run agrees on which
@@ -12,9 +12,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 import cv2
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -120,9 +121,69 @@ class EpochSampler(Sampler[int]):
                 yield from chunk[m * self.mb:(m + 1) * self.mb]
 
 
+class CBGSSampler(Sampler[int]):
+    """Class-balanced grouping and sampling (CBGS, Zhu et al. 2019, arXiv:1908.09492): `EpochSampler`'s order
+    over an expanded list of sample ids in which each class's samples are repeated toward balance.
+
+    The expansion is mmdetection3d's `CBGSDataset._get_sample_indices` (mmdet3d/datasets/dataset_wrappers.py):
+    with C classes, ids_c the samples whose boxes include class c (a sample counts once per class it holds),
+    n_c = len(ids_c), T = sum_c n_c, f_c = n_c / T and r_c = (1 / C) / f_c, class c contributes int(n_c * r_c)
+    ids drawn from ids_c with replacement. As n_c * r_c = T / C, every class present gets T // C draws (computed
+    in integers here: when C divides T, mmdet3d's float product often rounds down to T // C - 1); a class with no
+    sample gets none (mmdet3d divides by zero). So the expanded list has (classes present) x (T // C) entries:
+    with all classes present about T, the number of (sample, class) pairs, several times the split.
+
+    Differences from mmdet3d: the draws are seeded by (seed, epoch) and redrawn every epoch (mmdet3d draws once
+    for the whole run, so one draw's misses and repeats last all run). The expanded list is then shuffled, cut
+    into global batches and sharded across ranks exactly as `EpochSampler` does with the split (`order`: over
+    positions in the list; the incomplete last global batch is dropped, nothing is padded). One epoch is one
+    pass over the expanded list: `batches_per_epoch` counts its global batches, and ``--epochs`` counts passes.
+
+    CBGS reorders samples freely, so it does not combine with the temporal `SequenceSampler` (scenes streamed in
+    time order): the config rejects ``train.cbgs`` with ``model.temporal.frames``.
+
+    Args:
+        sample_classes: (N,) per sample, the class ids (0 .. num_classes - 1) of its boxes; repeats are ignored.
+        num_classes: C, the classes balanced over (`perception.structures.DETECTION_CLASSES`).
+        The other arguments are `EpochSampler`'s.
+    """
+
+    def __init__(self, sample_classes: Sequence[Iterable[int]], *, num_classes: int, micro_batch: int,
+                 world_size: int = 1, rank: int = 0, accumulate: int = 1, seed: int = 0, epoch: int = 0,
+                 start_batch: int = 0):
+        ids: list[list[int]] = [[] for _ in range(num_classes)]
+        for i, classes in enumerate(sample_classes):
+            for c in set(classes):
+                ids[c].append(i)
+        self.ids_of_class = [np.asarray(v, np.int64) for v in ids]
+        per_class = sum(map(len, ids)) // num_classes  # int(n_c * r_c) = T // C
+        self.draws = [per_class if len(v) else 0 for v in ids]
+        self.seed, self.epoch = seed, epoch
+        self.order = EpochSampler(sum(self.draws), micro_batch=micro_batch, world_size=world_size, rank=rank,
+                                  accumulate=accumulate, seed=seed, epoch=epoch, start_batch=start_batch)
+
+    def expanded(self) -> np.ndarray:
+        """(L,) int64 sample ids of this epoch's expanded list, class by class (before `order` shuffles it)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return np.concatenate([np.zeros(0, np.int64)] + [ids[rng.integers(len(ids), size=k)]
+                                                         for ids, k in zip(self.ids_of_class, self.draws) if k])
+
+    def batches_per_epoch(self) -> int:
+        """Complete global batches in one pass over the expanded list."""
+        return self.order.batches_per_epoch()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        ids = self.expanded()
+        return (int(ids[p]) for p in self.order)
+
+
 def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, workers: int) -> DataLoader:
     """A `DataLoader` of `Batch`es (`collate_samples`) of `batch_size` samples drawn in `sampler`'s order, with
-    `workers` worker processes (0: in this process); pinned memory when CUDA is available."""
+    `workers` worker processes (0: in this process); pinned memory when CUDA is available. The workers are not
+    persistent: each iteration starts them with a fresh copy of `dataset` (so they see its `set_epoch`)."""
     return SampleLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=collate_samples, persistent_workers=False, pin_memory=torch.cuda.is_available())
 
