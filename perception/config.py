@@ -270,7 +270,15 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0.0)
     layer_decay: float = Field(0.75, gt=0.0, le=1.0, description="Layer-wise lr decay of the camera backbone.")
     batch_size: int = Field(4, ge=1)
-    max_steps: int = Field(20000, ge=1)
+    max_steps: int = Field(20000, ge=1, description="Optimizer steps of the run, unless train.epochs is set.")
+    epochs: Optional[int] = Field(None, ge=1, description="Length of the run in epochs (one pass over the training "
+                                  "split, or over its class-balanced expansion with train.cbgs); replaces max_steps "
+                                  "when set. --epochs / --max-steps on the command line override both.")
+    lr_batch: Optional[int] = Field(None, ge=1, description="The global batch (batch_size x ranks x accumulate_steps) "
+                                    "that lr and warmup_steps are given for. Set, the run uses lr x global batch / "
+                                    "lr_batch (the linear scaling rule) and warmup_steps x lr_batch / global batch "
+                                    "steps of warm-up, so one GPU and eight see the same schedule per sample. null: "
+                                    "lr and warmup_steps as given, whatever the global batch.")
     warmup_steps: int = Field(500, ge=0)
     grad_clip: float = Field(35.0, gt=0.0)
     seed: int = 0

@@ -61,7 +61,7 @@ class TimeBudget:
     Args:
         budget_s: training time allowed, seconds (None: no budget, `after_step` changes nothing).
         adaptive: set the schedule's length from the measured step rate (only a time budget was given).
-        max_steps: the longest schedule `adaptive` may choose (``train.max_steps``).
+        max_steps: the longest schedule `adaptive` may choose (``train.max_steps``, or ``train.epochs`` epochs).
         dist_info: this process's rank; device: where the broadcast tensor lives (CUDA for NCCL).
         start: the run's start, `time.time()` seconds (rank 0's clock is the one that counts).
     """

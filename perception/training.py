@@ -145,8 +145,9 @@ class Trainer:
         self.adaptive_length = spec.time_budget_s is not None and spec.max_steps is None and spec.epochs is None
         self.total_steps = schedule_length(spec, t, self.batches_per_epoch)
 
-        self.optimizer = make_optimizer(self.model, t)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_lambda(t.warmup_steps, self.total_steps)(step))
+        self.optimizer = make_optimizer(self.model, t, self.global_batch)
+        warmup = scaled_warmup(t, self.global_batch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_lambda(warmup, self.total_steps)(step))
         amp_dtype = autocast_dtype(t.amp, self.device)
         self.amp = amp_dtype is not None
         self.amp_dtype = amp_dtype or torch.float32
@@ -297,7 +298,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         t = self.cfg.train
         start_time = time.time()
-        budget = TimeBudget(self.spec.time_budget_s, adaptive=self.adaptive_length, max_steps=t.max_steps,
+        config_steps = t.max_steps if t.epochs is None else t.epochs * self.batches_per_epoch
+        budget = TimeBudget(self.spec.time_budget_s, adaptive=self.adaptive_length, max_steps=config_steps,
                             dist_info=self.dist, device=self.device, start=start_time)
         stopped_early = False
         bar = None
@@ -443,18 +445,34 @@ def check_validation_tables(spec: RunSpec) -> None:
 
 
 def schedule_length(spec: RunSpec, t: TrainConfig, batches_per_epoch: int) -> int:
-    """Optimizer steps of the run: ``--max-steps``, else ``--epochs`` epochs, else ``train.max_steps``."""
+    """Optimizer steps of the run: ``--max-steps``, else ``--epochs`` epochs, else ``train.epochs`` epochs, else
+    ``train.max_steps``."""
     if spec.max_steps is not None:
         return spec.max_steps
-    if spec.epochs is not None:
-        return spec.epochs * batches_per_epoch
+    epochs = spec.epochs if spec.epochs is not None else t.epochs
+    if epochs is not None:
+        return epochs * batches_per_epoch
     return t.max_steps
 
 
-def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `model` with layer-wise lr decay over the camera ViT (`layer_decay_param_groups`)."""
-    groups = layer_decay_param_groups(model, lr=t.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay)
-    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+def scaled_lr(t: TrainConfig, global_batch: int) -> float:
+    """The base learning rate at `global_batch` samples per step: ``lr * global_batch / lr_batch`` (linear scaling
+    rule; Goyal et al. 2017, as mmdet's ``auto_scale_lr``), or ``lr`` when ``train.lr_batch`` is null."""
+    return t.lr if t.lr_batch is None else t.lr * global_batch / t.lr_batch
+
+
+def scaled_warmup(t: TrainConfig, global_batch: int) -> int:
+    """Warm-up steps at `global_batch`: ``warmup_steps`` is counted at ``train.lr_batch`` (the same number of
+    samples at any global batch), or taken as given when ``lr_batch`` is null."""
+    return t.warmup_steps if t.lr_batch is None else int(round(t.warmup_steps * t.lr_batch / global_batch))
+
+
+def make_optimizer(model: nn.Module, t: TrainConfig, global_batch: int = 1) -> torch.optim.AdamW:
+    """AdamW over `model` with layer-wise lr decay over the camera ViT (`layer_decay_param_groups`), at the base
+    rate `scaled_lr` for `global_batch`."""
+    lr = scaled_lr(t, global_batch)
+    groups = layer_decay_param_groups(model, lr=lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
 
 
 class _LossWrapper(nn.Module):
