@@ -55,7 +55,7 @@ _DESCRIPTIONS = {
     "lidar2img": "LIDAR_TOP -> augmented pixels, homogeneous (cam2img @ inverse(cam2lidar))",
     "features": "padded pillar points: selected columns, offsets to the pillar's point mean (3) and centre (2)",
     "point_mask": "1 for real points of a pillar, 0 for padding",
-    "bev_index": "row of each BEV cell's pillar, P = no pillar",
+    "bev_index": "row of each pillar-grid cell's pillar (the BEV cells, or finer ones with pillar_stride), P = no pillar",
     "modality_mask": "camera, lidar, radar present",
     "heatmap": "class heatmap logits on the BEV grid (row along +y, column along +x)",
     "offset": "sub-cell centre offset (dx, dy), cells", "z": "box centre z, m", "log_size": "log(w, l, h), m",

@@ -7,8 +7,9 @@ No ``scatter_add``: ONNX writes it as ``ScatterElements(reduction="add")``, whic
 imports through its ``ScatterElements`` plugin, and a deployed model here needs no plugin. (On CPU a training
 step of ``configs/tiny.yaml`` takes as long with either; README, "Architecture".)
 
-  - Pillars: one pillar per BEV cell, so the grid is a ``Gather`` of the pillar features plus a zero row,
-    indexed by each cell's pillar (`gather_bev`, with the index of `PillarVoxelizer`).
+  - Pillars: one pillar per cell of the voxeliser's pillar grid (the BEV grid, or one ``pillar_stride`` times
+    finer), so that grid is a ``Gather`` of the pillar features plus a zero row, indexed by each cell's pillar
+    (`gather_bev`, with the index of `PillarVoxelizer`).
   - Lift-splat: the frustum points of the rig, sorted by BEV cell, are cut into segments of at most ``K``
     points of one cell (`PoolingPlan`). ``Gather`` + ``ReduceSum`` sums every segment; a second ``Gather`` +
     ``ReduceSum`` sums the segments of the cells that have several; `gather_bev` lays the cell sums out on

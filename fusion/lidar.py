@@ -2,14 +2,16 @@
 BEV grid, and a small 2D backbone.
 
 `PillarVoxelizer` runs outside the exportable core: it turns a concatenated point cloud with per-sample counts
-into padded pillars and, for every BEV cell, the row of its pillar. `PillarEncoder` is exportable (Linear,
+into padded pillars and, for every cell of its pillar grid, the row of its pillar. The pillar grid is the BEV
+grid, or with ``pillar_stride`` k > 1 a grid k times finer in x and y over the same extent; the encoder's first,
+strided conv then brings the features back onto the BEV grid. `PillarEncoder` is exportable (Linear,
 BatchNorm, max, Gather, convs; `fusion.bev_pool`). The radar encoder (`fusion.radar`) reuses both with radar
 columns.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,7 +30,7 @@ KEYFRAME_DT = 0.025
 
 @dataclass(frozen=True)
 class Pillars:
-    """Padded non-empty pillars of a batch of B samples, and where each lies on the BEV grid.
+    """Padded non-empty pillars of a batch of B samples, and where each lies on the voxeliser's pillar grid.
 
     A batch without any pillar gets one all-padding pillar (zero features, zero mask, referenced by no cell),
     so that no runtime sees a zero-sized tensor.
@@ -37,8 +39,9 @@ class Pillars:
         features: (P, M, F + 5) float32: the selected point columns, then x, y, z minus the pillar's point
             mean, then x, y minus the pillar centre (LIDAR_TOP, metres); zeros for padding slots.
         point_mask: (P, M) float32, 1 for real points.
-        bev_index: (B, H, W) int64 in [0, P]: the pillar of each BEV cell (row i along +y, column j along +x),
-            P where the cell has none.
+        bev_index: (B, k*H, k*W) int64 in [0, P]: the pillar of each cell of the pillar grid (row i along +y,
+            column j along +x), P where the cell has none; k = `PillarVoxelizer.pillar_stride` (1: the BEV grid
+            (H, W) itself).
     """
 
     features: Tensor
@@ -50,7 +53,7 @@ class Pillars:
 
 
 class PillarVoxelizer:
-    """Groups points into pillars of the BEV grid (one pillar per BEV cell, points with z outside the grid dropped).
+    """Groups points into pillars (one pillar per cell of `pillar_grid`, points with z outside the grid dropped).
 
     Args:
         grid: the BEV grid.
@@ -59,13 +62,21 @@ class PillarVoxelizer:
         max_points_per_pillar: M; a pillar with more points keeps M spread evenly over its points in input
             order (so over all sweeps of a multi-sweep cloud).
         max_pillars: per sample; when exceeded, the pillars with the most points are kept.
+        pillar_stride: k >= 1; pillars are ``grid.cell / k`` metres on a side, over the grid's extent (the
+            `PillarEncoder` downsamples by k back onto `grid`). 1: the pillars are the BEV cells.
     """
 
-    def __init__(self, *, grid: BEVGrid, feature_columns: tuple[int, ...], max_points_per_pillar: int, max_pillars: int):
+    def __init__(self, *, grid: BEVGrid, feature_columns: tuple[int, ...], max_points_per_pillar: int, max_pillars: int,
+                 pillar_stride: int = 1):
+        if int(pillar_stride) != pillar_stride or pillar_stride < 1:
+            raise ValueError(f"pillar_stride must be a positive integer, got {pillar_stride}")
         self.grid = grid
         self.feature_columns = feature_columns
         self.max_points_per_pillar = max_points_per_pillar
         self.max_pillars = max_pillars
+        self.pillar_stride = int(pillar_stride)
+        # Same bounds, cells k times smaller: (k*H, k*W) cells, cell (i, j) inside BEV cell (i // k, j // k).
+        self.pillar_grid = grid if self.pillar_stride == 1 else replace(grid, cell=grid.cell / self.pillar_stride)
 
     @property
     def num_features(self) -> int:
@@ -75,18 +86,20 @@ class PillarVoxelizer:
     def to_json(self) -> dict[str, Any]:
         """The settings an export manifest records (the grid is recorded once, beside them)."""
         return {"feature_columns": list(self.feature_columns), "max_points_per_pillar": self.max_points_per_pillar,
-                "max_pillars": self.max_pillars, "num_features": self.num_features}
+                "max_pillars": self.max_pillars, "num_features": self.num_features, "pillar_stride": self.pillar_stride}
 
     @staticmethod
     def from_json(d: dict[str, Any], grid: BEVGrid) -> "PillarVoxelizer":
+        """The voxeliser `to_json` records, on the BEV `grid` (a manifest without ``pillar_stride`` predates it: 1)."""
         return PillarVoxelizer(grid=grid, feature_columns=tuple(int(c) for c in d["feature_columns"]),
-                               max_points_per_pillar=int(d["max_points_per_pillar"]), max_pillars=int(d["max_pillars"]))
+                               max_points_per_pillar=int(d["max_points_per_pillar"]), max_pillars=int(d["max_pillars"]),
+                               pillar_stride=int(d.get("pillar_stride", 1)))
 
     @torch.no_grad()
     def __call__(self, points: Tensor, num_points: Tensor) -> Pillars:
         """points: (sum N_b, F_in) float32 in LIDAR_TOP; num_points: (B,) int64 -> `Pillars`."""
         device = points.device
-        grid = self.grid
+        grid = self.pillar_grid
         cells = grid.height * grid.width
         batch_size = int(num_points.shape[0])
         m = self.max_points_per_pillar
@@ -148,14 +161,20 @@ class PillarVoxelizer:
 
 
 class PillarEncoder(nn.Module):
-    """PointPillars: per-point Linear + BatchNorm + ReLU, max over the pillar's points, laid out on the BEV
-    grid (`fusion.bev_pool.gather_bev`), then a small 2D conv backbone.
+    """PointPillars: per-point Linear + BatchNorm + ReLU, max over the pillar's points, laid out on the
+    voxeliser's pillar grid (`fusion.bev_pool.gather_bev`), then a small 2D conv backbone on the BEV grid.
+
+    With ``voxelizer.pillar_stride`` k > 1 the pillar grid is k times finer than the BEV grid, and the backbone
+    starts with `downsample`: a k x k conv of stride k (+ BN + ReLU, channels kept), which maps each BEV cell's
+    k x k pillars onto that cell (centred on it, no overlap: (k*H, k*W) -> (H, W) exactly, as ConvNeXt's and
+    Swin's downsampling layers do). With k = 1 `downsample` is an identity without parameters, so the module,
+    its parameter names and shapes are those of an encoder without the option.
 
     Args:
         voxelizer: pre-processing that makes this encoder's `Pillars` (not called in `forward`).
         pfn_channels: pillar feature channels.
         out_channels: channels of the BEV output.
-        backbone_layers: number of 3x3 conv + BN + ReLU layers on the BEV grid.
+        backbone_layers: number of 3x3 conv + BN + ReLU layers on the BEV grid (after `downsample`).
         keyframe_feature: index into `Pillars.features` of the points' time lag (s); if given, the pillar's
             keyframe-sweep points (time lag < KEYFRAME_DT) are max-pooled again on their own and those
             `pfn_channels` are laid out beside the all-sweep ones, so the BEV keeps where a moving object is now
@@ -177,6 +196,9 @@ class PillarEncoder(nn.Module):
         )
         layers: list[nn.Module] = []
         cin = pfn_channels * (1 if keyframe_feature is None else 2)
+        k = voxelizer.pillar_stride
+        self.downsample: nn.Module = nn.Identity() if k == 1 else nn.Sequential(
+            nn.Conv2d(cin, cin, k, stride=k, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
         for _ in range(backbone_layers):
             layers += [nn.Conv2d(cin, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
             cin = out_channels
@@ -197,12 +219,14 @@ class PillarEncoder(nn.Module):
         return torch.cat([pooled, (x * keyframe[..., None]).amax(dim=1)], 1)
 
     def forward(self, features: Tensor, point_mask: Tensor, bev_index: Tensor) -> Tensor:
-        """features: (P, M, F) float; point_mask: (P, M) float; bev_index: (B, H, W) int64 in [0, P] (`Pillars`).
+        """features: (P, M, F) float; point_mask: (P, M) float; bev_index: (B, k*H, k*W) int64 in [0, P]
+        (`Pillars`; k = the voxeliser's `pillar_stride`, (H, W) = `grid.shape`).
 
-        Returns: (B, out_channels, H, W) float BEV features on the grid (row along +y, column along +x); a cell
-        without a pillar enters the backbone as zeros.
+        Returns: (B, out_channels, H, W) float BEV features on the grid (row along +y, column along +x); a
+        pillar-grid cell without a pillar enters the backbone as zeros.
         """
-        return self.backbone(gather_bev(self.pool(features, point_mask), bev_index))
+        placed = gather_bev(self.pool(features, point_mask), bev_index)  # (B, C, k*H, k*W)
+        return self.backbone(self.downsample(placed))
 
 
 class LidarEncoder(PillarEncoder):
@@ -212,6 +236,7 @@ class LidarEncoder(PillarEncoder):
     DT_FEATURE = LIDAR_FEATURE_COLUMNS.index(4)
 
     @staticmethod
-    def make_voxelizer(grid: BEVGrid, *, max_points_per_pillar: int, max_pillars: int) -> PillarVoxelizer:
-        return PillarVoxelizer(grid=grid, feature_columns=LIDAR_FEATURE_COLUMNS,
-                               max_points_per_pillar=max_points_per_pillar, max_pillars=max_pillars)
+    def make_voxelizer(grid: BEVGrid, *, max_points_per_pillar: int, max_pillars: int,
+                       pillar_stride: int = 1) -> PillarVoxelizer:
+        return PillarVoxelizer(grid=grid, feature_columns=LIDAR_FEATURE_COLUMNS, max_points_per_pillar=max_points_per_pillar,
+                               max_pillars=max_pillars, pillar_stride=pillar_stride)

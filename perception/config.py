@@ -158,13 +158,17 @@ class PillarConfig(_Section):
     """A PointPillars-style encoder (LiDAR or radar) on the experiment's BEV grid."""
 
     max_points_per_pillar: int = Field(20, ge=1)
-    max_pillars: int = Field(30000, ge=1, description="Per sample; extra pillars are dropped.")
+    max_pillars: int = Field(30000, ge=1, description="Per sample; extra pillars are dropped. Finer pillars "
+                             "(pillar_stride > 1) need more: up to pillar_stride**2 as many non-empty ones.")
     pfn_channels: int = Field(64, ge=1, description="Pillar feature net output channels.")
     out_channels: int = Field(64, ge=1, description="Channels after the small 2D BEV backbone.")
     backbone_layers: int = Field(2, ge=0, description="3x3 conv layers of the small 2D backbone.")
     keyframe_pool: bool = Field(False, description="LiDAR only: max-pool each pillar's keyframe-sweep points "
                                 "separately too (2 x pfn_channels into the BEV), so a moving object's current "
                                 "position is not blurred with its past sweeps.")
+    pillar_stride: int = Field(1, ge=1, description="LiDAR only: pillars are (grid.cell / pillar_stride) metres on "
+                               "a side over the grid's extent; the encoder's 2D backbone starts with a stride-"
+                               "pillar_stride conv back to the BEV grid. 1: the pillars are the BEV cells.")
 
 
 class FuserConfig(_Section):

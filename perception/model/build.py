@@ -72,7 +72,9 @@ def rig_geometry_from_json(d: dict[str, Any], grid: BEVGrid, image_size: tuple[i
 
 
 def build_lidar_encoder(cfg: PillarConfig, grid: BEVGrid) -> LidarEncoder:
-    voxelizer = LidarEncoder.make_voxelizer(grid, max_points_per_pillar=cfg.max_points_per_pillar, max_pillars=cfg.max_pillars)
+    """The LiDAR pillar encoder; its output is on `grid` whatever ``cfg.pillar_stride`` (pillars grid.cell / stride)."""
+    voxelizer = LidarEncoder.make_voxelizer(grid, max_points_per_pillar=cfg.max_points_per_pillar, max_pillars=cfg.max_pillars,
+                                            pillar_stride=cfg.pillar_stride)
     return LidarEncoder(voxelizer=voxelizer, pfn_channels=cfg.pfn_channels, out_channels=cfg.out_channels,
                         backbone_layers=cfg.backbone_layers,
                         keyframe_feature=LidarEncoder.DT_FEATURE if cfg.keyframe_pool else None)
@@ -82,6 +84,9 @@ def build_radar_encoder(cfg: PillarConfig, grid: BEVGrid) -> RadarEncoder:
     if cfg.keyframe_pool:
         raise ConfigError("model.radar.keyframe_pool: only the LiDAR encoder pools its keyframe sweep apart (the "
                           "5 radars' keyframe scans are not at the LiDAR's time)")
+    if cfg.pillar_stride != 1:
+        raise ConfigError("model.radar.pillar_stride: only the LiDAR encoder has pillars finer than the BEV cell "
+                          "(radar returns are too sparse for them); leave it at 1")
     voxelizer = RadarEncoder.make_voxelizer(grid, max_points_per_pillar=cfg.max_points_per_pillar, max_pillars=cfg.max_pillars)
     return RadarEncoder(voxelizer=voxelizer, pfn_channels=cfg.pfn_channels, out_channels=cfg.out_channels,
                         backbone_layers=cfg.backbone_layers)
