@@ -83,7 +83,8 @@ def _train(data: Path, out: Path, steps: int, workers: int, device: str, preload
     from perception.training import RunSpec, Trainer
 
     overrides = ["train.amp=auto", "train.log_every=5", f"train.num_workers={workers}", "train.val_every=0",
-                 f"train.max_steps={steps}", f"train.checkpoint_every={10 * steps}", "train.warmup_steps=10"]
+                 f"train.max_steps={steps}", f"train.checkpoint_every={10 * steps}", "train.warmup_steps=10",
+                 "model.camera.pretrained=null", "train.gt_sampling=false"]  # a timing: no weights to fetch offline
     cfg = load_config(REPO / "configs/base.yaml", overrides)
     spec = RunSpec(data=data, work_dir=out / "train_base", max_steps=steps, device=device, progress=False)
     trainer = Trainer(cfg, spec)
@@ -127,7 +128,7 @@ def _latency(device: str, precision: str, torch_compile: bool = False, backend: 
     from perception.config import load_config
 
     if checkpoint is None:
-        cfg = load_config(REPO / "configs/base.yaml", [])
+        cfg = load_config(REPO / "configs/base.yaml", ["model.camera.pretrained=null"])  # random weights: a timing
     else:  # the checkpoint's own config (its image size), not base.yaml's
         from perception.checkpoint import model_from_checkpoint
 

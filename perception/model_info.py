@@ -36,6 +36,7 @@ class ModelInfo:
     config: str
     rows: tuple[ModuleFigures, ...]
     total: ModuleFigures
+    camera: str = ""  # which backbone the camera starts from (`camera_line`)
 
     def format_table(self) -> str:
         lines = [f"model-info: {self.config}", f"{'module':<18}{'params (M)':>12}{'trainable (M)':>15}{'GFLOPs':>10}"]
@@ -45,7 +46,20 @@ class ModelInfo:
             lines.append(f"{r.name:<18}{r.params / 1e6:>12.3f}{r.trainable_params / 1e6:>15.3f}{r.flops / 1e9:>10.2f}")
         lines.append("GFLOPs: one forward of the exportable core for 1 sample (6 cameras); matmuls, convolutions and")
         lines.append("attention only (scatter-add pooling, grid_sample, voxelisation and decoding are not counted).")
+        if self.camera:
+            lines.append(self.camera)
         return "\n".join(lines)
+
+
+def camera_line(backbone: str, blocks: int | None, provenance: dict) -> str:
+    """``camera: <backbone>[, first N blocks], pretrained <name> (sha256 <hex>)`` or ``..., random initialisation``
+    from the encoder's `weights_provenance` (`perception.model.weights.resolve_pretrained`)."""
+    head = f"camera: {backbone}" + (f", first {blocks} blocks" if blocks else "")
+    if not provenance:
+        return head + ", random initialisation (model.camera.pretrained: null)"
+    name = provenance.get("name") or provenance.get("path") or "a checkpoint"
+    sha = provenance.get("sha256")
+    return head + f", pretrained {name}" + (f" (sha256 {sha})" if sha else "")
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -78,7 +92,8 @@ def compute_model_info(cfg: ExperimentConfig, name: str = "config") -> ModelInfo
         "total", sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad),
         int(sum(counts.get("Global", {}).values())),
     )
-    return ModelInfo(config=name, rows=tuple(rows), total=total)
+    camera = camera_line(cfg.model.camera.backbone, cfg.model.camera.blocks, model.camera_encoder.weights_provenance)
+    return ModelInfo(config=name, rows=tuple(rows), total=total, camera=camera)
 
 
 def model_info_for_file(path: Path, overrides: Sequence[str] = ()) -> ModelInfo:

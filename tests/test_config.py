@@ -24,9 +24,23 @@ def test_tiny_config_is_the_cpu_model():
 def test_base_config_is_the_bevfusion_sized_model():
     cfg = load_config(CONFIGS / "base.yaml")
     grid = cfg.grid.build()
-    assert cfg.data.image_size == (256, 704)
+    assert cfg.data.image_size == (252, 700)  # 18 x 50 patches of DINOv2's 14 pixels
     assert grid.shape == (180, 180) and grid.cell == pytest.approx(0.6)
-    assert cfg.model.camera.backbone.startswith("vit_small")
+    assert cfg.model.camera.backbone == "vit_small_patch14_dinov2" and cfg.model.camera.pretrained == "dinov2-small"
+    # BEVFusion's nuScenes recipe: rotation +-45 degrees, scaling 0.9-1.1, 0.5 m translation; epochs, CBGS, EMA.
+    assert cfg.data.bev_rot_lim_deg == (-45.0, 45.0) and cfg.data.bev_trans_std == (0.5, 0.5, 0.5)
+    assert cfg.train.epochs == 6 and cfg.train.cbgs and cfg.train.ema_decay > 0 and cfg.train.lr_batch == 32
+    assert cfg.train.gt_sampling and cfg.train.gt_sampling_stop_epoch == 4
+    assert cfg.model.lidar.pillar_stride == 3  # 0.2 m pillars under 0.6 m BEV cells
+
+
+def test_lidar_stage_builds_the_same_model_as_base():
+    """Stage 1 (configs/base_lidar.yaml) must load into stage 2 (base.yaml) key for key (--init-from)."""
+    lidar, fused = load_config(CONFIGS / "base_lidar.yaml"), load_config(CONFIGS / "base.yaml")
+    assert lidar.model.model_copy(update={"fuser": fused.model.fuser}) == fused.model
+    assert lidar.data.image_size == fused.data.image_size and lidar.grid == fused.grid
+    assert lidar.model.fuser.modality_dropout == (1.0, 0.0, 1.0) and lidar.loss.depth == 0
+    assert lidar.train.epochs == 20 and lidar.train.gt_sampling_stop_epoch == 15
 
 
 def test_overrides_are_parsed_as_yaml_and_the_config_is_frozen():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -45,7 +46,7 @@ SMALL_IMAGE = (64, 176)  # (H, W): a 4 x 11 patch grid
 SMALL = {
     "tiny": ["data.image_size=[64, 176]", "model.camera.blocks=2", "model.fuser.modality_dropout=0",
              "grid.x_min=-12.8", "grid.x_max=12.8", "grid.y_min=-12.8", "grid.y_max=12.8"],
-    "base": ["data.image_size=[64, 176]", "model.camera.blocks=2", "model.fuser.modality_dropout=0",
+    "base": ["data.image_size=[56, 168]", "model.camera.blocks=2", "model.fuser.modality_dropout=0", "model.camera.pretrained=null",
              "grid.x_min=-9.6", "grid.x_max=9.6", "grid.y_min=-9.6", "grid.y_max=9.6", "model.lidar.max_pillars=2000"],
 }
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)]  # the 7 non-empty modality subsets
@@ -330,17 +331,18 @@ def _timm_vit(name: str, **kwargs) -> torch.nn.Module:
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
 def test_timm_checkpoint_of_the_same_architecture_loads_without_missing_keys(tmp_path, name, fmt):
     cfg = small_config(name)
-    source = _timm_vit(cfg.model.camera.backbone, img_size=SMALL_IMAGE, depth=2)
+    size = cfg.data.image_size  # base's DINOv2 takes multiples of 14
+    source = _timm_vit(cfg.model.camera.backbone, img_size=size, depth=2)
     state = source.state_dict()
     path = tmp_path / f"vit.{fmt}"
     if fmt == "pth":
         torch.save(state, path)
     else:
         save_file(state, str(path))
-    backbone = build_vit_backbone(cfg.model.camera.backbone, SMALL_IMAGE, blocks=2)
+    backbone = build_vit_backbone(cfg.model.camera.backbone, size, blocks=2)
     report = load_backbone_checkpoint(backbone, path)
     assert report.missing == []
-    assert report.unexpected == ["head.bias", "head.weight"]
+    assert report.unexpected == sorted(k for k in state if k.startswith("head."))  # the classifier, if it has one
     assert report.resampled == [] and report.shape_mismatch == []
     for key, value in backbone.state_dict().items():
         torch.testing.assert_close(value, state[key], msg=key)
@@ -717,6 +719,29 @@ def test_tiny_model_overfits_one_sample():
     assert ok, f"boxes not within 0.5 m after {step + 1} steps (heatmap loss {first:.2f} -> {last:.3f})"
 
 
+def test_lidar_only_stage_runs_no_camera_and_leaves_its_weights_untouched(monkeypatch):
+    """Cameras hidden from every sample by the config and no depth loss (configs/base_lidar.yaml): the camera
+    branch does not run in training, so its pretrained weights get no gradient (AdamW then skips them). With a
+    depth loss, or in evaluation, it runs."""
+    torch.manual_seed(0)
+    cfg = small_config("tiny", "model.fuser.modality_dropout=[1.0, 0.0, 1.0]", "loss.depth=0")
+    model = build_model(cfg).train()
+    calls = []
+    camera = model.encode_camera
+    monkeypatch.setattr(model, "encode_camera", lambda *a: calls.append(1) or camera(*a))
+    batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=cfg.grid.build(), seed=3)
+    sum(model.loss(batch).values()).backward()
+    assert calls == [] and model.camera_unused
+    assert all(p.grad is None for p in (*model.camera_encoder.parameters(), *model.view_transform.parameters()))
+    assert _grad_norm(model.lidar_encoder) > 0
+    model.eval()
+    with torch.no_grad():
+        model.predict(batch)
+    assert calls == [1]  # evaluation runs every branch
+    depth = build_model(small_config("tiny", "model.fuser.modality_dropout=[1.0, 0.0, 1.0]", "loss.depth=0.5")).train()
+    assert not depth.camera_unused  # depth supervision needs the camera's depth
+
+
 def test_map_camera_feeds_the_masked_camera_bev_to_the_map_head_only():
     """`model.heads.map_camera`: the map head sees [decoder output, camera BEV x camera mask]; detection and scene
     heads see the decoder output alone. Checked against the heads applied by hand."""
@@ -784,12 +809,41 @@ def test_onnx_export_of_the_core_matches_torch(tmp_path, kind):
 # ----------------------------------------------------------------------------------------- model-info
 
 
+def _cached_dinov2_small(cache: Path) -> str:
+    """A stand-in for the fetched `dinov2-small` in `cache` (random weights of its timm architecture, written as
+    `perception.model.weights.fetch` lays out its cache: no download in tests); returns the file's SHA-256."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save as save_bytes
+    from perception.model.weights import POS_EMBED_ANTIALIAS_KEY, weight_source
+
+    source = weight_source("dinov2-small")
+    model = timm.create_model(source.arch, pretrained=False, num_classes=0, global_pool="", img_size=source.img_size)
+    payload = save_bytes({k: v.contiguous() for k, v in model.state_dict().items()},
+                         metadata={"format": "pt", "name": source.name, "arch": source.arch,
+                                   "img_size": f"{source.img_size[0]},{source.img_size[1]}",
+                                   POS_EMBED_ANTIALIAS_KEY: "false"})
+    sha = hashlib.sha256(payload).hexdigest()
+    (cache / "weights").mkdir(parents=True)
+    (cache / "weights" / "dinov2-small.safetensors").write_bytes(payload)
+    (cache / "weights" / "dinov2-small.json").write_text(json.dumps({"name": "dinov2-small", "sha256": sha}))
+    return sha
+
+
 @pytest.mark.parametrize("name", ["tiny", "base"])
-def test_model_info_cli(name):
+def test_model_info_cli(name, tmp_path):
+    env = dict(os.environ, PERCEPTION_CACHE=str(tmp_path))
+    sha = _cached_dinov2_small(tmp_path) if name == "base" else None  # base starts from dinov2-small
     result = subprocess.run([sys.executable, "-m", "perception", "model-info", "--config", f"configs/{name}.yaml"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    camera = next(line for line in lines if line.startswith("camera: "))
+    if name == "base":
+        assert camera == f"camera: vit_small_patch14_dinov2, pretrained dinov2-small (sha256 {sha})"
+    else:
+        assert camera == "camera: vit_tiny_patch16_224, first 4 blocks, random initialisation (model.camera.pretrained: null)"
     table = lines[2 : next(i for i, line in enumerate(lines) if line.startswith("total")) + 1]
     rows = {line.split()[0]: line.split()[1:] for line in table if not line.startswith("-")}
     assert set(rows) == {"camera_encoder", "view_transform", "lidar_encoder", "radar_encoder", "fuser", "bev_decoder", "heads", "total"}

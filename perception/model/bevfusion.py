@@ -136,6 +136,12 @@ class BEVFusionModel(nn.Module):
         self.register_buffer("regression_weights", torch.tensor(reg_weights), persistent=False)
 
     @property
+    def camera_unused(self) -> bool:
+        """Training with the cameras hidden from every sample (camera modality dropout 1.0) and no depth loss."""
+        camera_drop = torch.as_tensor(self.modality_dropout).reshape(-1)[0].item()
+        return self.training and camera_drop >= 1.0 and not (self.loss_weights.depth > 0 and isinstance(self.view_transform, LiftSplat))
+
+    @property
     def map_grid(self) -> BEVGrid:
         """The grid of the map segmentation output (and of `Batch.map_masks`)."""
         return self.heads.map_segmentation.map_grid
@@ -192,7 +198,13 @@ class BEVFusionModel(nn.Module):
     def encode(self, images: Tensor, geometry: tuple[Tensor, ...], lidar: Pillars, radar: Pillars
                ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """The three encoders (arguments as in `CoreInputs`) -> camera_bev, depth (None unless `LiftSplat`),
-        lidar_bev, radar_bev: (B, C_m, H, W) BEV features on the grid, unmasked."""
+        lidar_bev, radar_bev: (B, C_m, H, W) BEV features on the grid, unmasked. In training, when the config hides
+        the cameras from every sample and no depth is supervised (`camera_unused`: a LiDAR-only stage), the camera
+        branch does not run: its BEV is zeros and its parameters get no gradient."""
+        if self.camera_unused:
+            h, w = self.grid.shape
+            camera_bev = images.new_zeros(images.shape[0], self.view_transform.out_channels, h, w)
+            return camera_bev, None, self.lidar_encoder(*lidar.as_tuple()), self.radar_encoder(*radar.as_tuple())
         camera_bev, depth = self.encode_camera(images, geometry)
         return camera_bev, depth, self.lidar_encoder(*lidar.as_tuple()), self.radar_encoder(*radar.as_tuple())
 
