@@ -9,8 +9,9 @@ unpickled) is refused with a `PerceptionError` naming the file. Version-1 files 
 states inside) and plain ``torch.save``d dicts still load, with numpy arrays as the only extra types allowed.
 
 A training checkpoint's payload (`perception.training.Trainer.state_dict`) holds: ``model``, ``optimizer``,
-``scheduler``, ``scaler``, ``ema``, ``step``, ``total_steps``, ``best_nds``, ``history``, ``skipped``, ``rng``
-(`rng_state`), ``version`` and what rebuilds and runs the model anywhere:
+``scheduler``, ``scaler``, ``ema``, ``step`` (global batches consumed, skipped bad steps included), ``total_steps``,
+``bad_steps`` (optimizer steps skipped), ``best_nds``, ``history``, ``skipped``, ``rng`` (`rng_state`),
+``version`` and what rebuilds and runs the model anywhere:
   - ``config``: the resolved experiment config without machine-local weight paths (`portable_config`:
     ``model.camera.pretrained`` is null: those weights are in ``model`` already);
   - ``provenance``: what those weights were: ``{"model.camera.pretrained": "vit.pth" (a file name), "dinov2-small"
@@ -19,6 +20,7 @@ A training checkpoint's payload (`perception.training.Trainer.state_dict`) holds
   - ``model_card`` (`model_card`): the image normalisation, the class lists, the BEV and map grids.
 
 `model_from_checkpoint` is the one "checkpoint -> model" path of evaluation, robustness, viz and export.
+`prune_checkpoints` deletes the periodic ``step_N.pt`` beyond ``train.keep_checkpoints``.
 """
 
 from __future__ import annotations
@@ -222,6 +224,36 @@ def newest_valid_checkpoint(ckpt_dir: Path, map_location="cpu") -> tuple[Path, d
         if best is None or ckpt.get("step", -1) > best[1].get("step", -1):
             best = (path, ckpt)
     return best
+
+
+STEP_CHECKPOINT = re.compile(r"step_(\d+)\.pt")
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int, current_step: int) -> list[Path]:
+    """Delete the periodic checkpoints of `ckpt_dir` that ``train.keep_checkpoints`` no longer keeps; returns
+    the deleted paths.
+
+    Only files named ``step_<digits>.pt`` directly in `ckpt_dir` are candidates (``last.pt``, ``best.pt``, temp
+    files of `save_atomic` and anything else are never touched). The kept ones are the `keep` newest with a step
+    <= `current_step` (the run's step, whose ``step_N.pt`` was just written when ``keep >= 1``); files of a later
+    step (left by a run resumed from an older checkpoint) are left alone: the run overwrites them when it gets
+    there. The newest step file thus always survives, so `newest_valid_checkpoint` still finds it. A file that
+    cannot be deleted is logged, not raised (disk use is no reason to stop a run).
+    """
+    steps = []
+    for path in Path(ckpt_dir).iterdir():
+        found = STEP_CHECKPOINT.fullmatch(path.name)
+        if found and path.is_file() and int(found.group(1)) <= current_step:
+            steps.append((int(found.group(1)), path))
+    steps.sort(reverse=True)
+    deleted = []
+    for _, path in steps[keep:]:
+        try:
+            path.unlink()
+            deleted.append(path)
+        except OSError as exc:
+            log.warning("%s: cannot delete old checkpoint (%s)", path, exc.strerror or exc)
+    return deleted
 
 
 # -------------------------------------------------------------------------------- model <-> checkpoint

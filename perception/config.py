@@ -292,6 +292,12 @@ class TrainConfig(_Section):
                             "elsewhere. On CUDA bf16 where supported, else fp16 with loss scaling; true on CPU runs bf16.")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA of the weights (0: off); evaluation uses the EMA.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (last.pt and step_N.pt).")
+    keep_checkpoints: int = Field(3, ge=0, description="How many of the newest step_N.pt are kept (older ones are "
+                                  "deleted after each checkpoint); last.pt and best.pt are always kept; 0 keeps no "
+                                  "step_N.pt.")
+    max_bad_steps: int = Field(20, ge=1, description="Consecutive bad steps (a non-finite loss or gradient norm on "
+                               "any rank: the optimizer step is skipped on every rank) that stop the run with an "
+                               "error, after last.pt is written.")
     val_every: int = Field(0, ge=0, description="Steps between validations on the val split, plus one at the end (0: none).")
     dist_timeout_min: float = Field(60.0, gt=0.0, description="DDP: how long a rank waits for the others in a collective, minutes (must outlast rank 0's evaluation of the val split).")
     log_every: int = Field(10, ge=1)

@@ -1,6 +1,6 @@
 """Processes and devices: the torchrun process group (`DistInfo`, `init_distributed`), a flag any rank may raise
-(`any_rank`), rank 0's time-budget decisions shared with every rank (`TimeBudget`), and the default device
-(`pick_device`)."""
+(`any_rank`), every rank's report gathered (`gather_objects`), rank 0's time-budget decisions shared with every
+rank (`TimeBudget`), and the default device (`pick_device`)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ def any_rank(flag: bool, dist_info: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def gather_objects(obj: object, dist_info: DistInfo) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; ``[obj]`` without a process group. A
+    collective: every rank must call it."""
+    if not dist_info.enabled:
+        return [obj]
+    parts: list = [None] * dist_info.world_size
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 class TimeBudget:

@@ -1,6 +1,7 @@
 """What a training run reports besides checkpoints: the run folder with its resolved config (``W/config.yaml``)
 and TensorBoard scalars (``W/tb``), the periodic loss log line (`RunningMean`, `format_losses`), the validation
-log line, and the bad samples skipped on any rank (``W/skipped_samples.json``).
+log line, the bad (skipped) optimizer steps (`format_bad_step`), and the bad samples skipped on any rank
+(``W/skipped_samples.json``).
 
 Plain functions of what they report, so that `perception.training.Trainer` only decides when to call them.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch.distributed as dist
 import yaml
@@ -65,6 +66,28 @@ def log_scalars(writer: SummaryWriter, prefix: str, values: Mapping[str, float],
     """TensorBoard scalars ``<prefix>/<key>`` at optimizer step `step`."""
     for k, v in values.items():
         writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def bad_ranks(reports: Sequence[Mapping]) -> str:
+    """``"rank 1: heatmap=nan, total=nan (samples tok_a, tok_b)"`` for each rank whose report (index = rank)
+    names non-finite values: ``{"terms": {name: value}, "samples": [sample token]}``, as
+    `perception.training.Trainer` gathers them after a bad step. Under DDP a rank whose own loss was finite may
+    name only ``grad_norm``: the all-reduce spread another rank's NaN gradients to it."""
+    parts = []
+    for rank, report in enumerate(reports):
+        if report["terms"]:
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in report["terms"].items())
+            samples = f" (samples {', '.join(report['samples'])})" if report["samples"] else ""
+            parts.append(f"rank {rank}: {terms}{samples}")
+    return "; ".join(parts) or "no rank named a value"
+
+
+def format_bad_step(step: int, reports: Sequence[Mapping], streak: int, total: int, limit: int) -> str:
+    """The warning of a skipped optimizer step `step` (1-based, as the other log lines): which ranks had
+    which non-finite values (`bad_ranks`), and how many bad steps there were in a row (`streak`, of at most
+    `limit`: train.max_bad_steps) and in all (`total`)."""
+    return (f"step {step}: non-finite loss or gradients, optimizer step skipped on every rank ({bad_ranks(reports)}); "
+            f"{streak} bad step(s) in a row (train.max_bad_steps={limit}), {total} in all")
 
 
 def log_validation(metrics: dict, step: int) -> None:

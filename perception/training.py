@@ -12,7 +12,11 @@ here or in the modules it composes:
     (`perception.schedule`), gradient clipping, gradient accumulation, AMP on GPU, optional EMA of the weights;
   - checkpoints: `W/checkpoints/last.pt`, `best.pt` and `step_XXXXXXX.pt`, each written to a temp file and
     renamed, with model, optimizer, scheduler, scaler, EMA, step and every RNG state, and what rebuilds the
-    model on another machine (format and loading: `perception.checkpoint`);
+    model on another machine (format and loading: `perception.checkpoint`); only the ``train.keep_checkpoints``
+    newest `step_XXXXXXX.pt` are kept (`prune_checkpoints`);
+  - bad steps: a non-finite loss (or, without fp16 loss scaling, gradient norm) on any rank skips the optimizer
+    step on every rank (`Trainer.train_step`); ``train.max_bad_steps`` of them in a row stop the run with a
+    `TrainingError` once `last.pt` is written;
   - logging (`perception.train_log`): a progress bar with loss and ETA, readable log lines, TensorBoard scalars
     in `W/tb`, the resolved config in `W/config.yaml`, the skipped bad samples in `W/skipped_samples.json`;
     periodic validation with the official metrics (`perception.evaluation`).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from copy import deepcopy
@@ -45,7 +50,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from perception.checkpoint import (
-    init_from_checkpoint, model_card, newest_valid_checkpoint, portable_config, rng_state, save_atomic, set_rng_state)
+    init_from_checkpoint, model_card, newest_valid_checkpoint, portable_config, prune_checkpoints, rng_state,
+    save_atomic, set_rng_state)
 from perception.config import ExperimentConfig, TrainConfig
 from perception.data.batch import Batch
 from perception.data.build import build_dataset, default_splits
@@ -53,7 +59,7 @@ from perception.data.gt_cache import cached_gt_database
 from perception.data.gt_sampling import GTSampler, GTSamplerConfig
 from perception.data.loader import CBGSSampler, EpochSampler, SequenceSampler, make_loader
 from perception.data.mmdet3d_info import info_sample_tokens
-from perception.distributed import DistInfo, TimeBudget, any_rank, init_distributed, pick_device
+from perception.distributed import DistInfo, TimeBudget, any_rank, gather_objects, init_distributed, pick_device
 from perception.errors import ConfigError, PerceptionError
 from perception.evaluation import check_tokens_in_tables, evaluate_model, require_tables
 from perception.model.build import build_model
@@ -63,10 +69,15 @@ from perception.progress import progress_bar
 from perception.schedule import EMA, autocast_dtype, lr_lambda
 from perception.structures import DETECTION_CLASSES
 from perception.train_log import (
-    VAL_SCALARS, RunningMean, format_losses, gather_skipped, log_scalars, log_validation, open_work_dir, record_skipped,
-    write_skipped_report)
+    VAL_SCALARS, RunningMean, bad_ranks, format_bad_step, format_losses, gather_skipped, log_scalars, log_validation,
+    open_work_dir, record_skipped, write_skipped_report)
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(PerceptionError):
+    """A run that cannot go on: ``train.max_bad_steps`` optimizer steps in a row were skipped (non-finite loss or
+    gradients); `last.pt` holds the run as it was before them."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +168,13 @@ class Trainer:
         self.loss_module = wrap_loss(self.model, self.dist, self.device)
         # After the DDP wrapper: every rank's EMA starts from rank 0's weights, which DDP has just broadcast.
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
-        self.step = 0
+        self.step = 0  # global batches consumed (the data position), skipped bad steps included
+        self.bad_steps = 0  # optimizer steps skipped on every rank (non-finite loss or gradients), in all
+        self.bad_streak = 0  # ... in a row, up to now (train.max_bad_steps stops the run)
+        # BatchNorm running statistics: restored when a step is skipped (a NaN forward would poison them for good).
+        self._norm_buffers = [b for m in self.model.modules()
+                              if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+                              for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         self.best_nds = -1.0
         self.history: list[dict] = []
         self.skipped: dict[str, str] = {}  # bad samples skipped so far (data.skip_bad_samples): token -> reason
@@ -183,6 +200,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "step": self.step,
             "total_steps": self.total_steps,
+            "bad_steps": self.bad_steps,
             "best_nds": self.best_nds,
             "history": self.history,
             "skipped": self.skipped,
@@ -194,10 +212,23 @@ class Trainer:
         }
 
     def save(self, name: str) -> Path:
+        """Write checkpoint `name` into ``W/checkpoints`` atomically (rank 0 only; every rank gets the path)."""
         path = self.ckpt_dir / name
         if self.dist.is_main:
             save_atomic(self.state_dict(), path)
         return path
+
+    def save_periodic(self) -> None:
+        """The checkpoints due every ``train.checkpoint_every`` steps: `last.pt`, then `step_XXXXXXX.pt` (none with
+        ``train.keep_checkpoints=0``), then rank 0 deletes the step files beyond the newest ``keep_checkpoints``
+        (`prune_checkpoints`: only after both writes succeeded, never the one just written)."""
+        keep = self.cfg.train.keep_checkpoints
+        self.save("last.pt")
+        if keep:
+            self.save(f"step_{self.step:07d}.pt")
+        if self.dist.is_main:
+            for path in prune_checkpoints(self.ckpt_dir, keep, self.step):
+                log.debug("deleted %s (train.keep_checkpoints=%d)", path, keep)
 
     def _resume(self) -> None:
         found = newest_valid_checkpoint(self.ckpt_dir, map_location=self.device)
@@ -216,6 +247,7 @@ class Trainer:
             self.ema.load_state_dict(ckpt["ema"])
         self.step, self.best_nds, self.history = ckpt["step"], ckpt["best_nds"], ckpt["history"]
         self.skipped = dict(ckpt.get("skipped", {}))
+        self.bad_steps = int(ckpt.get("bad_steps", 0))  # a resumed run starts a new streak (train.max_bad_steps)
         if self.adaptive_length:
             self.total_steps = ckpt.get("total_steps", self.total_steps)
         if self.dist.world_size == 1:
@@ -251,49 +283,110 @@ class Trainer:
             log.info("GT sampling stops from epoch %d (train.gt_sampling_stop_epoch)", epoch)
         return make_loader(self.train_set, self._sampler(epoch, start_batch), self.micro_batch, t.num_workers)
 
-    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, float] | None:
         """One optimizer step over `accumulate_steps` micro-batches; returns the mean loss terms, their sum
-        (``total``) and the gradient norm before clipping (``grad_norm``)."""
+        (``total``) and the gradient norm before clipping (``grad_norm``), or None when the step was skipped.
+
+        A bad step: a non-finite loss term (or sum) of any micro-batch on any rank, or, unless fp16 loss scaling
+        is on, a non-finite gradient norm. The ranks agree through one all-reduce (`any_rank`, every step), so
+        every rank skips it: gradients zeroed; optimizer, GradScaler step, lr schedule and EMA untouched;
+        BatchNorm running statistics restored; temporal history dropped. `step` still advances (it is the data
+        position: an exact resume continues after the skipped batch, and the time budget counts it), but the lr
+        schedule counts only the updates taken. With fp16 the GradScaler skips overflowing steps on its own
+        (finite loss, inf gradients: not a bad step, not counted); a non-finite loss is a bad step, and the
+        scaler's update after it lowers its scale as after an overflow. Each bad step is logged by rank 0 (the
+        step, the ranks, their non-finite terms and samples) and written as the TensorBoard scalar
+        ``train/bad_steps`` (the count so far); ``train.max_bad_steps`` in a row write `last.pt` and raise
+        `TrainingError` on every rank.
+        """
         n = len(micro_batches)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        norm_state = [b.detach().clone() for b in self._norm_buffers]
         totals: dict[str, float] = {}
+        bad: dict[str, float] = {}  # this rank's non-finite terms (the first value seen of each)
+        bad_samples: list[str] = []
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device, non_blocking=True)
             losses = self._backward(batch, n, sync=i == n - 1)
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / n
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            values_bad = {k: v for k, v in {**values, "total": sum(values.values())}.items() if not math.isfinite(v)}
+            if values_bad:
+                bad = {**values_bad, **bad}
+                bad_samples += [m.get("sample_token", "?") for m in batch.meta]
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / n
             record_skipped(self.skipped, batch.meta, self.step)
-        grad_norm = self._optimizer_step()
+        grad_norm, reports = self._optimizer_step(bad, bad_samples, norm_state)
         self.step += 1
+        if grad_norm is None:
+            self._count_bad_step(reports)
+            return None
+        self.bad_streak = 0
         totals["total"] = sum(totals.values())
         totals["grad_norm"] = float(grad_norm)
         return totals
 
     def _backward(self, batch: Batch, n: int, *, sync: bool) -> dict[str, torch.Tensor]:
         """Forward and backward of one of `n` micro-batches (the loss divided by `n`); DDP synchronises the
-        gradients only when `sync` (the last micro-batch). Raises PerceptionError on a non-finite loss."""
+        gradients only when `sync` (the last micro-batch). A non-finite loss is back-propagated all the same
+        (DDP's gradient all-reduce needs every rank's backward); `train_step` then skips the step."""
         ctx = self.loss_module.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with ctx:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 losses = self.loss_module(batch, self.state)
                 total = sum(losses.values())
-            if not torch.isfinite(total):
-                raise PerceptionError(f"non-finite loss at step {self.step}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                                      + f" (samples {[m['sample_token'] for m in batch.meta]})")
             self.scaler.scale(total / n).backward()
         return losses
 
-    def _optimizer_step(self) -> torch.Tensor:
-        """Clip, step the optimizer, scaler, lr schedule and EMA; returns the gradient norm before clipping."""
+    def _optimizer_step(self, bad: dict[str, float], bad_samples: list[str],
+                        norm_state: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[dict]]:
+        """Clip, step the optimizer, scaler, lr schedule and EMA; returns (the gradient norm before clipping, []).
+        When `bad` (this rank's non-finite loss terms) is not empty or the gradient norm is not finite on any
+        rank, skips the step on every rank instead (`_skip_step`) and returns (None, every rank's report)."""
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        # With fp16 loss scaling, inf gradients are an overflow the GradScaler skips (and counts) on its own.
+        if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
+            bad = {**bad, "grad_norm": float(grad_norm)}
+        if any_rank(bool(bad), self.dist, self.device):
+            return None, self._skip_step(bad, bad_samples, norm_state)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if self.ema:
             self.ema.update(self.model)
-        return grad_norm
+        return grad_norm, []
+
+    def _skip_step(self, bad: dict[str, float], bad_samples: list[str], norm_state: list[torch.Tensor]) -> list[dict]:
+        """Undo what a bad step did (see `train_step`); returns every rank's ``{"terms": {name: value},
+        "samples": [token]}`` (its non-finite values, empty on a rank without any). Called on every rank together."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update()  # closes this step's unscale_ (the found inf/NaN lowers the scale)
+        with torch.no_grad():
+            for buf, saved in zip(self._norm_buffers, norm_state):
+                buf.copy_(saved)
+        if self.state is not None:
+            self.state.reset()
+        return gather_objects({"terms": bad, "samples": bad_samples}, self.dist)
+
+    def _count_bad_step(self, reports: list[dict]) -> None:
+        """Count, log (rank 0) and write as ``train/bad_steps`` the step just skipped (`step`, already advanced);
+        at ``train.max_bad_steps`` in a row, write `last.pt` and raise `TrainingError` (every rank together)."""
+        self.bad_steps += 1
+        self.bad_streak += 1
+        limit = self.cfg.train.max_bad_steps
+        if self.dist.is_main:
+            log.warning("%s", format_bad_step(self.step, reports, self.bad_streak, self.bad_steps, limit))
+        if self.writer is not None:
+            log_scalars(self.writer, "train", {"bad_steps": self.bad_steps}, self.step)
+        if self.bad_streak >= limit:
+            last = self.save("last.pt")
+            raise TrainingError(f"training stopped at step {self.step}: {self.bad_streak} bad steps in a row "
+                                f"(train.max_bad_steps={limit}; non-finite loss or gradients, the last: "
+                                f"{bad_ranks(reports)}). {last} holds the weights from before them; --resume "
+                                "continues after them (e.g. with a lower train.lr or train.grad_clip)")
 
     def fit(self) -> TrainResult:
         t = self.cfg.train
@@ -311,7 +404,7 @@ class Trainer:
         while self.step < self.total_steps and not stopped_early:
             epoch, start_batch = divmod(self.step, self.batches_per_epoch)
             for micro in accumulation_groups(self._loader(epoch, start_batch), t.accumulate_steps):
-                losses = self.train_step(micro)
+                losses = self.train_step(micro)  # None: skipped on every rank (a bad step)
                 over_budget = self._after_step(losses, budget, bar, running, start_time)
                 if self.step >= self.total_steps:
                     break
@@ -330,22 +423,24 @@ class Trainer:
         self._report_skipped()
         return TrainResult(self.step, last, best if best.is_file() else None, self.history, stopped_early)
 
-    def _after_step(self, losses: dict[str, float], budget: TimeBudget, bar: tqdm | None, running: RunningMean,
+    def _after_step(self, losses: dict[str, float] | None, budget: TimeBudget, bar: tqdm | None, running: RunningMean,
                     start_time: float) -> bool:
         """What follows an optimizer step: scalars, the time budget (which may change `total_steps`), the progress
-        bar, a log line every ``train.log_every`` steps, validation and checkpoints when due. Returns whether the
-        time budget is spent."""
+        bar, a log line every ``train.log_every`` steps, validation and checkpoints when due. A skipped step
+        (`losses` None) adds no loss scalars. Returns whether the time budget is spent."""
         t = self.cfg.train
-        running.add(losses)
         lr = self.optimizer.param_groups[-1]["lr"]
-        if self.writer is not None:
-            log_scalars(self.writer, "train", {**losses, "lr": lr}, self.step)
+        if losses is not None:
+            running.add(losses)
+            if self.writer is not None:
+                log_scalars(self.writer, "train", {**losses, "lr": lr}, self.step)
         over_budget, self.total_steps = budget.after_step(self.step, self.total_steps)
         if bar is not None:
             bar.total = self.total_steps
             bar.update(1)
-            bar.set_postfix(loss=f"{losses['total']:.3f}", hm=f"{losses.get('heatmap', 0):.3f}")
-        if self.step % t.log_every == 0 or self.step == self.total_steps:
+            if losses is not None:
+                bar.set_postfix(loss=f"{losses['total']:.3f}", hm=f"{losses.get('heatmap', 0):.3f}")
+        if (self.step % t.log_every == 0 or self.step == self.total_steps) and running.n:
             mean = running.pop()
             self.history.append({"step": self.step, "time_s": time.time() - start_time, **mean})
             if self.dist.is_main:
@@ -353,8 +448,7 @@ class Trainer:
         if t.val_every and self.step % t.val_every == 0 and self.step < self.total_steps and not over_budget:
             self.validate()
         if self.step % t.checkpoint_every == 0:
-            self.save("last.pt")
-            self.save(f"step_{self.step:07d}.pt")
+            self.save_periodic()
         return over_budget
 
     def _report_skipped(self) -> None:
