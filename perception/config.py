@@ -300,6 +300,9 @@ class TrainConfig(_Section):
                                "error, after last.pt is written.")
     val_every: int = Field(0, ge=0, description="Steps between validations on the val split, plus one at the end (0: none).")
     dist_timeout_min: float = Field(60.0, gt=0.0, description="DDP: how long a rank waits for the others in a collective, minutes (must outlast rank 0's evaluation of the val split).")
+    sync_bn: bool = Field(False, description="DDP with more than one rank: the BEV modules' BatchNorm (every part but "
+                          "the camera backbone) becomes SyncBatchNorm, statistics over the global batch. CUDA (NCCL) "
+                          "only; ignored in one process.")
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (exact resume on CPU).")

@@ -65,6 +65,7 @@ from perception.evaluation import check_tokens_in_tables, evaluate_model, requir
 from perception.model.build import build_model
 from perception.model.camera import layer_decay_param_groups
 from perception.model.temporal import TemporalState
+from perception.model.weights import prefetch_pretrained
 from perception.progress import progress_bar
 from perception.schedule import EMA, autocast_dtype, lr_lambda
 from perception.structures import DETECTION_CLASSES
@@ -128,7 +129,10 @@ class Trainer:
         if t.val_every and (spec.train_info or spec.val_info):  # fail now, not at the first validation
             check_validation_tables(spec)
 
+        # Downloaded weights: rank 0 fetches them into the cache while the others wait, then every rank builds.
+        fetch_pretrained_once(cfg.model.camera.pretrained, self.dist, self.device)
         self.model = build_model(cfg).to(self.device)
+        sync_batchnorm(self.model, t.sync_bn, self.dist, self.device)
         if spec.init_from is not None:
             init_from_checkpoint(self.model, spec.init_from)
         self.train_set = build_dataset(cfg, spec.data, spec.version, self.train_split, train=True, map_grid=self.model.map_grid,
@@ -165,7 +169,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         log.info("mixed precision: %s", f"{str(self.amp_dtype).removeprefix('torch.')} autocast on {self.device.type}"
                  if self.amp else "off (float32)")
-        self.loss_module = wrap_loss(self.model, self.dist, self.device)
+        self.loss_module = wrap_loss(self.model, self.dist, self.device,
+                                     find_unused_parameters=self.model.may_leave_parameters_unused)
         # After the DDP wrapper: every rank's EMA starts from rank 0's weights, which DDP has just broadcast.
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.step = 0  # global batches consumed (the data position), skipped bad steps included
@@ -580,14 +585,81 @@ class _LossWrapper(nn.Module):
         return self.model.loss(batch, state)
 
 
-def wrap_loss(model: nn.Module, dist_info: DistInfo, device: torch.device) -> nn.Module:
+def wrap_loss(model: nn.Module, dist_info: DistInfo, device: torch.device, *,
+              find_unused_parameters: bool = True) -> nn.Module:
     """A module whose forward is ``model.loss(batch)`` (a dict of scalar losses), DDP-wrapped under torchrun
-    (constructing it broadcasts rank 0's weights)."""
+    (constructing it broadcasts rank 0's weights).
+
+    find_unused_parameters: DDP's flag (an extra graph traversal every step); the trainer passes
+    `BEVFusionModel.may_leave_parameters_unused`, False unless a trainable parameter can get no gradient (DDP
+    then raises at the next step if one did, naming it)."""
     wrapper = _LossWrapper(model)
     if dist_info.enabled:
+        if dist_info.is_main:
+            log.info("DDP: find_unused_parameters=%s (%s)", find_unused_parameters,
+                     "the config can leave trainable parameters without a gradient" if find_unused_parameters
+                     else "every trainable parameter gets a gradient every step")
         wrapper = nn.parallel.DistributedDataParallel(
-            wrapper, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+            wrapper, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters)
     return wrapper
+
+
+# The parts of `BEVFusionModel` that work on the BEV grid (or on LiDAR/radar points): ``train.sync_bn`` converts
+# their BatchNorm. The camera backbone and view transform see B x cameras images per rank, and stay per rank.
+SYNC_BN_PARTS = ("lidar_encoder", "radar_encoder", "fuser", "temporal", "bev_decoder", "heads")
+
+
+def sync_batchnorm(model: nn.Module, enabled: bool, dist_info: DistInfo, device: torch.device) -> int:
+    """``train.sync_bn``: under DDP with more than one rank, replace the BatchNorm layers of the BEV parts of
+    `model` (`SYNC_BN_PARTS`) by `nn.SyncBatchNorm` in place (same parameters and buffers, so the optimizer,
+    EMA and checkpoints are unaffected), before DDP wraps the model. Returns the number converted (0 when
+    disabled or in one process, where it changes nothing).
+
+    Raises ConfigError naming ``train.sync_bn`` when the device is not CUDA (torch's SyncBatchNorm runs only on
+    GPU: on CPU / gloo its forward raises)."""
+    if not enabled or not dist_info.enabled:
+        if enabled and dist_info.is_main:
+            log.info("train.sync_bn: one process, BatchNorm left as it is")
+        return 0
+    if device.type != "cuda":
+        raise ConfigError(f"train.sync_bn: SyncBatchNorm needs CUDA devices (NCCL); this run is on {device.type} "
+                          "(set train.sync_bn=false)")
+    count = convert_sync_batchnorm(model)
+    if dist_info.is_main:
+        log.info("train.sync_bn: %d BatchNorm layers of the BEV modules synchronised across %d ranks", count,
+                 dist_info.world_size)
+    return count
+
+
+def convert_sync_batchnorm(model: nn.Module) -> int:
+    """Replace every BatchNorm of the `SYNC_BN_PARTS` children of `model` by `nn.SyncBatchNorm` (torch's
+    ``convert_sync_batchnorm``), in place; returns how many."""
+    count = 0
+    for name in SYNC_BN_PARTS:
+        part = getattr(model, name, None)
+        if part is None:
+            continue
+        count += sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in part.modules())
+        setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(part))
+    return count
+
+
+def fetch_pretrained_once(pretrained: str | Path | None, dist_info: DistInfo, device: torch.device) -> None:
+    """Fetch ``model.camera.pretrained`` into the weights cache once per job: rank 0 downloads it
+    (`prefetch_pretrained`: a registered name or ``timm:<name>``; nothing for a local path or None) while the
+    other ranks wait (`any_rank`, a barrier), then every rank resolves it from the cache when it builds the
+    model. A failure on rank 0 stops every rank (rank 0 raises its error)."""
+    error: Exception | None = None
+    if dist_info.is_main:
+        try:
+            prefetch_pretrained(pretrained)
+        except PerceptionError as exc:
+            error = exc
+    if any_rank(error is not None, dist_info, device) and error is None:
+        raise ConfigError(f"model.camera.pretrained: {pretrained}: fetching it failed on rank 0 (rank 0 logs the error)")
+    if error is not None:
+        raise error
 
 
 # ------------------------------------------------------------------------------------ loop helpers

@@ -138,8 +138,26 @@ class BEVFusionModel(nn.Module):
     @property
     def camera_unused(self) -> bool:
         """Training with the cameras hidden from every sample (camera modality dropout 1.0) and no depth loss."""
+        return self.training and self._camera_hidden_by_config
+
+    @property
+    def _camera_hidden_by_config(self) -> bool:
+        """Camera modality dropout 1.0 and no depth loss: training never needs the camera branch."""
         camera_drop = torch.as_tensor(self.modality_dropout).reshape(-1)[0].item()
-        return self.training and camera_drop >= 1.0 and not (self.loss_weights.depth > 0 and isinstance(self.view_transform, LiftSplat))
+        return camera_drop >= 1.0 and not (self.loss_weights.depth > 0 and isinstance(self.view_transform, LiftSplat))
+
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        """Whether a training-mode `loss` can leave a trainable parameter (``requires_grad``) without a gradient
+        (``grad`` None, not zeros), which DDP must be told (``find_unused_parameters=True``): the camera branch
+        skipped (the config's `camera_unused`, with any trainable camera parameter), or a head whose loss terms
+        all have weight 0 (heatmap, regression, attribute, map focal + dice, scene). Modality dropout and paired
+        passes are not: masked branches still run, multiplied by 0, and their gradients are zeros."""
+        w = self.loss_weights
+        camera_skipped = self._camera_hidden_by_config
+        camera_trainable = any(p.requires_grad for m in (self.camera_encoder, self.view_transform) for p in m.parameters())
+        unused_head = min(w.heatmap, w.regression, w.attribute, max(w.map_focal, w.map_dice), w.scene) <= 0
+        return (camera_skipped and camera_trainable) or unused_head
 
     @property
     def map_grid(self) -> BEVGrid:

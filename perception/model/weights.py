@@ -501,6 +501,25 @@ def fetch(name: str, cache_dir: str | Path | None = None, *, wheel: str | Path |
     return target
 
 
+def _timm_folder_complete(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+
+
+def prefetch_pretrained(value: str | Path | None, cache_dir: str | Path | None = None) -> Path | None:
+    """Fetch ``model.camera.pretrained`` into the cache when it names something to download (a registered name:
+    `fetch`; ``timm:<name>``: `fetch_timm`) and return the cached path; None for anything else (no weights, a
+    local path), which needs no fetching. `resolve_pretrained` then finds it in the cache. The trainer calls it
+    on rank 0 only, before every rank builds the model."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text in WEIGHT_SOURCES:
+        return fetch(text, cache_dir)
+    if text.startswith(TIMM_PREFIX) and text[len(TIMM_PREFIX):].strip():
+        return fetch_timm(text[len(TIMM_PREFIX):].strip(), cache_dir)
+    return None
+
+
 def fetch_timm(model_name: str, cache_dir: str | Path | None = None) -> Path:
     """timm's pretrained `model_name` (its own hub download, ``timm.create_model(name, pretrained=True)``) saved
     as a Hugging Face folder ``<cache>/weights/timm/<name>/`` (``model.safetensors`` and ``config.json`` with
@@ -508,7 +527,7 @@ def fetch_timm(model_name: str, cache_dir: str | Path | None = None) -> Path:
 
     Raises ConfigError naming ``model.camera.pretrained`` when timm cannot build or download the model."""
     folder = weights_dir(cache_dir) / "timm" / re.sub(r"[^A-Za-z0-9_.-]", "--", model_name)
-    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+    if _timm_folder_complete(folder):
         return folder
     try:
         model = timm.create_model(model_name, pretrained=True, num_classes=0)
@@ -517,15 +536,25 @@ def fetch_timm(model_name: str, cache_dir: str | Path | None = None) -> Path:
         raise ConfigError(f"model.camera.pretrained: timm:{model_name}: timm could not build or download it "
                           f"({type(exc).__name__}: {first}); give a registered name (see `perception weights list`) "
                           "or a local file instead") from None
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Atomic: written into a fresh temp folder beside `folder`, then renamed onto it. Another process (a DDP rank)
+    # that renamed first wins: its complete folder is used as it is.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    except OSError as exc:
+        raise PerceptionError(f"{folder}: cannot write cache folder ({exc.strerror or exc})") from None
     try:
         save_for_hf(model, str(tmp), safe_serialization=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # `folder` exists and is not empty
+            if not _timm_folder_complete(folder):
+                shutil.rmtree(folder, ignore_errors=True)  # an incomplete leftover (an older, non-atomic write)
+                os.replace(tmp, folder)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise PerceptionError(f"{folder}: cannot write cache folder ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
