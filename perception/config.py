@@ -272,7 +272,9 @@ class TrainConfig(_Section):
 
     lr: float = Field(2e-4, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
-    layer_decay: float = Field(0.75, gt=0.0, le=1.0, description="Layer-wise lr decay of the camera backbone.")
+    layer_decay: float = Field(0.75, gt=0.0, le=1.0, description="Layer-wise lr decay over the pretrained blocks of "
+                               "the camera backbone (a backbone from random weights, and every new layer, learns at "
+                               "train.lr).")
     batch_size: int = Field(4, ge=1)
     max_steps: int = Field(20000, ge=1, description="Optimizer steps of the run, unless train.epochs is set.")
     epochs: Optional[int] = Field(None, ge=1, description="Length of the run in epochs (one pass over the training "

@@ -414,8 +414,10 @@ def test_freeze_blocks_stops_gradients_to_the_first_blocks():
         build_model(small_config("tiny", "model.camera.freeze_blocks=3"))
 
 
-def test_layer_decay_param_groups():
-    model = build_model(small_config("tiny", "model.camera.freeze_blocks=1"))
+def test_layer_decay_param_groups(tmp_path):
+    path = tmp_path / "vit.pth"
+    torch.save(_timm_vit("vit_tiny_patch16_224", img_size=SMALL_IMAGE, depth=2).state_dict(), path)
+    model = build_model(small_config("tiny", "model.camera.freeze_blocks=1", f"model.camera.pretrained={path}"))
     groups = layer_decay_param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
     by_param = {id(p): g for g in groups for p in g["params"]}
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -429,6 +431,25 @@ def test_layer_decay_param_groups():
     assert by_param[id(bb.blocks[1].attn.qkv.weight)]["weight_decay"] == 0.05
     assert id(bb.blocks[0].attn.qkv.weight) not in by_param  # frozen
     torch.optim.AdamW(groups)  # the groups are valid optimizer input
+
+
+def test_layer_decay_applies_only_to_the_pretrained_part_of_the_backbone(tmp_path):
+    # A checkpoint that covers the embeddings and block 0 only: block 1 and the final norm start random.
+    source = _timm_vit("vit_tiny_patch16_224", img_size=SMALL_IMAGE, depth=2)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith(("blocks.1.", "norm.", "head"))}
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    pretrained = build_model(small_config("tiny", f"model.camera.pretrained={path}"))
+    scratch = build_model(small_config("tiny"))
+    for model, pretrained_block0 in ((pretrained, True), (scratch, False)):
+        groups = layer_decay_param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+        lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+        bb = model.camera_encoder.backbone
+        # Depths as in test_layer_decay_param_groups (L = 2 blocks): patch embedding 0, block 0 depth 1.
+        assert lr_of[id(bb.patch_embed.proj.weight)] == pytest.approx(0.5 ** 3 if pretrained_block0 else 1.0)
+        assert lr_of[id(bb.blocks[0].mlp.fc1.weight)] == pytest.approx(0.5 ** 2 if pretrained_block0 else 1.0)
+        assert lr_of[id(bb.blocks[1].mlp.fc1.weight)] == pytest.approx(1.0)  # not in the checkpoint: base rate
+        assert lr_of[id(bb.norm.weight)] == pytest.approx(1.0)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -40,10 +40,9 @@ def build_camera_encoder(cfg: CameraConfig, image_size: tuple[int, int]) -> Came
     if "arch" in provenance and provenance["arch"] != cfg.backbone:
         raise ConfigError(f"model.camera.pretrained: {provenance['name']} are weights of {provenance['arch']}; set "
                           f"model.camera.backbone: {provenance['arch']} (it is {cfg.backbone})")
-    if path is not None:
-        load_backbone_checkpoint(backbone, path)
+    loaded = load_backbone_checkpoint(backbone, path).loaded if path is not None else []
     encoder = CameraEncoder(backbone=backbone, neck=SimpleFeaturePyramid(backbone.embed_dim, cfg.out_channels, upsample=cfg.feature_upsample),
-                            out_channels=cfg.out_channels, weights_provenance=provenance)
+                            out_channels=cfg.out_channels, weights_provenance=provenance, pretrained_keys=loaded)
     encoder.freeze_blocks(cfg.freeze_blocks)
     encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     return encoder

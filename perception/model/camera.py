@@ -16,6 +16,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import timm
 import torch
@@ -278,15 +279,19 @@ class CameraEncoder(nn.Module):
         out_channels: channels of `neck`'s output.
         weights_provenance: where the backbone's initial weights came from (`resolve_pretrained`'s provenance:
             ``name``, ``sha256``, ...; {} for random weights); checkpoints record it.
+        pretrained_keys: names of the backbone's parameters that pretrained weights initialised
+            (`CheckpointReport.loaded`); the rest start from random weights. Layer decay
+            (`layer_decay_param_groups`) applies to the pretrained ones only.
     """
 
     def __init__(self, *, backbone: VisionTransformer, neck: nn.Module, out_channels: int,
-                 weights_provenance: dict | None = None):
+                 weights_provenance: dict | None = None, pretrained_keys: Iterable[str] = ()):
         super().__init__()
         self.backbone = backbone
         self.neck = neck
         self.out_channels = out_channels
         self.weights_provenance: dict = dict(weights_provenance or {})
+        self.pretrained_keys: frozenset[str] = frozenset(pretrained_keys)
         cfg = backbone.pretrained_cfg or {}
         # The backbone's normalisation in uint8 units, per RGB channel: pre-processing
         # (`perception.model.preprocess.Preprocessor`) feeds ``(image - pixel_mean) / pixel_std``.
@@ -353,10 +358,12 @@ class CameraEncoder(nn.Module):
 
 def layer_decay_param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float,
                              camera_prefix: str = "camera_encoder.") -> list[dict]:
-    """Optimizer parameter groups with layer-wise lr decay over the camera ViT (BEiT/MAE recipe).
+    """Optimizer parameter groups with layer-wise lr decay over the pretrained part of the camera ViT (BEiT/MAE
+    recipe).
 
-    A backbone parameter at depth ``i`` (see `CameraEncoder.layer_id`, L blocks) gets
-    ``lr * layer_decay ** (L + 1 - i)``; everything outside the backbone gets `lr`. Biases, norms (1-D
+    A backbone parameter that pretrained weights initialised (`CameraEncoder.pretrained_keys`) at depth ``i``
+    (see `CameraEncoder.layer_id`, L blocks) gets ``lr * layer_decay ** (L + 1 - i)``. Every new parameter, in the
+    backbone (all of it when it starts from random weights) or outside it, learns at `lr`. Biases, norms (1-D
     parameters) and position/prefix tokens get no weight decay. Frozen parameters are left out.
 
     Returns: a list of ``{"params", "lr", "weight_decay", "lr_scale", "name"}`` dicts for `torch.optim`.
@@ -372,7 +379,7 @@ def layer_decay_param_groups(model: nn.Module, *, lr: float, weight_decay: float
             continue
         if encoder is not None and name.startswith(backbone_prefix):
             sub = name[len(backbone_prefix):]
-            layer = encoder.layer_id(sub)
+            layer = encoder.layer_id(sub) if sub in encoder.pretrained_keys else num_layers
             no_decay = param.ndim <= 1 or sub in ("cls_token", "reg_token", "pos_embed")
         else:
             layer = num_layers
