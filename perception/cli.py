@@ -103,6 +103,33 @@ def data_check(
         raise typer.Exit(code=1)
 
 
+@data_app.command("index")
+def data_index(
+    data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),
+    version: str = typer.Option("v1.0-trainval", "--version"),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Split to index (repeatable; default: the version's train and val splits)."),
+    config: Path = typer.Option(BASE_CONFIG, "--config", help="Experiment YAML whose data settings (sweeps, bad samples) the index is for."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY.PATH=VALUE config overrides, e.g. data.lidar_sweeps=4."),
+) -> None:
+    """Build the compact sample index of each split once and cache it ($PERCEPTION_CACHE/sample_index), where
+    training, evaluation, GT sampling and every DDP rank read it (memory-mapped). Prints wall time, peak RSS and
+    sample counts; a second call is a cache hit."""
+    import resource
+
+    from perception.config import load_config
+    from perception.data.build import default_splits, index_splits
+
+    cfg = load_config(config, overrides or [])
+    start = time.perf_counter()
+    rows = index_splits(cfg, data, version, list(split or default_splits(version)))
+    for r in rows:
+        typer.echo(f"{version}/{r['split']}: {r['samples']} samples ({r['bad_samples']} bad skipped), "
+                   f"{'cache hit' if r['cache_hit'] else 'built from the tables'}, {r['seconds']:.1f} s")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    typer.echo(f"total {time.perf_counter() - start:.1f} s wall, peak RSS {peak_mb:.0f} MiB, "
+               f"{sum(r['samples'] for r in rows)} samples")
+
+
 @data_app.command("gt-submission")
 def data_gt_submission(
     data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),

@@ -301,6 +301,8 @@ class TrainConfig(_Section):
                                "any rank: the optimizer step is skipped on every rank) that stop the run with an "
                                "error, after last.pt is written.")
     val_every: int = Field(0, ge=0, description="Steps between validations on the val split, plus one at the end (0: none).")
+    val_every_epochs: Optional[int] = Field(None, ge=1, description="Epochs between validations on the val split "
+                                            "(instead of train.val_every), plus one at the end.")
     dist_timeout_min: float = Field(60.0, gt=0.0, description="DDP: how long a rank waits for the others in a collective, minutes (must outlast rank 0's evaluation of the val split).")
     sync_bn: bool = Field(False, description="DDP with more than one rank: the BEV modules' BatchNorm (every part but "
                           "the camera backbone) becomes SyncBatchNorm, statistics over the global batch. CUDA (NCCL) "
@@ -316,6 +318,12 @@ class TrainConfig(_Section):
                                           "class's samples repeated toward balance; an epoch is one pass over the "
                                           "expanded list (`perception.data.loader.CBGSSampler`). Not with "
                                           "model.temporal.frames.")
+
+    @model_validator(mode="after")
+    def _check_validation_interval(self) -> "TrainConfig":
+        if self.val_every and self.val_every_epochs:
+            raise ValueError("set train.val_every (steps) or train.val_every_epochs, not both")
+        return self
 
 
 class ExperimentConfig(_Section):

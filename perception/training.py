@@ -126,7 +126,7 @@ class Trainer:
         self.work_dir = Path(spec.work_dir)
         self.ckpt_dir = self.work_dir / "checkpoints"
         self.train_split, self.val_split = run_splits(spec)
-        if t.val_every and (spec.train_info or spec.val_info):  # fail now, not at the first validation
+        if (t.val_every or t.val_every_epochs) and (spec.train_info or spec.val_info):  # fail now, not at the first validation
             check_validation_tables(spec)
 
         # Downloaded weights: rank 0 fetches them into the cache while the others wait, then every rank builds.
@@ -136,7 +136,7 @@ class Trainer:
         if spec.init_from is not None:
             init_from_checkpoint(self.model, spec.init_from)
         self.train_set = build_dataset(cfg, spec.data, spec.version, self.train_split, train=True, map_grid=self.model.map_grid,
-                                       info=spec.train_info)
+                                       info=spec.train_info, dist_info=self.dist)
         if t.gt_sampling:
             self.train_set.gt_sampler = self._gt_sampler()
         self.val_set = None  # built on first validation
@@ -156,6 +156,8 @@ class Trainer:
             raise ConfigError(f"train.batch_size: a global batch of {self.global_batch} samples is larger than the "
                               f"{epoch_samples} samples of {'a CBGS epoch of ' if t.cbgs else ''}split "
                               f"{self.train_split}")
+        # Steps between validations (0: none): train.val_every, or train.val_every_epochs in this run's epochs.
+        self.val_interval = t.val_every or (t.val_every_epochs or 0) * self.batches_per_epoch
         # With only a time budget, the schedule's length is estimated from the measured step rate (`fit`).
         self.adaptive_length = spec.time_budget_s is not None and spec.max_steps is None and spec.epochs is None
         self.total_steps = schedule_length(spec, t, self.batches_per_epoch)
@@ -421,7 +423,7 @@ class Trainer:
             bar.close()
         last = self.save("last.pt")
         best = self.ckpt_dir / "best.pt"
-        if t.val_every:
+        if self.val_interval:
             self.validate()
         if self.writer is not None:
             self.writer.flush()
@@ -450,7 +452,7 @@ class Trainer:
             self.history.append({"step": self.step, "time_s": time.time() - start_time, **mean})
             if self.dist.is_main:
                 log.info("step %d/%d  %s  lr %.2e", self.step, self.total_steps, format_losses(mean), lr)
-        if t.val_every and self.step % t.val_every == 0 and self.step < self.total_steps and not over_budget:
+        if self.val_interval and self.step % self.val_interval == 0 and self.step < self.total_steps and not over_budget:
             self.validate()
         if self.step % t.checkpoint_every == 0:
             self.save_periodic()
@@ -471,7 +473,7 @@ class Trainer:
     def validate(self) -> dict | None:
         if self.val_set is None:
             self.val_set = build_dataset(self.cfg, self.spec.data, self.spec.version, self.val_split, train=False,
-                                         map_grid=self.model.map_grid, info=self.spec.val_info)
+                                         map_grid=self.model.map_grid, info=self.spec.val_info, dist_info=self.dist)
         error: Exception | None = None
         try:
             metrics = evaluate_model(self.eval_model(), self.val_set, self.spec.data, self.spec.version,

@@ -39,13 +39,25 @@ def test_linear_scaling_rule(global_batch, lr, warmup):
 
 def test_trainer_runs_the_scaled_schedule(synth_root, tmp_path):
     cfg = load_config(TINY, FAST + ["train.lr=1e-3", "train.lr_batch=4", "train.warmup_steps=3", "train.accumulate_steps=2",
-                                    "train.epochs=2", "train.layer_decay=1.0"])
+                                    "train.epochs=2", "train.layer_decay=1.0", "train.val_every_epochs=1"])
     trainer = Trainer(cfg, RunSpec(data=synth_root, work_dir=tmp_path, device="cpu", progress=False))
     try:
         assert trainer.global_batch == 2
         assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == pytest.approx([5e-4] * len(trainer.optimizer.param_groups))  # 1e-3 x 2 / 4
         assert trainer.total_steps == 2 * trainer.batches_per_epoch == 2 * (len(trainer.train_set) // 2)
+        assert trainer.val_interval == trainer.batches_per_epoch  # once per epoch (and once at the end)
         factor = trainer.scheduler.lr_lambdas[0]
         assert [factor(s) for s in range(6)] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])  # 3 at batch 4 = 6 at 2
     finally:
         trainer.close()
+
+
+def test_validation_interval_in_steps_or_epochs():
+    from perception.errors import ConfigError
+
+    assert _train("train.val_every=7").val_every_epochs is None
+    with pytest.raises(ConfigError, match="val_every"):
+        _train("train.val_every=7", "train.val_every_epochs=1")
+    for name in ("base.yaml", "base_lidar.yaml"):  # the real-data recipes validate once per epoch
+        t = load_config(ROOT / "configs" / name).train
+        assert t.val_every_epochs == 1 and t.val_every == 0

@@ -1,11 +1,12 @@
 """`NuScenesDataset`: multi-sensor nuScenes samples (real or synthetic) in the keyframe's LIDAR_TOP frame.
 
-Construction reads the devkit tables once and builds a `SampleIndex`: a handful of numpy arrays (fixed-width
-string arrays for tokens and file paths, float arrays for calibration, boxes and sweep transforms, offsets
-into flat per-sweep and per-box arrays). The `NuScenes` object is dropped before `__init__` returns. A
-numpy array is one Python object, so DataLoader workers forked from the main process share the index's
-pages copy-on-write: reading it does not touch the reference counts of millions of small dicts and lists
-(which is what makes per-worker copies of the devkit tables grow, pytorch issue #13246). Map expansions are
+Construction reads a `SampleIndex`: a handful of numpy arrays (fixed-width string arrays for tokens and file
+paths, float arrays for calibration, boxes and sweep transforms, offsets into flat per-sweep and per-box
+arrays). It is built from the devkit tables once (`index_from_tables`; the `NuScenes` object is dropped right
+after) and cached memory-mapped under ``$PERCEPTION_CACHE/sample_index`` (`perception.data.index_cache`): later
+constructions, DataLoader workers and the other ranks of a job map the same files. A numpy array is one Python
+object, so reading the index does not touch the reference counts of millions of small dicts and lists (which is
+what makes per-worker copies of the devkit tables grow, pytorch issue #13246). Map expansions are
 loaded lazily in the process that renders them (see `map_raster.py`).
 
 Everything an item holds is in the keyframe's LIDAR_TOP frame (x right, y forward, z up; metres), after the
@@ -17,9 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -36,6 +37,7 @@ from perception.data.loading import (
     read_lidar_bin,
     read_radar_pcds,
 )
+from perception.data.index_cache import cached_index_arrays, index_cache_key
 from perception.data.map_raster import MapRasterizer
 from perception.data.shm_pool import output_array
 from perception.data.transforms import (
@@ -51,6 +53,7 @@ from perception.data.transforms import (
     transform_radar,
     warp_image,
 )
+from perception.distributed import DistInfo
 from perception.errors import ConfigError, DataError
 from perception.structures import (
     ATTRIBUTES,
@@ -192,6 +195,56 @@ class SampleIndex:
                 for n in ("boxes", "labels", "attributes", "box_tokens"):
                     ragged[n] = getattr(self, n)[idx]
         return SampleIndex(dataroot=self.dataroot, **per, **ragged)
+
+
+INDEX_ARRAYS = tuple(f.name for f in fields(SampleIndex) if f.name != "dataroot")
+
+
+def index_settings(cfg: DatasetConfig) -> dict:
+    """The `DatasetConfig` fields the index depends on (`build_index` reads no others), for cache keys."""
+    return {"lidar_sweeps": cfg.lidar_sweeps, "radar_sweeps": cfg.radar_sweeps, "skip_bad_samples": cfg.skip_bad_samples}
+
+
+def read_tables(dataroot: str | Path, version: str):
+    """The devkit's `NuScenes` over the tables of `version` under `dataroot` (minutes and gigabytes for
+    v1.0-trainval: `cached_sample_index` calls it only when its cache misses). Raises DataError when they are
+    missing."""
+    from nuscenes import NuScenes  # heavy: the devkit takes ~1 s to import
+
+    if not (Path(dataroot) / version).is_dir():
+        raise DataError(f"no {version} tables under the dataroot", path=dataroot)
+    return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
+
+
+def index_from_tables(dataroot: str | Path, version: str, split: str | None, cfg: DatasetConfig,
+                      nusc=None) -> tuple[SampleIndex, list[tuple[str, str]]]:
+    """Build the index of `split` (`build_index`) from the devkit tables of `version` under `dataroot`
+    (`read_tables`; or from `nusc`, those tables already read).
+
+    Raises DataError when the tables are missing, ConfigError for an unknown split."""
+    scenes = split_scene_names(version, split, dataroot)
+    nusc = nusc if nusc is not None else read_tables(dataroot, version)
+    return build_index(nusc, scenes, cfg)  # read here, the tables are dropped on return: workers must not inherit them
+
+
+def cached_sample_index(dataroot: str | Path, version: str, split: str | None, cfg: DatasetConfig,
+                        dist_info: DistInfo | None = None, *,
+                        tables: Callable[[], Any] | None = None) -> tuple[SampleIndex, list[tuple[str, str]]]:
+    """The index of `split` from the memory-mapped cache (`perception.data.index_cache`), parsing the tables only
+    when it misses (on rank 0 alone under torchrun: every rank calls this together). `tables`: returns the
+    devkit `NuScenes` to build from on a miss (to read them once for several splits; default `read_tables`).
+    Returns (index, bad samples as (sample token, reason))."""
+    if not (Path(dataroot) / version).is_dir():
+        raise DataError(f"no {version} tables under the dataroot", path=dataroot)
+    key = index_cache_key(dataroot, version, split, split_scene_names(version, split, dataroot), index_settings(cfg))
+
+    def build() -> tuple[dict, dict]:
+        index, bad = index_from_tables(dataroot, version, split, cfg, None if tables is None else tables())
+        return {k: getattr(index, k) for k in INDEX_ARRAYS}, {"bad_samples": [list(b) for b in bad]}
+
+    arrays, meta = cached_index_arrays(key, build, dist_info)
+    return (SampleIndex(dataroot=str(dataroot), **{k: arrays[k] for k in INDEX_ARRAYS}),
+            [tuple(b) for b in meta["bad_samples"]])
 
 
 def _str_array(values: list[str]) -> np.ndarray:
@@ -452,26 +505,24 @@ class NuScenesDataset(Dataset):
             None for every scene.
         config: see `DatasetConfig`.
         gt_sampler: optional `perception.data.gt_sampling.GTSampler`, used when `config.train`.
-        index: a prebuilt index (e.g. from `mmdet3d_info.read_mmdet3d_infos`) instead of reading the tables.
+        index: a prebuilt index (e.g. from `mmdet3d_info.read_mmdet3d_infos`) instead of the split's, which is
+            otherwise read from the index cache or, when it misses, built from the tables and cached
+            (`cached_sample_index`).
+        dist_info: under torchrun, every rank builds its dataset together: rank 0 alone parses the tables.
+        bad_samples: (sample token, reason) of samples left out of `index` (`with_config` carries them).
     """
 
     def __init__(self, dataroot: str | Path, version: str = "v1.0-mini", split: str | None = None, *,
-                 config: DatasetConfig | None = None, gt_sampler=None, index: SampleIndex | None = None):
+                 config: DatasetConfig | None = None, gt_sampler=None, index: SampleIndex | None = None,
+                 dist_info: DistInfo | None = None, bad_samples: list[tuple[str, str]] | None = None):
         self.config = config or DatasetConfig()
         self.dataroot = str(dataroot)
         self.version = version
         self.split = split
         self.gt_sampler = gt_sampler
-        self.bad_samples: list[tuple[str, str]] = []
+        self.bad_samples: list[tuple[str, str]] = list(bad_samples or [])
         if index is None:
-            from nuscenes import NuScenes  # heavy: the devkit takes ~1 s to import
-
-            scenes = split_scene_names(version, split, dataroot)
-            if not (Path(dataroot) / version).is_dir():
-                raise DataError(f"no {version} tables under the dataroot", path=dataroot)
-            nusc = NuScenes(version=version, dataroot=self.dataroot, verbose=False)
-            index, self.bad_samples = build_index(nusc, scenes, self.config)
-            del nusc  # the index holds all that is needed; workers must not inherit the tables
+            index, self.bad_samples = cached_sample_index(dataroot, version, split, self.config, dist_info)
         self.index = index
         self.map_rasterizer = None if self.config.map == "off" else MapRasterizer(self.dataroot, self.config.grid)
         # Locations whose map masks this dataset renders (the others' samples have has_map False).
@@ -503,7 +554,7 @@ class NuScenesDataset(Dataset):
     def with_config(self, **changes) -> "NuScenesDataset":
         """The same index with a changed config (no table reading)."""
         return NuScenesDataset(self.dataroot, self.version, self.split, config=replace(self.config, **changes),
-                               gt_sampler=self.gt_sampler, index=self.index)
+                               gt_sampler=self.gt_sampler, index=self.index, bad_samples=self.bad_samples)
 
     def set_epoch(self, epoch: int) -> None:
         """The training epoch of the items loaded from now on: the augmentation draws are seeded by (seed, epoch,
