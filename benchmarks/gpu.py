@@ -5,10 +5,11 @@
 Sections, in this order, each recorded in ``OUT/gpu.json`` (a failure is recorded and the next section runs):
   1. ``environment``: torch, CUDA, the GPU, onnxruntime's providers.
   2. ``tests``: ``pytest -m gpu tests`` (CUDA-only tests; the TensorRT ones skip where tensorrt is not installed).
-  3. ``train``: ``train.max_steps`` (50) optimiser steps of ``configs/base.yaml`` with mixed precision
+  3. ``train``: ``--train-steps`` (200) optimiser steps of ``configs/base.yaml`` with mixed precision
      (``train.amp=auto``: bf16 autocast on CUDA) through the real `Trainer` and data loader on a small synthetic
-     set: step time with data loading (steps 10-50 of the run), step time on preloaded batches (model only),
-     peak CUDA memory, finite losses.
+     set: step time and samples/s with data loading (from step 10 to the end), step time on preloaded batches
+     (model only), whether the loader keeps up (with-data step time within 10% of the preloaded one), peak CUDA
+     memory, finite losses.
   4. ``latency``: `perception bench latency` of base (or ``--checkpoint``'s model) at batch 1 on a synthetic batch
      (200k LiDAR points; or the first sample of ``--latency-data``):
      torch eager FP32, FP16 and BF16 autocast, `torch.compile` (FP32 and BF16), and ONNX Runtime with its CUDA
@@ -117,6 +118,8 @@ def _train(data: Path, out: Path, steps: int, workers: int, device: str, preload
             "amp_dtype": str(trainer.amp_dtype).removeprefix("torch."), "num_workers": workers,
             "fit_s": round(fit_s, 1), "step_ms_with_data": round(with_data_ms, 1),
             "step_ms_preloaded_median": round(statistics.median(times), 1), "preloaded_steps": len(times),
+            "samples_per_s": round(1e3 * trainer.global_batch / with_data_ms, 2) if with_data_ms > 0 else math.nan,
+            "loader_keeps_up": bool(with_data_ms <= 1.1 * statistics.median(times)),
             "peak_memory_gib": round(peak_fit / 2**30, 2),
             "peak_memory_reserved_gib": round((torch.cuda.max_memory_reserved() if cuda else 0) / 2**30, 2),
             "losses_finite": all(math.isfinite(x) for x in losses), "loss_first": losses[0], "loss_last": losses[-1]}
@@ -168,6 +171,7 @@ def _table(report: dict[str, Any]) -> str:
         row("train base.yaml (bf16 AMP)", f"{tr['steps']} steps, batch {tr['batch_size']}, losses finite: {tr['losses_finite']}")
         row("  step, with data loader", f"{tr['step_ms_with_data']} ms ({tr['num_workers']} workers)")
         row("  step, preloaded batches", f"{tr['step_ms_preloaded_median']} ms (median of {tr['preloaded_steps']})")
+        row("  samples/s with data; loader keeps up", f"{tr.get('samples_per_s')}; {tr.get('loader_keeps_up')}")
         row("  peak memory allocated/reserved", f"{tr['peak_memory_gib']} / {tr['peak_memory_reserved_gib']} GiB")
     else:
         row("train base.yaml (bf16 AMP)", tr.get("error") or tr.get("skipped", ""))
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", type=Path, default=None, help="Where the synthetic set and the training run go (default: OUT).")
     ap.add_argument("--data", type=Path, default=None, help="Synthetic dataroot (default: SCRATCH/synth, written if missing).")
     ap.add_argument("--budget-s", type=float, default=420.0, help="Sections not started by then are skipped.")
-    ap.add_argument("--train-steps", type=int, default=50)
+    ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--iterations", type=int, default=50)
     ap.add_argument("--preloaded-steps", type=int, default=20)
