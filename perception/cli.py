@@ -143,6 +143,26 @@ def data_gt_submission(
     gt_submission(data, version, split, out)
 
 
+@data_app.command("frames")
+def data_frames(
+    data: Path = typer.Option(..., "--data", help="nuScenes-format dataroot (real or synthetic)."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to write (a devkit split or one of <version>/splits.json; default: every scene)."),
+    out: Path = typer.Option(..., "--out", help="Frames folder to write (must not exist or be empty)."),
+) -> None:
+    """Write a dataroot's split as per-frame folders (docs/custom-data.md): every keyframe and sweep, camera and
+    LiDAR files copied byte for byte, radar as .npy, boxes in the global frame; then validate what was written."""
+    from perception.data.frames import load_frames
+    from perception.data.frames_export import export_frames
+
+    start = time.perf_counter()
+    summary = export_frames(data, version, split, out)
+    frames = load_frames(out)
+    typer.echo(f"wrote {out}: {summary.scenes} scenes, {summary.frames} frames ({summary.keyframes} keyframes), "
+               f"{summary.records} sensor records, {summary.boxes} boxes; splits {', '.join(frames.splits)}; "
+               f"validated, {time.perf_counter() - start:.1f} s")
+
+
 @bench_app.command("data")
 def bench_data(
     data: Path = typer.Option(..., "--data", help="nuScenes dataroot (1600x900 cameras for the stated figures)."),
