@@ -163,6 +163,29 @@ def data_frames(
                f"validated, {time.perf_counter() - start:.1f} s")
 
 
+@data_app.command("import")
+def data_import(
+    frames: Path = typer.Option(..., "--frames", help="Frames folder to read (docs/custom-data.md)."),
+    out: Path = typer.Option(..., "--out", help="Dataroot to write (must not exist or be empty)."),
+    version: str = typer.Option("v1.0-trainval", "--version", help="Name of the table folder (<out>/<version>/)."),
+) -> None:
+    """Write a frames folder as a nuScenes-format dataroot: the 13 tables and splits.json, samples/ and sweeps/
+    (JPEG and nuScenes LiDAR files copied byte for byte, PNG, other LiDAR formats and radar converted), maps/."""
+    from perception.data.frames_import import import_frames
+
+    start = time.perf_counter()
+    s = import_frames(frames, out, version)
+    converted = f"{s.converted_images} images, {s.converted_lidar} LiDAR and {s.converted_radar} radar files converted"
+    maps = (f"map expansions for {', '.join(s.map_expansions)}" if s.map_expansions
+            else "no map expansion (data.map=auto trains without map targets)")
+    typer.echo(f"wrote {out}/{version}: {s.scenes} scenes, {s.samples} samples, {s.sample_data} sample_data, "
+               f"{s.annotations} annotations ({s.counted_boxes} with counted points); {converted}; "
+               f"splits {', '.join(s.splits)}; {maps}; {time.perf_counter() - start:.1f} s")
+    if s.missing_stack_sensors:
+        typer.echo(f"note: the stack still needs the sensors {', '.join(s.missing_stack_sensors)}, which this rig "
+                   "lacks (docs/custom-data.md, Importing)")
+
+
 @bench_app.command("data")
 def bench_data(
     data: Path = typer.Option(..., "--data", help="nuScenes dataroot (1600x900 cameras for the stated figures)."),

@@ -6,6 +6,7 @@ The format is documented for users in docs/custom-data.md; in short (DIR is the 
   DIR/splits.json                 {split name: [scene names]}
   DIR/scenes.json                 optional: per-scene description, location, log and calibration overrides
   DIR/frames/<scene>/<n>.json     one file per frame, in the order of the integer n
+  DIR/maps/                       optional: nuScenes map files, copied as they are by `data import`
   sensor files anywhere           each record's "file" is relative to DIR
 
 Frames: global (map; z up), ego (x forward, y left, z up; a record's ego pose is ego -> global at its timestamp),
@@ -46,6 +47,7 @@ RIG_FILE = "rig.json"
 SPLITS_FILE = "splits.json"
 SCENES_FILE = "scenes.json"
 FRAMES_DIR = "frames"
+MAPS_DIR = "maps"  # optional: nuScenes map files (semantic-prior PNGs, expansion/<location>.json), passed through
 FRAME_FILE_PATTERN = re.compile(r"^(\d+)\.json$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # scene and sensor names (they become folder names)
 _FLOAT32 = np.dtype("<f4")

@@ -4,7 +4,8 @@ docs/custom-data.md), read through the devkit tables.
 Every sample_data record of the exported scenes becomes one record (keyframes and sweeps). Camera images and LiDAR
 `.pcd.bin` files are copied byte for byte; radar `.pcd` files become `.npy` of all 18 nuScenes radar fields
 (every return, no filtering). Boxes are the sample_annotation records as written: global frame, the category name
-of the tables, the instance token as track id.
+of the tables, the instance token as track id. The scenes' map files (semantic-prior PNGs, map expansions) are copied
+to maps/, which `data import` passes through.
 
 Frames of a scene: each keyframe (sample) is one frame; the sweeps of a channel between two of its keyframe
 records fill the frames just before the later keyframe, the latest sweep in the frame right before it (sweeps
@@ -28,6 +29,7 @@ from perception.data.dataset import read_tables, split_scene_names
 from perception.data.frames import (
     FRAMES_DIR,
     GLOBAL_FRAME,
+    MAPS_DIR,
     MODALITIES,
     NUSCENES_LIDAR_COLUMNS,
     NUSCENES_LIDAR_INTENSITY_MAX,
@@ -57,6 +59,7 @@ class ExportSummary:
     keyframes: int
     records: int
     boxes: int
+    map_files: int = 0
 
 
 def _calibration_json(cs: dict, modality: str) -> dict:
@@ -190,13 +193,38 @@ def _split_names(version: str, split: str | None, dataroot: Path, scene_names: l
     return out
 
 
-def export_frames(dataroot: str | Path, version: str, split: str | None, out: str | Path, *, nusc=None) -> ExportSummary:
+def _copy_maps(dataroot: Path, nusc, scenes: list[dict], out: Path) -> int:
+    """Copy the map files of the exported scenes from <dataroot>/maps/ to <out>/maps/, keeping their names: the
+    semantic-prior PNG of each map record that lists one of their logs, and expansion/<location>.json and
+    basemap/<location>.png of their locations where present. Returns how many files were copied."""
+    logs = {s["log_token"] for s in scenes}
+    locations = sorted({nusc.get("log", t)["location"] for t in logs} - {""})
+    rels = [m["filename"] for m in nusc.map
+            if logs & set(m.get("log_tokens", [])) and m.get("filename", "").startswith(f"{MAPS_DIR}/")]
+    rels += [f"{MAPS_DIR}/{sub}/{loc}{ext}" for loc in locations for sub, ext in (("expansion", ".json"),
+                                                                                ("basemap", ".png"))]
+    n = 0
+    for rel in dict.fromkeys(rels):
+        src = dataroot / rel
+        if src.is_file():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(src, out / rel)
+            except OSError as exc:
+                raise DataError(f"cannot copy map file ({exc.strerror or exc})", path=src) from None
+            n += 1
+    return n
+
+
+def export_frames(dataroot: str | Path, version: str, split: str | None, out: str | Path, *, nusc=None,
+                  maps: bool = True) -> ExportSummary:
     """Write the scenes of `split` (None or "all": every scene) of the nuScenes-format dataroot as a frames folder.
 
     Args:
         dataroot, version: the tables (`read_tables`); `nusc`: those tables already read (the devkit `NuScenes`).
         split: a devkit split or one of <dataroot>/<version>/splits.json.
         out: the folder to write; it must not exist or be empty.
+        maps: also copy the scenes' map files to maps/ (`_copy_maps`), which `import_frames` passes through.
 
     Writes rig.json (every sensor of the sensor table; a calibration or image size only where one value holds for
     all exported records), scenes.json (log fields; a scene's calibration where one value holds for the scene and
@@ -305,13 +333,15 @@ def export_frames(dataroot: str | Path, version: str, split: str | None, out: st
             n_frames += len(frames)
         _write_json(staging / SCENES_FILE, scene_meta)
         _write_json(staging / SPLITS_FILE, _split_names(version, split, dataroot, [s["name"] for s in scenes]))
+        n_maps = _copy_maps(dataroot, nusc, scenes, staging) if maps else 0
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if out.exists():
         out.rmdir()
     staging.rename(out)
-    return ExportSummary(scenes=len(scenes), frames=n_frames, keyframes=n_keyframes, records=n_records, boxes=n_boxes)
+    return ExportSummary(scenes=len(scenes), frames=n_frames, keyframes=n_keyframes, records=n_records, boxes=n_boxes,
+                         map_files=n_maps)
 
 
 def _record_json(dataroot: Path, out: Path, nusc, sd: dict, scene: str, channel: str, modality: str) -> dict:
