@@ -1,5 +1,6 @@
 """Box velocities from the LiDAR sweeps' motion blur (`perception.model.lidar_velocity`), against scenes built with
-a known motion."""
+a known motion, and the batched measurement against the per-box implementation it replaced
+(`tests/lidar_velocity_reference.py`) on those scenes and on random scenes with many boxes."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+import perception.model.bevfusion as bevfusion
+import perception.model.lidar_velocity as lidar_velocity
 from deploy.postprocess import PostprocessSpec
 from perception.model.bevfusion import DecodeSettings, outputs_to_predictions
 from perception.model.lidar_velocity import LidarVelocityConfig, _merge, lidar_box_velocity, refine_velocities
 from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid
+from tests import lidar_velocity_reference as reference
 
 SWEEP_DT = np.arange(10) * 0.05  # keyframe + 9 sweeps at 20 Hz, seconds before the keyframe
 
@@ -192,15 +196,19 @@ def test_merging_points_into_cells_matches_a_grouping_by_hand():
     rng = np.random.default_rng(8)
     along = rng.uniform(-6.0, 6.0, 400).astype(np.float32)
     dt = rng.choice(SWEEP_DT[:3], 400).astype(np.float32)
+    box = np.sort(rng.integers(0, 3, 400))  # three boxes, each counted from its own lowest point
     cell = 0.25
-    cells, cell_dt, count = _merge(torch.from_numpy(along), torch.from_numpy(dt), cell)
+    sweep_times, sweep = np.unique(dt, return_inverse=True)
+    cell_box, cells, cell_sweep, count = _merge(torch.from_numpy(box), torch.from_numpy(along),
+                                                torch.from_numpy(sweep.astype(np.int64)), len(sweep_times), cell)
     expected: dict[tuple, int] = {}
-    for a, t in zip(along.tolist(), dt.tolist()):
-        key = (t, int((a - float(along.min())) // cell))
+    for b, a, t in zip(box.tolist(), along.tolist(), dt.tolist()):
+        key = (b, t, int((a - float(along[box == b].min())) // cell))
         expected[key] = expected.get(key, 0) + 1
-    got = {(t, round((a - float(along.min())) / cell - 0.5)): int(n)
-           for a, t, n in zip(cells.tolist(), cell_dt.tolist(), count.tolist())}
+    got = {(b, float(sweep_times[s]), round((a - float(along[box == b].min())) / cell - 0.5)): int(n)
+           for b, a, s, n in zip(cell_box.tolist(), cells.tolist(), cell_sweep.tolist(), count.tolist())}
     assert got == expected
+    assert cell_box.tolist() == sorted(cell_box.tolist())
 
 
 def _ray_cast_sweeps(objects, sensor_speed, step_deg=0.3, rings=8):
@@ -265,3 +273,136 @@ def test_a_truck_and_trailer_whose_boxes_are_turned():
         assert valid.all() and max(errors) <= 1.3, errors  # a flat side face: the direction search has little to go on
         unfitted, _ = lidar_box_velocity(boxes, points, LidarVelocityConfig(axis_fit_classes=()), labels)
         assert max(math.dist(v, (speed, 0.0)) for v in unfitted.tolist()) > 4.0
+
+
+# The batched measurement against the per-box implementation it replaced (issue 38). Every step of both is the same
+# float32 / float64 arithmetic on the same values, so the velocities agree to float rounding: the only sums whose
+# order differs are the axis fit's float64 closeness sums (relative 1e-16, against a 1e-9 tie tolerance), and the
+# cos / sin of the refitted heading (one float32 ulp).
+TOLERANCE = 1e-4  # m/s
+
+
+def _assert_same(got, want):
+    (velocity, valid), (ref_velocity, ref_valid) = got, want
+    assert torch.equal(valid.cpu(), ref_valid)
+    assert (velocity.cpu() - ref_velocity).abs().max().item() <= TOLERANCE if len(valid) else True
+
+
+@pytest.mark.parametrize("test, kwargs", [
+    pytest.param(test_measures_moving_and_static_objects, {}, id="moving-reversing-parked-walker"),
+    pytest.param(test_a_box_turned_back_to_front_gets_the_same_velocity, {}, id="back-to-front"),
+    pytest.param(test_too_few_points_or_sweeps_is_not_valid, {}, id="too-few-points"),
+    pytest.param(test_a_car_seen_only_from_behind_is_measured_from_a_box_a_little_off, {}, id="rear-face-only"),
+    pytest.param(test_refinement_replaces_only_valid_boxes_of_scored_classes, {}, id="refinement-classes"),
+    pytest.param(test_post_processing_uses_the_points_only_when_enabled_and_present, {}, id="post-processing"),
+    pytest.param(test_direction_comes_from_the_points_when_the_box_yaw_is_off, {}, id="yaw-off"),
+    pytest.param(test_the_box_axis_is_refitted_to_the_points_when_the_yaw_is_off, {"yaw_error": 0.35},
+                 id="turned-car-0.35"),
+    pytest.param(test_the_box_axis_is_refitted_to_the_points_when_the_yaw_is_off, {"yaw_error": -0.45},
+                 id="turned-car--0.45"),
+    *[pytest.param(test_a_truck_and_trailer_beside_a_moving_scanner, {"speed": v}, id=f"truck-trailer-{v:g}")
+      for v in (0.0, -8.0, 5.7)],
+    pytest.param(test_a_truck_and_trailer_whose_boxes_are_turned, {}, id="truck-trailer-turned"),
+])
+def test_batched_equals_the_per_box_reference_on_the_built_scenes(test, kwargs, monkeypatch):
+    """Each built scene above is measured by both implementations (every call the test makes, with its boxes,
+    labels and settings), which must agree."""
+    calls = []
+
+    def velocity(boxes, points, cfg=LidarVelocityConfig(), labels=None):
+        got = lidar_velocity.lidar_box_velocity(boxes, points, cfg, labels)
+        _assert_same(got, reference.lidar_box_velocity(boxes, points, cfg, labels))
+        calls.append(len(boxes))
+        return got
+
+    def refine(boxes, labels, points, cfg):
+        got = lidar_velocity.refine_velocities(boxes, labels, points, cfg)
+        want = reference.refine_velocities(boxes, labels, points, cfg)
+        assert (got - want).abs().max().item() <= TOLERANCE
+        calls.append(len(boxes))
+        return got
+
+    monkeypatch.setitem(globals(), "lidar_box_velocity", velocity)
+    monkeypatch.setitem(globals(), "refine_velocities", refine)
+    monkeypatch.setattr(bevfusion, "refine_velocities", refine)
+    test(**kwargs)
+    assert calls
+
+
+SIZES = {"car": (1.9, 4.6, 1.6), "truck": (2.5, 7.0, 3.0), "bus": (2.9, 11.0, 3.4), "trailer": (2.6, 10.0, 3.6),
+         "construction_vehicle": (2.8, 6.0, 3.0), "pedestrian": (0.6, 0.7, 1.7), "motorcycle": (0.8, 2.1, 1.5),
+         "bicycle": (0.6, 1.7, 1.3), "barrier": (2.5, 0.5, 1.0), "traffic_cone": (0.4, 0.4, 0.8)}
+
+
+def _random_scene(seed, n_boxes, sweep_dt=(0.0, 0.05, 0.1, 0.3, 0.6)):
+    """Boxes as a detector might give them for a random scene of `n_boxes` objects of every class (centres within
+    45 m, a third parked, some reversing), with their sweeps at `sweep_dt`: each box perturbed (centre, size, yaw;
+    one in ten back to front), and one in eight boxes a false positive where there is no object."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(DETECTION_CLASSES), n_boxes)
+    objects, boxes = [], []
+    for label in labels.tolist():
+        size = np.asarray(SIZES[DETECTION_CLASSES[label]]) * rng.uniform(0.9, 1.1, 3)
+        centre, yaw = rng.uniform(-45, 45, 2), rng.uniform(-math.pi, math.pi)
+        speed = 0.0 if rng.random() < 0.33 else rng.uniform(0.5, 14.0) * (-1 if rng.random() < 0.1 else 1)
+        heading = yaw + rng.normal(0, 0.05)
+        vel = (speed * math.cos(heading), speed * math.sin(heading))
+        if rng.random() < 0.125:
+            centre = rng.uniform(-45, 45, 2)  # a false positive: no object there
+        else:
+            objects.append((tuple(centre), tuple(size), yaw, vel))
+        box_yaw = yaw + rng.normal(0, 0.15) + (math.pi if rng.random() < 0.1 else 0.0)
+        boxes.append([*(centre + rng.normal(0, 0.2, 2)), size[2] / 2 - 1.0, *(size * rng.uniform(0.9, 1.1, 3)),
+                      box_yaw, 0.0, 0.0])
+    clouds = []
+    for dt in sweep_dt:
+        for centre, (w, l, h), yaw, vel in objects:
+            then = np.asarray(centre) - np.asarray(vel) * dt
+            xyz = _surface_points(rng, then, (w, l, h), yaw, int(rng.integers(20, 120)))
+            xyz[:, 2] += h / 2 - 1.0  # standing on the ground at z = -1
+            clouds.append(np.c_[xyz, np.full(len(xyz), 40.0), np.full(len(xyz), dt)])
+        ground = np.c_[rng.uniform(-50, 50, (3000, 2)), rng.normal(-1.0, 0.03, 3000), np.zeros(3000),
+                       np.full(3000, dt)]
+        clouds.append(ground)
+    points = torch.from_numpy(np.concatenate(clouds).astype(np.float32))
+    return torch.tensor(boxes, dtype=torch.float32), torch.from_numpy(labels), points
+
+
+@pytest.mark.parametrize("seed, n_boxes, cfg", [
+    (0, 60, LidarVelocityConfig()),
+    (1, 200, LidarVelocityConfig()),
+    (2, 120, LidarVelocityConfig(max_reverse_speed=1.0, turn_steps=9, silhouette_classes=(1, 2, 3, 4))),
+])
+def test_batched_equals_the_per_box_reference_on_random_scenes(seed, n_boxes, cfg):
+    boxes, labels, points = _random_scene(seed, n_boxes)
+    got = lidar_box_velocity(boxes, points, cfg, labels)
+    _assert_same(got, reference.lidar_box_velocity(boxes, points, cfg, labels))
+    assert got[1].float().mean() > 0.4  # most boxes measured: the comparison is not vacuous
+    unlabelled = lidar_box_velocity(boxes, points, cfg)
+    _assert_same(unlabelled, reference.lidar_box_velocity(boxes, points, cfg))
+
+
+def test_chunked_boxes_give_the_same_velocities(monkeypatch):
+    """Tiny memory limits split every step into many chunks of boxes (and of candidate points) without changing a
+    velocity."""
+    boxes, labels, points = _random_scene(3, 40)
+    whole = lidar_box_velocity(boxes, points, LidarVelocityConfig(), labels)
+    monkeypatch.setattr(lidar_velocity, "_MAX_ELEMENTS", 3000)
+    monkeypatch.setattr(lidar_velocity, "_CPU_CHUNK_ELEMENTS", 3000)
+    monkeypatch.setattr(lidar_velocity, "_MAX_CANDIDATES", 500)
+    chunked = lidar_box_velocity(boxes, points, LidarVelocityConfig(), labels)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_the_boxes_device():
+    """On CUDA boxes the measurement runs on the GPU and matches the per-box reference on the CPU."""
+    boxes, labels, points = _random_scene(4, 150)
+    got = lidar_box_velocity(boxes.cuda(), points.cuda(), LidarVelocityConfig(), labels.cuda())
+    assert got[0].is_cuda and got[1].is_cuda
+    _assert_same(got, reference.lidar_box_velocity(boxes, points, LidarVelocityConfig(), labels))
+    out = refine_velocities(boxes.cuda(), labels.cuda(), points, LidarVelocityConfig())  # points on the CPU
+    assert out.is_cuda
+    want = reference.refine_velocities(boxes, labels, points, LidarVelocityConfig())
+    assert (out.cpu() - want).abs().max() <= TOLERANCE
