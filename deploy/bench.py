@@ -8,6 +8,10 @@ Every iteration, after the warm-up, runs one batch through
      module / ONNX graph / engine with a synchronisation after it: the per-stage figures.
 Percentiles (median, p90, p99) are over the timed iterations; throughput is batch size / median total.
 
+`bench_frames` is the whole-frame mode: a trained model (a checkpoint, or an export directory) over every frame of a
+split in scene order, each frame through reading, pre-processing, the core, post-processing and tracking
+(`FRAME_PROTOCOL`; `format_frames` prints it).
+
 Backends: ``torch`` (eager `ExportedCore` and stage modules, FP32, or FP16 / BF16 autocast on CUDA; with
 ``compile`` the core runs through `torch.compile`), ``onnx`` (onnxruntime on the
 graphs `deploy.export` writes into a work directory), ``tensorrt`` (engines built from those graphs). The
@@ -35,16 +39,19 @@ from deploy.core import ExportedCore, stages
 from deploy.export import export_model, export_stage_graphs, load_checkpoint_model
 from deploy.manifest import Manifest
 from deploy.postprocess import Postprocessor, PostprocessSpec
-from deploy.runners import Executor, OnnxRuntimeExecutor, TorchExecutor, synchronize
+from deploy.runners import Executor, OnnxRuntimeExecutor, Runner, TorchExecutor, load_runner, synchronize
 from deploy.tensorrt import TensorRTExecutor, build_engine, import_tensorrt
 from perception.config import ExperimentConfig
 from perception.data.batch import Batch
 from perception.data.build import build_dataset, default_splits
 from perception.data.collate import collate_samples
 from perception.errors import PerceptionError
+from perception.evaluation import prediction_entries, scene_ordered_indices
 from perception.model.bevfusion import BEVFusionModel
 from perception.model.build import build_model
 from perception.model.synthetic import make_synthetic_batch
+from perception.model.temporal import TemporalState
+from perception.tracking import StreamTracker, TrackerSettings
 
 log = logging.getLogger(__name__)
 
@@ -247,3 +254,171 @@ def write_json(result: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return path
+
+
+# ------------------------------------------------------------------------------------------ whole frames
+
+# Stages of one frame in `bench_frames`, in the order they run.
+FRAME_STAGES: tuple[str, ...] = ("read", "pre_process", "core", "post_process", "tracking")
+FRAME_STAGE_CONTENTS: dict[str, str] = {
+    "read": "reading and decoding: the dataset's evaluation item (images decoded and resized, LiDAR sweeps "
+            "motion-compensated, radar), no augmentation, no map ground truth; collated to a batch of 1",
+    "pre_process": "host-to-device copy, image normalisation, voxelisation (LiDAR and radar pillars), camera geometry "
+                   "(pooling plan, from the rig cache when the calibration repeats), a temporal core's history",
+    "core": "the core on the backend's runtime (one graph / module / engine)",
+    "post_process": "decoding (peaks, top-k, score threshold), per-class circle NMS, LiDAR-measured velocities when "
+                    "the model's config turns them on, boxes to the global frame (submission entries)",
+    "tracking": "CenterPoint's greedy tracker (`perception track`'s), fed frame by frame, reset at each new scene",
+}
+MIN_PASSES = 5
+FRAME_PROTOCOL: tuple[str, ...] = (
+    "every frame of the split, in scene order (each scene's keyframes in time order), one frame at a time (batch 1)",
+    "stages run one after another, with no loader prefetch overlap; each stage is timed with time.perf_counter, "
+    "after torch.cuda.synchronize on CUDA",
+    "stages: " + "; ".join(f"{k}: {v}" for k, v in FRAME_STAGE_CONTENTS.items()),
+    f"one untimed warm-up pass over the frames, then at least {MIN_PASSES} timed passes; each pass starts with an "
+    "empty tracker and temporal state",
+    "median, p90 and p99 (ms) over every frame of every timed pass, per stage and for the whole frame, with reading "
+    "(read through tracking) and without (pre-processing through tracking)",
+    "boxes per frame (mean over the frames, after post-processing; tracked boxes too), and frames/s = 1000 / median "
+    "whole frame (ms), with and without reading",
+)
+
+
+def bench_frames(checkpoint: str | Path, data: str | Path, split: str | None, backend: str = "torch", *,
+                 device: str = "cpu", precision: str | None = None, passes: int = MIN_PASSES,
+                 version: str = "v1.0-mini", threads: int | None = None, info: str | Path | None = None,
+                 tracker: TrackerSettings = TrackerSettings()) -> dict[str, Any]:
+    """Whole-frame latency of a trained model over a split (`FRAME_PROTOCOL`); returns the JSON-ready result.
+
+    Args:
+        checkpoint: a training checkpoint (.pt) for ``torch``; an export directory (or a graph / engine in one)
+            for ``onnx`` and ``tensorrt``, as `perception eval --backend` takes it. The config is the checkpoint's.
+        data, version, split: the dataroot and the split whose frames run (`info`: an mmdet3d info file's samples
+            instead, `split` None).
+        backend, device, precision, threads: the runner (`deploy.runners.load_runner`); precision None is the
+            runner's default (torch fp32, the export's FP32 graph, the export's first engine).
+        passes: timed passes over the frames after one warm-up pass; fewer than `MIN_PASSES` is allowed (quick
+            checks) with a warning, and ``protocol_met`` is then false.
+        tracker: the tracker's settings (`perception track`'s defaults).
+
+    Returns: ``stages_ms[stage]`` and ``frame_ms`` (without reading) / ``frame_with_read_ms``, each the median, p90,
+    p99, mean, min and max in milliseconds; ``samples_ms[stage]``: per timed pass, per frame (ms, scene order);
+    ``per_frame``: each frame's token, scene, boxes and tracked boxes; ``boxes_per_frame``, ``frames_per_s`` and
+    ``frames_per_s_with_read``; ``frame_over_pre_core``: median whole frame without reading over the sum of the
+    pre-processing and core medians; the protocol, device, backend, threads, checkpoint, split, frames and passes.
+    """
+    if passes < 1:
+        raise PerceptionError("--passes must be >= 1")
+    if passes < MIN_PASSES:
+        log.warning("%d timed pass(es): the protocol asks for at least %d; figures are indicative only", passes, MIN_PASSES)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PerceptionError("--device cuda: no CUDA device is available")
+    if backend == "tensorrt" and dev.type != "cuda":
+        raise PerceptionError("--backend tensorrt runs on --device cuda")
+    if threads:
+        torch.set_num_threads(threads)
+    runner = load_runner(backend, checkpoint, device=dev, precision=precision, threads=threads)
+    cfg = runner.manifest.experiment_config()
+    # What a vehicle reads: sensors only (no map ground truth to rasterise; the boxes come with the index).
+    dataset = build_dataset(cfg, data, version, split, train=False, map_grid=runner.map_grid,
+                            info=info).with_config(map="off", eval_map_grid=None)
+    order = scene_ordered_indices(dataset.index)
+
+    samples: dict[str, list[list[float]]] = {k: [] for k in (*FRAME_STAGES, "frame", "frame_with_read")}
+    per_frame: list[dict[str, Any]] = []
+    for p in range(1 + passes):
+        frame_rows, per_frame = _run_pass(runner, dataset, order, dev, tracker)
+        if p == 0:
+            continue  # the warm-up pass
+        for key in samples:
+            samples[key].append([row[key] for row in frame_rows])
+
+    def stats(key: str) -> dict[str, float]:
+        return percentiles([v for series in samples[key] for v in series])
+
+    stages_ms = {k: stats(k) for k in FRAME_STAGES}
+    frame_ms, frame_with_read_ms = stats("frame"), stats("frame_with_read")
+    lidar_velocity = runner.postprocessor.spec.decode.lidar_velocity is not None
+    scenes = len({f["scene_token"] for f in per_frame})
+    return {
+        "mode": "frames", "protocol": list(FRAME_PROTOCOL), "stage_contents": dict(FRAME_STAGE_CONTENTS),
+        "protocol_met": passes >= MIN_PASSES,
+        "backend": backend, "runner": runner.description, "device": str(dev), "precision": precision,
+        "threads": threads or torch.get_num_threads(), "checkpoint": str(checkpoint),
+        "data": str(data), "version": version, "split": str(info) if info is not None else split,
+        "frames": len(order), "scenes": scenes, "passes": passes, "warmup_passes": 1,
+        "lidar_velocity": lidar_velocity, "tracker": {"max_age": tracker.max_age, "min_score": tracker.min_score},
+        "stages_ms": stages_ms, "frame_ms": frame_ms, "frame_with_read_ms": frame_with_read_ms,
+        "frame_over_pre_core": frame_ms["median"] / max(stages_ms["pre_process"]["median"] + stages_ms["core"]["median"], 1e-9),
+        "frames_per_s": 1000.0 / frame_ms["median"], "frames_per_s_with_read": 1000.0 / frame_with_read_ms["median"],
+        "boxes_per_frame": float(np.mean([f["boxes"] for f in per_frame])),
+        "tracked_boxes_per_frame": float(np.mean([f["tracked"] for f in per_frame])),
+        "per_frame": per_frame,
+        "samples_ms": {k: [[round(v, 4) for v in series] for series in samples[k]] for k in samples},
+        "environment": _environment(dev),
+    }
+
+
+def _run_pass(runner: Runner, dataset, order: list[int], device: torch.device, settings: TrackerSettings
+              ) -> tuple[list[dict[str, float]], list[dict[str, Any]]]:
+    """One pass over the frames `order` of `dataset`: per frame, each stage's milliseconds (`FRAME_STAGES`, and
+    ``frame`` / ``frame_with_read``), and its token, scene, boxes and tracked boxes."""
+    state = TemporalState() if runner.temporal else None
+    tracker = StreamTracker(settings)
+    rows: list[dict[str, float]] = []
+    frames: list[dict[str, Any]] = []
+    for i in order:
+        t0 = time.perf_counter()
+        batch = collate_samples([dataset[i]])
+        t1 = time.perf_counter()
+        batch = batch.to(device)
+        inputs = runner.prepare(batch, state)
+        synchronize(device)
+        t2 = time.perf_counter()
+        out = runner.infer(inputs)
+        synchronize(device)
+        t3 = time.perf_counter()
+        meta = batch.meta[0]
+        entries = prediction_entries(runner.finish(batch, out, state)[0], meta)
+        synchronize(device)
+        t4 = time.perf_counter()
+        tracked = tracker.step(meta["scene_token"], meta["timestamp"], entries)
+        t5 = time.perf_counter()
+        rows.append({"read": (t1 - t0) * 1e3, "pre_process": (t2 - t1) * 1e3, "core": (t3 - t2) * 1e3,
+                     "post_process": (t4 - t3) * 1e3, "tracking": (t5 - t4) * 1e3, "frame": (t5 - t1) * 1e3,
+                     "frame_with_read": (t5 - t0) * 1e3})
+        frames.append({"sample_token": meta["sample_token"], "scene_token": meta["scene_token"],
+                       "boxes": len(entries), "tracked": len(tracked)})
+    return rows, frames
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else ("es" if word.endswith("s") else "s"))
+
+
+def format_frames(result: dict[str, Any]) -> str:
+    """`bench_frames`'s result as a table (milliseconds)."""
+    title = (f"whole-frame latency: {result['checkpoint']}  backend {result['backend']} ({result['runner']}) on "
+             f"{result['device']}, {result['threads']} threads; {result['split']}: {result['frames']} frames "
+             f"({_plural(result['scenes'], 'scene')}), {_plural(result['passes'], 'pass')} after "
+             f"{_plural(result['warmup_passes'], 'warm-up pass')}")
+    lines = [title]
+    if not result["protocol_met"]:
+        lines.append(f"(fewer than {MIN_PASSES} passes: not the protocol's figures)")
+    lines.append(f"{'stage (ms)':<30}{'median':>10}{'p90':>10}{'p99':>10}")
+    names = {"read": "read + decode", "pre_process": "pre-process", "core": "core",
+             "post_process": "post-process" + (" (+LiDAR vel.)" if result["lidar_velocity"] else ""),
+             "tracking": "tracking"}
+    rows = [(names[k], result["stages_ms"][k]) for k in FRAME_STAGES]
+    rows += [("frame without reading", result["frame_ms"]), ("frame with reading", result["frame_with_read_ms"])]
+    for k, (name, s) in enumerate(rows):
+        if k == len(FRAME_STAGES):
+            lines.append("-" * 60)
+        lines.append(f"{name:<30}{s['median']:>10.2f}{s['p90']:>10.2f}{s['p99']:>10.2f}")
+    lines.append(f"boxes per frame {result['boxes_per_frame']:.1f} (tracked {result['tracked_boxes_per_frame']:.1f}); "
+                 f"{result['frames_per_s']:.2f} frames/s without reading, {result['frames_per_s_with_read']:.2f} with; "
+                 f"frame / (pre-process + core) medians = {result['frame_over_pre_core']:.2f}")
+    lines.append("stages run one after another, one frame at a time, no prefetch overlap (protocol in the JSON)")
+    return "\n".join(lines)

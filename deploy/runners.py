@@ -3,7 +3,8 @@
 A `Runner` is the shared pre-processing (`perception.model.preprocess.Preprocessor`), an `Executor` that runs the core
 on one runtime, and the shared post-processing (`deploy.postprocess.Postprocessor`). ``runner.predict(batch)``
 returns the `Prediction`s that `BEVFusionModel.predict` returns, so `perception.evaluation.run_inference`
-evaluates any runtime unchanged (``runner.eval()`` is there for it and does nothing).
+evaluates any runtime unchanged (``runner.eval()`` is there for it and does nothing). Its three steps, `prepare`,
+`infer` and `finish`, are public so that `deploy.bench.bench_frames` times each of them on the same code.
 
 Executors take and return ``{name: torch.Tensor}``:
   - `TorchExecutor`: a module (the `ExportedCore`, or one of its stages) in eager PyTorch, FP32 or FP16 autocast;
@@ -157,17 +158,28 @@ class Runner:
         return state.history(batch.meta, channels, grid, self.device)
 
     @torch.no_grad()
-    def predict(self, batch: Batch, state: TemporalState | None = None) -> list[Prediction]:
-        """Per-sample predictions of a batch (pre-processing, core, decoding and NMS); a temporal core reads its
-        history from `state` and leaves this batch's `bev` in it."""
-        batch = batch.to(self.device)
+    def prepare(self, batch: Batch, state: TemporalState | None = None) -> dict[str, Tensor]:
+        """Pre-processing: the core's named inputs for `batch` (already on `device`, see `predict`): normalised
+        images, rig geometry, pillars, and a temporal core's history from `state`."""
         inputs = self.preprocessor(batch).named()
         if self.temporal:
             inputs.update(history_feeds(self.history(batch, state)))
-        out = self.infer(inputs)
+        return inputs
+
+    @torch.no_grad()
+    def finish(self, batch: Batch, out: dict[str, Tensor], state: TemporalState | None = None) -> list[Prediction]:
+        """Post-processing of the core's outputs `out` for `batch`: decoding, NMS and, where the manifest says so,
+        LiDAR-measured velocities; a temporal core's `bev` is left in `state`."""
         if self.temporal and state is not None:
             state.update(batch.meta, out["bev"])
         return self.postprocessor(out, lidar_points_per_sample(batch))
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, state: TemporalState | None = None) -> list[Prediction]:
+        """Per-sample predictions of a batch: `prepare` (pre-processing), `infer` (the core), `finish` (decoding and
+        NMS); a temporal core reads its history from `state` and leaves this batch's `bev` in it."""
+        batch = batch.to(self.device)
+        return self.finish(batch, self.infer(self.prepare(batch, state)), state)
 
 
 def _resolve_export(path: Path, suffixes: tuple[str, ...]) -> tuple[Manifest, Path | None]:

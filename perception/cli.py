@@ -454,34 +454,50 @@ def build_engine_cmd(
 
 @bench_app.command("latency")
 def bench_latency_cmd(
-    config: Path = typer.Option(..., "--config", help="Experiment YAML (configs/tiny.yaml, configs/base.yaml)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Experiment YAML (configs/tiny.yaml, configs/base.yaml): time one repeated random-input (or --data) batch. Without it: the whole-frame mode (--checkpoint, --data, --split)."),
     backend: str = typer.Option("torch", "--backend", help="torch, onnx or tensorrt."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 (torch: CUDA autocast; tensorrt: FP16 engine) or bf16 (torch: CUDA autocast)."),
-    torch_compile: bool = typer.Option(False, "--compile", help="torch: run the core through torch.compile (its compilation is the first warm-up run)."),
-    iterations: int = typer.Option(50, "--iterations", min=1, help="Timed runs (the figures are meant for >= 50)."),
-    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed runs first."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1),
-    points: int = typer.Option(200_000, "--points", min=0, help="Synthetic LiDAR points per sample (about 9 merged nuScenes sweeps)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights to time (default: random weights)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Time a sample of this dataroot instead of a synthetic batch."),
-    info: Optional[Path] = typer.Option(None, "--info", help="mmdet3d v2 info file (.pkl; paths relative to --data) whose samples to time."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default), fp16 (torch: CUDA autocast; tensorrt: FP16 engine) or bf16 (torch: CUDA autocast); whole-frame onnx / tensorrt: the export's graph or engine (fp32, int8, fp16; default: its FP32 graph, its first engine)."),
+    torch_compile: bool = typer.Option(False, "--compile", help="torch: run the core through torch.compile (its compilation is the first warm-up run); --config mode."),
+    iterations: int = typer.Option(50, "--iterations", min=1, help="Timed runs (the figures are meant for >= 50); --config mode."),
+    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed runs first; --config mode."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="--config mode (whole frames run one at a time)."),
+    points: int = typer.Option(200_000, "--points", min=0, help="Synthetic LiDAR points per sample (about 9 merged nuScenes sweeps); --config mode."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights to time (--config mode, default: random weights). Whole-frame mode: a training checkpoint (.pt) for torch, an export directory (or a .onnx / .engine in one) for onnx and tensorrt, as `perception eval` takes it; the config is its own."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataroot: --config mode times one sample of it instead of a synthetic batch; whole-frame mode runs every frame of --split."),
+    split: Optional[str] = typer.Option(None, "--split", help="Whole-frame mode: the split whose frames run in scene order (e.g. mini_val, val)."),
+    passes: int = typer.Option(5, "--passes", min=1, help="Whole-frame mode: timed passes over the frames after one warm-up pass (the protocol asks for >= 5; fewer warns)."),
+    info: Optional[Path] = typer.Option(None, "--info", help="mmdet3d v2 info file (.pkl; paths relative to --data) whose samples to time (whole-frame mode: instead of --split)."),
     version: str = typer.Option("v1.0-mini", "--version"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and onnxruntime (default: torch's)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the figures to this JSON file."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY.PATH=VALUE config overrides."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY.PATH=VALUE config overrides (--config mode)."),
 ) -> None:
-    """Per-stage latency (median/p90/p99) and throughput of one runtime."""
-    from deploy.bench import bench_latency, format_latency, write_json
+    """Per-stage latency (median/p90/p99) and throughput of one runtime: of the core on one repeated batch (--config),
+    or of a trained model's whole frames over a split (--checkpoint --data --split; protocol in docs/deployment.md)."""
+    from deploy.bench import bench_frames, bench_latency, format_frames, format_latency, write_json
     from perception.config import load_config
 
     if info is not None and data is None:
         raise typer.BadParameter("--info needs --data (the dataroot its paths are relative to)")
-    cfg = load_config(config, overrides or [])
-    result = bench_latency(cfg, backend, device=device, precision=precision, iterations=iterations, warmup=warmup,
-                           batch_size=batch_size, points=points, checkpoint=checkpoint, data=data, version=version,
-                           threads=threads, config_name=str(config), info=info, torch_compile=torch_compile)
-    typer.echo(format_latency(result))
+    if config is None:  # whole-frame mode
+        if checkpoint is None or data is None or (split is None) == (info is None):
+            raise typer.BadParameter("give --config (one repeated batch), or --checkpoint, --data and --split (or "
+                                     "--info) for whole frames")
+        if overrides or torch_compile:
+            raise typer.BadParameter("whole-frame mode takes the checkpoint's config as it is (no overrides, no --compile)")
+        result = bench_frames(checkpoint, data, split, backend, device=device, precision=precision, passes=passes,
+                              version=version, threads=threads, info=info)
+        typer.echo(format_frames(result))
+    else:
+        if split is not None and data is None:
+            raise typer.BadParameter("--split needs --data")
+        cfg = load_config(config, overrides or [])
+        result = bench_latency(cfg, backend, device=device, precision=precision or "fp32", iterations=iterations,
+                               warmup=warmup, batch_size=batch_size, points=points, checkpoint=checkpoint, data=data,
+                               version=version, split=split, threads=threads, config_name=str(config), info=info,
+                               torch_compile=torch_compile)
+        typer.echo(format_latency(result))
     if out is not None:
         typer.echo(f"wrote {write_json(result, out)}")
 

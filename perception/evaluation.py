@@ -52,6 +52,7 @@ from perception.data.mmdet3d_info import info_sample_tokens
 from perception.data.submission import submission_entries, write_submission
 from perception.distributed import pick_device
 from perception.errors import DataError, PerceptionError
+from perception.model.bevfusion import Prediction
 from perception.model.lidar_velocity import LidarVelocityConfig
 from perception.model.temporal import TemporalState
 from perception.progress import progress_bar
@@ -470,6 +471,13 @@ class InferenceOutput:
         self.scene_tags += other.scene_tags
 
 
+def prediction_entries(pred: Prediction, meta: dict) -> list[dict]:
+    """One sample's `Prediction` -> its submission entries in the global frame (`submission_entries`, with the
+    sample's token and poses from its `meta`): what evaluation writes and tracking reads."""
+    return submission_entries(meta["sample_token"], pred.boxes_lidar, pred.labels.cpu(), pred.scores.cpu(),
+                              pred.attributes.cpu(), meta["lidar2ego"], meta["ego2global"])
+
+
 def run_inference(model, loader: Iterable, device: torch.device, modality_mask: Sequence[bool] | None = None,
                   progress: bool = True, desc: str = "eval", batch_transform=None) -> InferenceOutput:
     """Predict every batch of `loader` and collect the submission entries (global frame), segmentation
@@ -518,10 +526,7 @@ def run_inference_conditions(model, loader: Iterable, device: torch.device, tran
         for name, preds in zip(transforms, predictions):
             out = outs[name]
             for b, (pred, meta) in enumerate(zip(preds, batch.meta)):
-                token = meta["sample_token"]
-                out.results[token] = submission_entries(
-                    token, pred.boxes_lidar, pred.labels.cpu(), pred.scores.cpu(), pred.attributes.cpu(),
-                    meta["lidar2ego"], meta["ego2global"])
+                out.results[meta["sample_token"]] = prediction_entries(pred, meta)
                 if bool(batch.has_map[b]):
                     out.seg.update(pred.map_probs, batch.map_masks[b])
                     if batch.map_masks_eval is not None:

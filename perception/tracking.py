@@ -135,6 +135,25 @@ class CenterPointTracker:
         return ids
 
 
+class StreamTracker:
+    """A `CenterPointTracker` fed keyframe by keyframe over several scenes, as a vehicle would: `step` resets it at a
+    new scene and takes the time since the scene's previous keyframe from the timestamps (microseconds)."""
+
+    def __init__(self, settings: TrackerSettings = TrackerSettings()):
+        self.tracker = CenterPointTracker(settings)
+        self._scene: str | None = None
+        self._prev_us: int | None = None
+
+    def step(self, scene: str, timestamp_us: int, detections: list[dict]) -> list[dict]:
+        """One keyframe of `scene` at `timestamp_us`: `CenterPointTracker.step`'s tracked boxes."""
+        if scene != self._scene:
+            self.tracker.reset()
+            self._scene, self._prev_us = scene, None
+        dt = 0.0 if self._prev_us is None else (timestamp_us - self._prev_us) / 1e6
+        self._prev_us = timestamp_us
+        return self.tracker.step(detections, dt)
+
+
 def scene_order(dataroot: str | Path, version: str, sample_tokens: set[str]) -> list[list[tuple[str, int]]]:
     """The samples of `sample_tokens` grouped by scene, each scene in time order: [[(token, timestamp_us)]]."""
     samples = lean_eval_tables(version, dataroot)["sample"]
@@ -150,15 +169,11 @@ def track_submission(submission: dict, dataroot: str | Path, version: str,
     """A detection submission (its ``results``, one list per sample) -> a devkit tracking submission of the same
     samples, each scene tracked in time order by `CenterPointTracker`."""
     results = submission["results"]
-    tracker = CenterPointTracker(settings)
+    tracker = StreamTracker(settings)
     tracked: dict[str, list[dict]] = {}
-    for scene in scene_order(dataroot, version, set(results)):
-        tracker.reset()
-        prev_t = None
+    for k, scene in enumerate(scene_order(dataroot, version, set(results))):
         for token, t in scene:
-            dt = 0.0 if prev_t is None else (t - prev_t) / 1e6
-            tracked[token] = tracker.step(results[token], dt)
-            prev_t = t
+            tracked[token] = tracker.step(str(k), t, results[token])
     meta = dict(submission.get("meta", {}))
     return {"meta": meta, "results": tracked}
 
