@@ -61,14 +61,15 @@ def data_synth(
     scenes: int = typer.Option(10, "--scenes", min=1, help="Number of scenes."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
     image_size: str = typer.Option("1600x900", "--image-size", help="Camera image WIDTHxHEIGHT."),
-    samples_per_scene: int = typer.Option(20, "--samples-per-scene", min=2, help="Keyframes (2 Hz) per scene."),
+    samples_per_scene: Optional[int] = typer.Option(None, "--samples-per-scene", min=2, help="Keyframes (2 Hz) per scene (default 20; 40, as in real nuScenes, with --tables-only --version v1.0-trainval)."),
     lidar_sweeps: int = typer.Option(6, "--lidar-sweeps", min=0, max=9, help="LiDAR sweeps (20 Hz) kept before each keyframe (real nuScenes: 9; 6 keeps the 10-scene set under 1.5 GB)."),
     radar_sweeps: int = typer.Option(6, "--radar-sweeps", min=0, max=6, help="Radar sweeps (13 Hz) before each keyframe."),
     camera_sweeps: int = typer.Option(0, "--camera-sweeps", min=0, max=5, help="Camera sweeps (12 Hz) before each keyframe."),
     workers: int = typer.Option(0, "--workers", min=0, help="Processes (0: one per core)."),
+    tables_only: bool = typer.Option(False, "--tables-only", help="Write the tables and maps only, for index-scale tests: sample_data names its files but none is written or rendered (annotation point counts and visibility from closed forms)."),
 ) -> None:
     """Write a synthetic dataset in the exact nuScenes v1.0 on-disk format."""
-    from perception.data.synth.generate import SynthConfig, generate
+    from perception.data.synth.generate import SynthConfig, default_samples_per_scene, generate
 
     w, h = _parse_size(image_size)
     cfg = SynthConfig(
@@ -77,10 +78,11 @@ def data_synth(
         seed=seed,
         image_width=w,
         image_height=h,
-        samples_per_scene=samples_per_scene,
+        samples_per_scene=samples_per_scene if samples_per_scene is not None else default_samples_per_scene(version, tables_only),
         lidar_sweeps=lidar_sweeps,
         radar_sweeps=radar_sweeps,
         camera_sweeps=camera_sweeps,
+        tables_only=tables_only,
     )
     generate(out, cfg, workers=workers)
 

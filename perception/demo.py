@@ -23,7 +23,8 @@ from perception.config import load_config
 from perception.data.build import build_dataset
 from perception.data.check import check_dataroot
 from perception.data.collate import collate_samples
-from perception.data.synth.generate import GENERATOR_VERSION, SynthConfig, dataset_exists, generate, generator_version, remove_synthetic
+from perception.data.synth.generate import (GENERATOR_VERSION, SynthConfig, dataset_exists, generate, generator_version,
+                                            is_tables_only, remove_synthetic)
 from perception.errors import PerceptionError
 from perception.evaluation import evaluate_model, format_metrics
 from perception.tracking import format_tracking, run_tracking
@@ -48,6 +49,9 @@ def ensure_synthetic(data: Path, version: str = "v1.0-mini") -> None:
         # An older world must not leak into new measurements: remove what the generator wrote, write anew.
         log.warning("%s was written by synthetic generator version %s (now %s): regenerating it", data, written_by, GENERATOR_VERSION)
         remove_synthetic(data)
+    elif dataset_exists(data, version) and is_tables_only(data):
+        raise PerceptionError(f"{data}: a tables-only synthetic set (no sensor files, `data synth --tables-only`); "
+                              "pass an empty or new --data directory for the demo")
     elif dataset_exists(data, version):
         log.info("using the dataset in %s", data)
         return

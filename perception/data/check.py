@@ -9,6 +9,8 @@ crashing the devkit half way through loading:
 2. Devkit: ``NuScenes(version, dataroot)`` loads and the map expansion (if installed) loads in ``NuScenesMap``.
 3. Files: every sensor file exists and is non-empty; keyframe files are decoded (LiDAR ``.pcd.bin`` size and
    finiteness, radar ``.pcd`` through the devkit's reader, JPEG fully decoded and its size matching the table).
+   A tables-only synthetic dataroot (``perception data synth --tables-only``: ``"tables_only": true`` in its
+   ``synth_config.json``) has no sensor files by design: this pass is skipped with one ``tables_only`` warning.
 
 Errors are what makes loading, training or evaluation fail; warnings are legal but worth knowing (real
 nuScenes has annotations without points, for example). Every finding names the file or token.
@@ -30,6 +32,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from perception.data.synth.generate import SYNTH_CONFIG, is_tables_only
 from perception.data.world_summary import format_world, world_summary
 from perception.errors import PerceptionError
 from perception.progress import progress_bar
@@ -100,6 +103,8 @@ class Report:
             lines.extend(format_world(s["world"]))
         if "files_checked" in s:
             lines.append(f"  files checked        {s['files_checked']} present, {s['files_decoded']} decoded")
+        if "files_skipped" in s:
+            lines.append(f"  files checked        none: {s['files_skipped']}")
         lines.append("")
         for title, findings in (("ERRORS", self.errors), ("WARNINGS", self.warnings)):
             if not findings:
@@ -151,7 +156,12 @@ def check_dataroot(dataroot: str | Path, version: str = "v1.0-mini", max_files_p
     _check_maps(root, tables, report)
     _summarise_heads(root, tables, report)
     _summarise_world(root, version, tables, report)
-    _check_files(root, tables, report, max_files_per_channel, progress)
+    if is_tables_only(root):
+        report.summary["files_skipped"] = "tables-only synthetic dataroot, no sensor files"
+        report.warn("tables_only", root / SYNTH_CONFIG, "tables-only synthetic dataroot (perception data synth --tables-only): "
+                    "its sample_data files were never written, so the file checks are skipped; it indexes, it cannot train")
+    else:
+        _check_files(root, tables, report, max_files_per_channel, progress)
     return report
 
 

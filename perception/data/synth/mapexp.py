@@ -13,10 +13,33 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from shapely.geometry import Polygon
 
 from perception.data.synth.names import MAP_PNG, token
 
 PRIOR_RES = 0.1  # metres per pixel of the semantic prior (fixed by the devkit's MapMask)
+# The polygon layers of a scene's map geometry (`generate._map_geometry`), each a list of (exterior, holes).
+POLYGON_LAYERS = ("drivable_area", "road_segment", "lane", "ped_crossing", "walkway", "stop_line", "carpark_area")
+
+
+def coarsen(geo: dict, tolerance: float) -> dict:
+    """A copy of one scene's map geometry (`generate._map_geometry`, global metres) with every polygon ring
+    simplified (Douglas-Peucker within `tolerance` metres, topology kept); lines, flags and lane edges as they are.
+
+    The generator samples curves and straight edges densely (about 6,000 polygon nodes per scene); at 0.25 m a
+    scene keeps about 5% of them, which keeps a trainval-sized tables-only map expansion small.
+    """
+    out = dict(geo)
+    for layer in POLYGON_LAYERS:
+        polys = []
+        for exterior, holes in geo[layer]:
+            p = Polygon(exterior, holes).simplify(tolerance, preserve_topology=True)
+            if p.geom_type != "Polygon" or p.is_empty or not p.is_valid:
+                polys.append((exterior, holes))  # keep a ring the simplification would break
+                continue
+            polys.append((np.asarray(p.exterior.coords)[:-1], [np.asarray(h.coords)[:-1] for h in p.interiors]))
+        out[layer] = polys
+    return out
 
 
 class _MapBuilder:
@@ -59,11 +82,13 @@ class _MapBuilder:
         return t
 
 
-def write_maps(root: Path, location: str, scenes: list[dict], canvas: tuple[float, float], seed: int) -> str:
+def write_maps(root: Path, location: str, scenes: list[dict], canvas: tuple[float, float], seed: int, prior_res: float = PRIOR_RES) -> str:
     """Write `maps/expansion/<location>.json` and the semantic-prior PNG for the scenes on this map.
 
-    scenes: per scene, layer -> list of (P, 2) global polygons / (2, 2) segments (`generate._map_geometry`).
-    Returns the PNG's file name (relative to `maps/`).
+    scenes: per scene, layer -> list of (P, 2) global polygons / (2, 2) segments (`generate._map_geometry`);
+    canvas: (width, height) of the map in metres; prior_res: metres per PNG pixel (the devkit's `MapMask` reads
+    PRIOR_RES; a coarser one keeps a trainval-sized tables-only map small). Returns the PNG's file name
+    (relative to `maps/`).
     """
     mb = _MapBuilder(seed, location)
     for geo in scenes:
@@ -98,12 +123,12 @@ def write_maps(root: Path, location: str, scenes: list[dict], canvas: tuple[floa
         json.dump(doc, f)
 
     # Semantic prior: drivable area, 255 foreground; col = x / res, row = H - y / res.
-    w_px, h_px = int(math.ceil(canvas[0] / PRIOR_RES)), int(math.ceil(canvas[1] / PRIOR_RES))
+    w_px, h_px = int(math.ceil(canvas[0] / prior_res)), int(math.ceil(canvas[1] / prior_res))
     prior = np.zeros((h_px, w_px), dtype=np.uint8)
     shift = 2
     for geo in scenes:
         for exterior, holes in geo["drivable_area"]:
-            rings = [np.stack([r[:, 0] / PRIOR_RES, h_px - r[:, 1] / PRIOR_RES], 1) for r in [exterior, *holes]]
+            rings = [np.stack([r[:, 0] / prior_res, h_px - r[:, 1] / prior_res], 1) for r in [exterior, *holes]]
             cv2.fillPoly(prior, [np.round(px * (1 << shift)).astype(np.int32) for px in rings], 255, lineType=cv2.LINE_8, shift=shift)
     name = MAP_PNG[location]
     cv2.imwrite(str(root / "maps" / name), prior)
