@@ -50,7 +50,7 @@ from perception.data.frames import (
     box_to_global,
     load_frames,
 )
-from perception.data.loading import RADAR_FIELDS, read_lidar_bin, read_radar_pcd
+from perception.data.loading import RADAR_FIELDS, RADAR_PCD_DTYPE, RADAR_PCD_HEADER, read_lidar_bin, read_radar_pcd
 from perception.errors import ConfigError, DataError
 from perception.structures import CAMERA_CHANNELS, LIDAR_CHANNEL
 
@@ -77,23 +77,7 @@ BLANK_MAP_SIZE = 16  # pixels per side of the blank semantic prior written for a
 # (invalid_state 0: valid; dyn_prop 4: unknown, in 0..6; ambig_state 3: unambiguous), zero otherwise ("id" is the
 # row number). vx, vy (not ego-motion compensated) are unknown and 0; the stack reads vx_comp, vy_comp.
 RADAR_FILL: dict[str, float] = {"dyn_prop": 4.0, "is_quality_valid": 1.0, "ambig_state": 3.0, "invalid_state": 0.0}
-_RADAR_DTYPE = np.dtype([(name, code) for name, code in zip(
-    RADAR_FIELDS, ("<f4", "<f4", "<f4", "i1", "<i2", "<f4", "<f4", "<f4", "<f4", "<f4",
-                   "i1", "i1", "i1", "i1", "i1", "i1", "i1", "i1"))])
-_RADAR_FLOAT_FIELDS = tuple(n for n in RADAR_FIELDS if _RADAR_DTYPE[n].kind == "f")
-_RADAR_HEADER = (
-    "# .PCD v0.7 - Point Cloud Data file format\n"
-    "VERSION 0.7\n"
-    f"FIELDS {' '.join(RADAR_FIELDS)}\n"
-    "SIZE 4 4 4 1 2 4 4 4 4 4 1 1 1 1 1 1 1 1\n"
-    "TYPE F F F I I F F F F F I I I I I I I I\n"
-    "COUNT 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1\n"
-    "WIDTH {n}\n"
-    "HEIGHT 1\n"
-    "VIEWPOINT 0 0 0 1 0 0 0\n"
-    "POINTS {n}\n"
-    "DATA binary\n"
-)
+_RADAR_FLOAT_FIELDS = tuple(n for n in RADAR_FIELDS if RADAR_PCD_DTYPE[n].kind == "f")
 _SUFFIX = {"camera": ".jpg", "lidar": ".pcd.bin", "radar": ".pcd"}
 _FILEFORMAT = {"camera": "jpg", "lidar": "pcd", "radar": "pcd"}
 
@@ -192,11 +176,11 @@ def radar_pcd_bytes(points: np.ndarray, columns: tuple[str, ...]) -> bytes:
     """
     n = len(points)
     if n == 0:
-        rec = np.zeros(1, _RADAR_DTYPE)
+        rec = np.zeros(1, RADAR_PCD_DTYPE)
         for name in _RADAR_FLOAT_FIELDS:
             rec[name] = np.nan
     else:
-        rec = np.zeros(n, _RADAR_DTYPE)
+        rec = np.zeros(n, RADAR_PCD_DTYPE)
         for name in RADAR_FIELDS:
             if name in columns:
                 values = points[:, columns.index(name)].astype(np.float64)
@@ -204,12 +188,12 @@ def radar_pcd_bytes(points: np.ndarray, columns: tuple[str, ...]) -> bytes:
                 values = np.arange(n, dtype=np.float64)
             else:
                 values = np.full(n, RADAR_FILL.get(name, 0.0))
-            kind = _RADAR_DTYPE[name]
+            kind = RADAR_PCD_DTYPE[name]
             if kind.kind == "i":
                 info = np.iinfo(kind)
                 values = np.clip(np.round(values), info.min, info.max)
             rec[name] = values
-    return _RADAR_HEADER.format(n=len(rec)).encode("ascii") + rec.tobytes() + b"\n"
+    return RADAR_PCD_HEADER.format(n=len(rec)).encode("ascii") + rec.tobytes() + b"\n"
 
 
 def _write_sensor_file(rec: SensorRecord, sensor: Sensor, dst: Path) -> bool:

@@ -33,6 +33,23 @@ RADAR_FIELDS: tuple[str, ...] = (
     "x", "y", "z", "dyn_prop", "id", "rcs", "vx", "vy", "vx_comp", "vy_comp", "is_quality_valid",
     "ambig_state", "x_rms", "y_rms", "invalid_state", "pdh0", "vx_rms", "vy_rms",
 )
+# One record of a nuScenes radar .pcd file (binary, 43 bytes, no padding) and the header nuScenes writes before them.
+RADAR_PCD_DTYPE = np.dtype([(name, code) for name, code in zip(
+    RADAR_FIELDS, ("<f4", "<f4", "<f4", "i1", "<i2", "<f4", "<f4", "<f4", "<f4", "<f4",
+                   "i1", "i1", "i1", "i1", "i1", "i1", "i1", "i1"))])
+RADAR_PCD_HEADER = (
+    "# .PCD v0.7 - Point Cloud Data file format\n"
+    "VERSION 0.7\n"
+    f"FIELDS {' '.join(RADAR_FIELDS)}\n"
+    "SIZE 4 4 4 1 2 4 4 4 4 4 1 1 1 1 1 1 1 1\n"
+    "TYPE F F F I I F F F F F I I I I I I I I\n"
+    "COUNT 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1\n"
+    "WIDTH {n}\n"
+    "HEIGHT 1\n"
+    "VIEWPOINT 0 0 0 1 0 0 0\n"
+    "POINTS {n}\n"
+    "DATA binary\n"
+)
 _RADAR_DTYPE = np.dtype(
     [(name, code) for name, code in zip(
         RADAR_FIELDS,

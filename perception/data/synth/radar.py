@@ -15,32 +15,13 @@ import math
 
 import numpy as np
 
+from perception.data.loading import RADAR_PCD_DTYPE, RADAR_PCD_HEADER
 from perception.data.synth.lidar import boxes_in_frame
 from perception.data.synth.world import World, WorldBoxes
 
-RADAR_DTYPE = np.dtype(
-    [
-        ("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("dyn_prop", "i1"), ("id", "<i2"), ("rcs", "<f4"),
-        ("vx", "<f4"), ("vy", "<f4"), ("vx_comp", "<f4"), ("vy_comp", "<f4"), ("is_quality_valid", "i1"),
-        ("ambig_state", "i1"), ("x_rms", "i1"), ("y_rms", "i1"), ("invalid_state", "i1"), ("pdh0", "i1"),
-        ("vx_rms", "i1"), ("vy_rms", "i1"),
-    ]
-)
+RADAR_DTYPE = RADAR_PCD_DTYPE
+_HEADER = RADAR_PCD_HEADER
 assert RADAR_DTYPE.itemsize == 43
-
-_HEADER = (
-    "# .PCD v0.7 - Point Cloud Data file format\n"
-    "VERSION 0.7\n"
-    "FIELDS x y z dyn_prop id rcs vx vy vx_comp vy_comp is_quality_valid ambig_state x_rms y_rms invalid_state pdh0 vx_rms vy_rms\n"
-    "SIZE 4 4 4 1 2 4 4 4 4 4 1 1 1 1 1 1 1 1\n"
-    "TYPE F F F I I F F F F F I I I I I I I I\n"
-    "COUNT 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1\n"
-    "WIDTH {n}\n"
-    "HEIGHT 1\n"
-    "VIEWPOINT 0 0 0 1 0 0 0\n"
-    "POINTS {n}\n"
-    "DATA binary\n"
-)
 
 NEAR_RANGE, NEAR_FOV = 70.0, math.radians(60.0)
 FAR_RANGE, FAR_FOV = 200.0, math.radians(9.0)
