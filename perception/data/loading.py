@@ -50,14 +50,7 @@ RADAR_PCD_HEADER = (
     "POINTS {n}\n"
     "DATA binary\n"
 )
-_RADAR_DTYPE = np.dtype(
-    [(name, code) for name, code in zip(
-        RADAR_FIELDS,
-        ("<f4", "<f4", "<f4", "i1", "<i2", "<f4", "<f4", "<f4", "<f4", "<f4",
-         "i1", "i1", "i1", "i1", "i1", "i1", "i1", "i1"),
-    )]
-)
-assert _RADAR_DTYPE.itemsize == 43
+assert RADAR_PCD_DTYPE.itemsize == 43
 
 
 def read_lidar_bin(path: str | Path, token: str | None = None) -> np.ndarray:
@@ -129,7 +122,7 @@ def read_radar_pcd(
 
 
 def _radar_records(path: str | Path, token: str | None) -> np.ndarray:
-    """The records of one radar `.pcd` file as a structured array (`_RADAR_DTYPE`); none for the nuScenes
+    """The records of one radar `.pcd` file as a structured array (`RADAR_PCD_DTYPE`); none for the nuScenes
     empty-sweep marker. Raises DataError for a missing file, a malformed header or a truncated body."""
     try:
         raw = Path(path).read_bytes()
@@ -152,14 +145,14 @@ def _radar_records(path: str | Path, token: str | None) -> np.ndarray:
         raise DataError("radar file WIDTH/HEIGHT lines are malformed", path=path, token=token) from None
     if height != 1 or width < 0:
         raise DataError(f"radar file has WIDTH {width}, HEIGHT {height}; expected HEIGHT 1", path=path, token=token)
-    need = width * _RADAR_DTYPE.itemsize
+    need = width * RADAR_PCD_DTYPE.itemsize
     pos = len(raw) - len(lines[11])
     if len(raw) - pos < need:
         raise DataError(
             f"radar file is truncated: {len(raw) - pos} body bytes, header promises {width} x 43 = {need}",
             path=path, token=token,
         )
-    rec = np.frombuffer(raw, dtype=_RADAR_DTYPE, count=width, offset=pos)
+    rec = np.frombuffer(raw, dtype=RADAR_PCD_DTYPE, count=width, offset=pos)
     if width == 1 and np.isnan([rec["x"][0], rec["y"][0], rec["z"][0]]).all():
         return rec[:0]
     return rec
