@@ -5,10 +5,11 @@ evaluation stay the same), seeded per batch so every run of the benchmark sees t
 resilience ratio of a condition is its NDS over the clean NDS (RoboBEV's resilience rate).
 
 Conditions (names are the keys of `robustness.json`):
-  clean; cameras_missing; one_camera_missing (CAM_FRONT black); lidar_missing; radar_missing; camera_only;
-  lidar_only; radar_only; lidar_beams_16 and lidar_beams_8 (every 2nd / 4th of the 32 HDL-32E rings, found by
+  clean; cameras_missing; camera_missing_<CHANNEL> for each of the six cameras (that camera absent, as
+  `Batch.camera_mask` makes it; summarised as one_camera_missing, their mean, and one_camera_missing_worst);
+  lidar_missing; radar_missing; camera_only; lidar_only; radar_only; lidar_beams_16 and lidar_beams_8 (every 2nd / 4th of the 32 HDL-32E rings, found by
   elevation); lidar_drop_50 and radar_drop_50 (half the points at random); camera_low_light, camera_motion_blur,
-  camera_fog, camera_noise, camera_frame_lost (each camera lost with probability 0.5); calibration_error (every
+  camera_fog, camera_noise, camera_frame_lost (each camera absent with probability 0.5); calibration_error (every
   camera extrinsic off by 1 degree about a random axis and 5 cm in a random direction); history_lost (temporal
   models only, by default: no keyframe has its previous one, as after a restart of the stack).
 """
@@ -20,6 +21,7 @@ import json
 import logging
 import math
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +36,7 @@ from perception.data.mmdet3d_info import info_sample_tokens
 from perception.distributed import pick_device
 from perception.errors import PerceptionError
 from perception.evaluation import check_tokens_in_tables, evaluate_model_conditions, is_temporal
+from perception.structures import CAMERA_CHANNELS
 from perception.viz import agg_pyplot
 
 log = logging.getLogger(__name__)
@@ -76,10 +79,20 @@ def cameras_missing(batch: Batch) -> Batch:
     return _set_mask(replace(batch, images=torch.zeros_like(batch.images)), 0, False)
 
 
+def mask_cameras(batch: Batch, lost: torch.Tensor) -> Batch:
+    """`batch` with the cameras `lost` (B, N) bool absent, as a dataroot without their records loads
+    (`Batch.camera_mask`): their features stay out of the BEV; a sample left with no camera has the camera
+    modality off."""
+    present = (torch.ones_like(lost) if batch.camera_mask is None else batch.camera_mask.to(lost.device)) & ~lost
+    mask = batch.modality_mask.clone()
+    mask[:, 0] &= present.any(1).to(mask.device)
+    return replace(batch, camera_mask=present, modality_mask=mask)
+
+
 def one_camera_missing(batch: Batch, camera: int = 0) -> Batch:
-    images = batch.images.clone()
-    images[:, camera] = 0
-    return replace(batch, images=images)
+    lost = torch.zeros(batch.images.shape[:2], dtype=torch.bool, device=batch.images.device)
+    lost[:, camera] = True
+    return mask_cameras(batch, lost)
 
 
 def lidar_missing(batch: Batch) -> Batch:
@@ -154,9 +167,7 @@ def camera_noise(batch: Batch, sigma: float = 25.0) -> Batch:
 def camera_frame_lost(batch: Batch, p: float = 0.5) -> Batch:
     rng = _rng(batch, 17)
     lost = torch.from_numpy(rng.random(batch.images.shape[:2]) < p).to(batch.images.device)
-    images = batch.images.clone()
-    images[lost] = 0
-    return replace(batch, images=images)
+    return mask_cameras(batch, lost)
 
 
 def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
@@ -192,7 +203,7 @@ def history_lost(batch: Batch) -> Batch:
 CONDITIONS: dict[str, Transform] = {
     "clean": _identity,
     "cameras_missing": cameras_missing,
-    "one_camera_missing": one_camera_missing,
+    **{f"camera_missing_{ch}": partial(one_camera_missing, camera=c) for c, ch in enumerate(CAMERA_CHANNELS)},
     "lidar_missing": lidar_missing,
     "radar_missing": radar_missing,
     "camera_only": lambda b: radar_missing(lidar_missing(b)),
@@ -243,6 +254,7 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
         # NaN (no true positive of any class) becomes null, so robustness.json stays strict JSON.
         results[name] = {k: (None if m[k] is None or not math.isfinite(m[k]) else float(m[k]))
                          for k in ("nds", "map", *TP_ERRORS, "seg_miou", "scene_map")}
+    results.update(one_camera_summary(results))
     clean = results["clean"]["nds"]
     for r in results.values():
         r["ratio"] = r["nds"] / clean if clean > 0 else None
@@ -250,6 +262,21 @@ def run_robustness(checkpoint: str | Path, dataroot: str | Path, version: str, s
     (out / "robustness.md").write_text(format_robustness(results, checkpoint, split))
     plot_robustness(results, out / "robustness.png")
     return results
+
+
+def one_camera_summary(results: dict[str, dict]) -> dict[str, dict]:
+    """``one_camera_missing`` (the mean of every metric over the ``camera_missing_<CHANNEL>`` conditions) and
+    ``one_camera_missing_worst`` (the condition of lowest NDS, named in ``camera``), when all of them ran."""
+    per_camera = {ch: results.get(f"camera_missing_{ch}") for ch in CAMERA_CHANNELS}
+    if any(r is None for r in per_camera.values()):
+        return {}
+    keys = next(iter(per_camera.values())).keys()
+    mean = {}
+    for k in keys:
+        values = [r[k] for r in per_camera.values()]
+        mean[k] = None if any(v is None for v in values) else float(np.mean(values))
+    worst_channel = min(per_camera, key=lambda ch: per_camera[ch]["nds"])
+    return {"one_camera_missing": mean, "one_camera_missing_worst": {**per_camera[worst_channel], "camera": worst_channel}}
 
 
 def _fmt(value: float | None) -> str:

@@ -889,12 +889,15 @@ def test_predict_many_shares_encoders_and_equals_predict(small_models, name, mon
     cfg, model = small_models[name]
     model.eval()
     batch = make_synthetic_batch(batch_size=2, image_size=cfg.data.image_size, grid=cfg.grid.build(), seed=5)
-    variants = [batch, R.CONDITIONS["camera_only"](batch), R.lidar_missing(batch), R.camera_low_light(batch), R.radar_missing(batch)]
-    calls = []
-    camera = model.encode_camera
-    monkeypatch.setattr(model, "encode_camera", lambda *a: calls.append(1) or camera(*a))
+    variants = [batch, R.CONDITIONS["camera_only"](batch), R.lidar_missing(batch), R.camera_low_light(batch),
+                R.radar_missing(batch), R.one_camera_missing(batch, 2)]
+    backbone, lifted = [], []
+    camera, view = model.camera_encoder.forward, model.view_transform.forward
+    monkeypatch.setattr(model.camera_encoder, "forward", lambda *a: backbone.append(1) or camera(*a))
+    monkeypatch.setattr(model.view_transform, "forward", lambda *a: lifted.append(1) or view(*a))
     together = model.predict_many(variants)
-    assert len(calls) == 2  # the clean images, and the low-light ones
+    assert len(backbone) == 2  # the clean images, and the low-light ones
+    assert len(lifted) == 3  # and the clean images again with camera 2 absent
     monkeypatch.undo()
     for inputs, many in zip(variants, together):
         alone = model.predict(inputs)

@@ -13,6 +13,7 @@ from perception.cli import app
 from perception.config import load_config
 from perception.data.collate import collate_samples
 from perception.robustness import CONDITIONS, lidar_ring
+from perception.structures import CAMERA_CHANNELS
 from tests.test_training import FAST, TINY
 
 
@@ -70,6 +71,12 @@ def test_conditions_change_what_they_should(synth_root):
     assert out["camera_low_light"].images.float().mean() < 0.5 * batch.images.float().mean()
     assert not torch.allclose(out["calibration_error"].cam2lidar, batch.cam2lidar)
     assert torch.equal(CONDITIONS["camera_noise"](batch).images, out["camera_noise"].images)  # seeded
+    back = out["camera_missing_CAM_BACK"]
+    assert back.camera_mask.tolist() == [[ch != "CAM_BACK" for ch in CAMERA_CHANNELS]] * 2
+    assert back.modality_mask[:, 0].all() and torch.equal(back.images, batch.images)  # masked, not blacked out
+    lost = out["camera_frame_lost"].camera_mask
+    assert 0 < int(lost.sum()) < lost.numel()
+    assert torch.equal(out["camera_frame_lost"].modality_mask[:, 0], lost.any(1))
 
 
 def test_lidar_ring_recovers_hdl32_rings(synth_root):
@@ -87,7 +94,9 @@ def test_robustness_command_runs_every_condition(synth_root, tiny_checkpoint, tm
                                    "--split", "mini_val", "--out", str(tmp_path), "--workers", "0"])
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "robustness.json").read_text())
-    assert set(results) == set(CONDITIONS) - {"history_lost"}  # a single-frame model has no history to lose
+    # A single-frame model has no history to lose; the per-camera losses are summarised as their mean and worst.
+    assert set(results) == set(CONDITIONS) - {"history_lost"} | {"one_camera_missing", "one_camera_missing_worst"}
+    assert results["one_camera_missing_worst"]["camera"] in CAMERA_CHANNELS
     for r in results.values():
         assert {"nds", "map", "mate", "mase", "maoe", "mave", "maae", "seg_miou", "ratio"} <= set(r)
     assert (tmp_path / "robustness.md").read_text().count("|") > 50

@@ -59,6 +59,9 @@ class Batch:
             (row i along +y, column j along +x).
         scene_tags: (B, len(SCENE_TAGS)) float32 multi-hot.
         modality_mask: (B, 3) bool, which of MODALITIES are present for each sample.
+        camera_mask: (B, C) bool, which cameras are present (a camera absent from a sample: its image is zeros and
+            its features do not enter the BEV), or None: every camera of every sample. A sample with no camera
+            present has the camera modality off in `modality_mask` too.
         has_map: (B,) bool, the sample has map ground truth (`map_masks` is meaningful; else zeros, and the map
             losses and metrics leave the sample out).
         has_scene_tags: (B,) bool, the sample's scene tags are known (else zeros, left out likewise).
@@ -87,6 +90,7 @@ class Batch:
     has_scene_tags: Tensor
     meta: list[dict[str, Any]] = field(default_factory=list)
     map_masks_eval: Tensor | None = None
+    camera_mask: Tensor | None = None
 
     def __reduce__(self):
         values = {}

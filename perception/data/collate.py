@@ -38,8 +38,9 @@ def _cat(tensors: Sequence[torch.Tensor], stack: bool) -> torch.Tensor:
 
 
 def collate_samples(samples: Sequence[Sample]) -> Batch:
-    """B samples -> one Batch (see `Batch` for shapes). `modality_mask[b]` = (camera, lidar, radar) present:
-    cameras and LiDAR always are in a nuScenes sample; radar when the sample has radar sweeps (`Sample.has_radar`:
+    """B samples -> one Batch (see `Batch` for shapes). `camera_mask` is None when every sample has every camera.
+    `modality_mask[b]` = (camera, lidar, radar) present: cameras when the sample has at least one; LiDAR always is
+    in a nuScenes sample; radar when the sample has radar sweeps (`Sample.has_radar`:
     a sample with zero radar returns still has the modality; one without radar files, e.g. from an mmdet3d info
     file, does not)."""
     if not samples:
@@ -50,6 +51,11 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
 
     lidar = [s.points_lidar for s in samples]
     radar = [s.points_radar for s in samples]
+    cameras = samples[0].images.shape[0]
+    camera_mask = None
+    if any(s.camera_mask is not None and not bool(s.camera_mask.all()) for s in samples):
+        camera_mask = torch.stack([torch.ones(cameras, dtype=torch.bool) if s.camera_mask is None
+                                   else s.camera_mask.bool() for s in samples])
     return Batch(
         images=_cat([s.images for s in samples], stack=True),
         cam2img=torch.stack([s.cam2img for s in samples]),
@@ -65,10 +71,12 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
         num_boxes=torch.tensor([len(s.boxes_lidar) for s in samples], dtype=torch.int64),
         map_masks=_cat([s.map_masks.to(torch.float32) for s in samples], stack=True),
         scene_tags=torch.stack([s.scene_tags for s in samples]),
-        modality_mask=torch.tensor([[True, True, s.has_radar] for s in samples], dtype=torch.bool),
+        modality_mask=torch.tensor([[camera_mask is None or bool(camera_mask[b].any()), True, s.has_radar]
+                                    for b, s in enumerate(samples)], dtype=torch.bool),
         has_map=torch.tensor([s.has_map for s in samples], dtype=torch.bool),
         has_scene_tags=torch.tensor([s.has_scene_tags for s in samples], dtype=torch.bool),
         meta=[s.meta for s in samples],
         map_masks_eval=(torch.stack([s.map_masks_eval for s in samples]).to(torch.float32)
                         if all(s.map_masks_eval is not None for s in samples) else None),
+        camera_mask=camera_mask,
     )

@@ -393,8 +393,12 @@ def _index_sample(nusc, sample, cfg, attr_name, category_to_detection_name, Box,
     out: dict[str, Any] = {"lidar2ego": lidar2ego, "ego2global": ego2global}
     cam_paths, cam_wh, cam_K, cam2lidar = [], [], [], []
     for ch in CAMERA_CHANNELS:
-        if ch not in sample["data"]:
-            raise DataError(f"sample has no {ch} keyframe", token=tok)
+        if ch not in sample["data"]:  # the camera is absent from this sample (masked in the model)
+            cam_paths.append("")
+            cam_wh.append((0, 0))
+            cam_K.append(np.eye(3))
+            cam2lidar.append(np.eye(4))
+            continue
         s2e, e2g, sd = sensor_pose(sample["data"][ch])
         cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
         K = np.asarray(cs["camera_intrinsic"], np.float64)
@@ -472,6 +476,7 @@ class Sample:
     has_map: the sample has map ground truth (else `map_masks` is zeros and is not trained or scored).
     has_scene_tags: the scene tags are known (else `scene_tags` is zeros and is not trained or scored).
     map_masks_eval: (len(MAP_CLASSES), H_e, W_e) uint8 on `DatasetConfig.eval_map_grid`, or None.
+    camera_mask: (6,) bool, the cameras the sample has (an absent one's image is zeros), or None: all six.
     meta: sample_token, timestamp (us), lidar2ego, ego2global, lidar_aug ((4, 4) float64 numpy), location,
         scene_token and prev_token (the scene's previous keyframe; "" when first or unknown), skipped (tokens
         skipped before this one with skip_bad_samples).
@@ -493,6 +498,7 @@ class Sample:
     has_map: bool = True
     has_scene_tags: bool = True
     map_masks_eval: Tensor | None = None
+    camera_mask: Tensor | None = None
 
 
 class NuScenesDataset(Dataset):
@@ -647,6 +653,11 @@ class NuScenesDataset(Dataset):
         cam2img = np.empty((len(CAMERA_CHANNELS), 3, 3))
         img_aug = np.empty((len(CAMERA_CHANNELS), 3, 3))
         for c in range(len(CAMERA_CHANNELS)):
+            if not idx.cam_paths[i, c]:  # absent: zeros, never seen by the model (`Sample.camera_mask`)
+                images[c] = 0
+                img_aug[c] = np.eye(3)
+                cam2img[c] = idx.cam_intrinsics[i, c]
+                continue
             wh = tuple(int(v) for v in idx.cam_wh[i, c])
             path = self._path(idx.cam_paths[i, c])
             if min(wh) > 0:
@@ -743,4 +754,5 @@ class NuScenesDataset(Dataset):
             has_map=has_map,
             has_scene_tags=bool(idx.has_scene_tags[i]),
             map_masks_eval=map_masks_eval,
+            camera_mask=torch.from_numpy(idx.cam_paths[i] != ""),
         )

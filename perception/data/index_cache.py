@@ -33,7 +33,9 @@ from perception.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1  # bump when the index arrays or their meaning change: every cached index then misses
+# Bump when the index arrays or their meaning change: every cached index then misses.
+# 2: a camera absent from a sample is an empty cam_path (it was a bad sample).
+INDEX_FORMAT = 2
 KIND = "sample_index"
 
 Arrays = dict[str, "np.ndarray | None"]

@@ -304,7 +304,10 @@ class BEVFusionModel(nn.Module):
         if w.depth > 0 and isinstance(self.view_transform, LiftSplat):
             depth_bins = self.view_transform.depth_target(batch.points_lidar, batch.num_points_lidar, batch.cam2img, batch.cam2lidar)
             # Only samples whose images and LiDAR are real (the batch's own mask; dropout only hides them from the fuser).
-            real = (batch.modality_mask[:, 0] & batch.modality_mask[:, 1])[:, None, None, None]
+            real = (batch.modality_mask[:, 0] & batch.modality_mask[:, 1])[:, None]  # (B, 1)
+            if batch.camera_mask is not None:  # and the camera itself present
+                real = real & batch.camera_mask.to(real.device)
+            real = real[:, :, None, None]
             depth_bins = torch.where(real, depth_bins, torch.full_like(depth_bins, -1))
             losses["depth"] = w.depth * depth_loss(out["depth"], depth_bins)
         return losses
@@ -373,17 +376,21 @@ class BEVFusionModel(nn.Module):
         # `batches` keeps every keyed tensor alive, so ids are not reused meanwhile.
         for batch, state in zip(batches, states or [None] * len(batches)):
             inputs = self.prepare(batch)
-            keys = (("camera", id(batch.images), id(batch.cam2img), id(batch.cam2lidar), id(batch.img_aug)),
+            keys = (("image", id(batch.images)),
+                    ("camera", id(batch.images), id(batch.cam2img), id(batch.cam2lidar), id(batch.img_aug),
+                     id(batch.camera_mask)),
                     ("lidar", id(batch.points_lidar), id(batch.num_points_lidar)),
                     ("radar", id(batch.points_radar), id(batch.num_points_radar)))
-            if keys[0] not in features:
-                features[keys[0]] = self.encode_camera(inputs.images, inputs.geometry)
-            if keys[1] not in features:
-                features[keys[1]] = self.lidar_encoder(*inputs.lidar.as_tuple())
+            if keys[1] not in features:  # the backbone once per image tensor, the view transform per rig and mask
+                if keys[0] not in features:
+                    features[keys[0]] = self.camera_encoder(inputs.images)
+                features[keys[1]] = self.view_transform(features[keys[0]], inputs.geometry)
             if keys[2] not in features:
-                features[keys[2]] = self.radar_encoder(*inputs.radar.as_tuple())
-            camera_bev, _ = features[keys[0]]
-            heads = self.fuse_heads(camera_bev, features[keys[1]], features[keys[2]], inputs.modality_mask,
+                features[keys[2]] = self.lidar_encoder(*inputs.lidar.as_tuple())
+            if keys[3] not in features:
+                features[keys[3]] = self.radar_encoder(*inputs.radar.as_tuple())
+            camera_bev, _ = features[keys[1]]
+            heads = self.fuse_heads(camera_bev, features[keys[2]], features[keys[3]], inputs.modality_mask,
                                     self.history(batch, state))
             self._remember(batch, heads, state)
             out.append(outputs_to_predictions(heads, self.grid, self.decode, lidar_points_per_sample(batch)))

@@ -140,17 +140,23 @@ class Preprocessor:
         std = torch.tensor(self.spec.pixel_std, dtype=torch.float32, device=images.device).view(3, 1, 1)
         return (images.float() - mean) / std
 
-    def geometry(self, cam2img: Tensor, cam2lidar: Tensor, cache: bool = True) -> tuple[Tensor, ...]:
-        """The camera-geometry inputs for a rig: cam2img (B, N, 3, 3), cam2lidar (B, N, 4, 4)."""
+    def geometry(self, cam2img: Tensor, cam2lidar: Tensor, cache: bool = True,
+                 camera_mask: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The camera-geometry inputs for a rig: cam2img (B, N, 3, 3), cam2lidar (B, N, 4, 4), camera_mask (B, N)
+        bool or None (every camera present)."""
+        if camera_mask is not None and bool(camera_mask.all()):
+            camera_mask = None
         if not cache or self._cache_size == 0:
-            return self.spec.geometry(cam2img, cam2lidar)
-        key = (str(cam2img.device), tuple(cam2img.shape),
-               hashlib.sha1(cam2img.float().cpu().numpy().tobytes() + cam2lidar.float().cpu().numpy().tobytes()).hexdigest())
+            return self.spec.geometry(cam2img, cam2lidar, camera_mask)
+        digest = hashlib.sha1(cam2img.float().cpu().numpy().tobytes() + cam2lidar.float().cpu().numpy().tobytes())
+        if camera_mask is not None:
+            digest.update(camera_mask.bool().cpu().numpy().tobytes())
+        key = (str(cam2img.device), tuple(cam2img.shape), camera_mask is not None, digest.hexdigest())
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        out = self.spec.geometry(cam2img, cam2lidar)
+        out = self.spec.geometry(cam2img, cam2lidar, camera_mask)
         self._cache[key] = out
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -169,7 +175,7 @@ class Preprocessor:
     def _prepare(self, batch: Batch, modality_mask: Tensor | None, cache: bool) -> CoreInputs:
         return CoreInputs(
             images=self.normalize(batch.images),
-            geometry=self.geometry(batch.cam2img, batch.cam2lidar, cache),
+            geometry=self.geometry(batch.cam2img, batch.cam2lidar, cache, batch.camera_mask),
             geometry_names=self.spec.geometry.input_names,
             lidar=self.spec.lidar(batch.points_lidar, batch.num_points_lidar),
             radar=self.spec.radar(batch.points_radar, batch.num_points_radar),

@@ -47,9 +47,11 @@ class RigGeometry(ABC):
     input_names: ClassVar[tuple[str, ...]]
 
     @abstractmethod
-    def __call__(self, cam2img: Tensor, cam2lidar: Tensor) -> tuple[Tensor, ...]:
+    def __call__(self, cam2img: Tensor, cam2lidar: Tensor, camera_mask: Tensor | None = None) -> tuple[Tensor, ...]:
         """cam2img: (B, N, 3, 3) float32, camera frame -> augmented pixels; cam2lidar: (B, N, 4, 4) float32,
-        camera frame -> LIDAR_TOP. Returns the `input_names` tensors on the calibration's device."""
+        camera frame -> LIDAR_TOP; camera_mask: (B, N) bool, the cameras present (None: all). Returns the
+        `input_names` tensors on the calibration's device. An absent camera's features never reach the BEV: the
+        geometry routes none of them into a cell, so the exported core needs no mask input."""
 
     @abstractmethod
     def to_json(self) -> dict[str, Any]:
@@ -112,9 +114,16 @@ class LiftSplatGeometry(RigGeometry):
         index = bev_flat_index(points_lidar[..., 0], points_lidar[..., 1], points_lidar[..., 2], self.grid)
         return index.flatten(1)
 
-    def __call__(self, cam2img: Tensor, cam2lidar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The pooling plan's (segments, merges, cells) for the rig."""
-        return make_pooling_plan(self.frustum_bev_index(cam2img, cam2lidar), self.grid, self.segment_size).as_tuple()
+    def __call__(self, cam2img: Tensor, cam2lidar: Tensor, camera_mask: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """The pooling plan's (segments, merges, cells) for the rig; an absent camera's frustum points are dropped
+        (index H*W), as points outside the grid are."""
+        index = self.frustum_bev_index(cam2img, cam2lidar)
+        if camera_mask is not None:
+            b, n = cam2img.shape[:2]
+            absent = ~camera_mask.to(device=index.device, dtype=torch.bool).view(b, n, 1)
+            index = index.view(b, n, -1).masked_fill(absent, self.grid.height * self.grid.width).flatten(1)
+        return make_pooling_plan(index, self.grid, self.segment_size).as_tuple()
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "depth_min": self.depth_min, "depth_step": self.depth_step, "num_bins": self.num_bins,
@@ -137,9 +146,15 @@ class BEVSampleGeometry(RigGeometry):
         self.z_levels = z_levels  # recorded for the manifest; the projection does not depend on it
 
     @torch.no_grad()
-    def __call__(self, cam2img: Tensor, cam2lidar: Tensor) -> tuple[Tensor]:
+    def __call__(self, cam2img: Tensor, cam2lidar: Tensor, camera_mask: Tensor | None = None) -> tuple[Tensor]:
+        """lidar2img; an absent camera's is all zeros, which puts every voxel at depth 0, behind it: `BEVSample`
+        samples nothing from it and leaves it out of each voxel's mean."""
         with torch.autocast(cam2img.device.type, enabled=False):  # float32 projection under autocast too
-            return self._lidar2img(cam2img, cam2lidar)
+            (lidar2img,) = self._lidar2img(cam2img, cam2lidar)
+        if camera_mask is not None:
+            present = camera_mask.to(device=lidar2img.device, dtype=lidar2img.dtype)
+            lidar2img = lidar2img * present[..., None, None]
+        return (lidar2img,)
 
     def _lidar2img(self, cam2img: Tensor, cam2lidar: Tensor) -> tuple[Tensor]:
         cam2img_h = torch.zeros(*cam2img.shape[:-2], 4, 4, dtype=torch.float32, device=cam2img.device)
