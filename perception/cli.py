@@ -188,6 +188,33 @@ def data_import(
                    "lacks (docs/custom-data.md, Importing)")
 
 
+@data_app.command("corrupt")
+def data_corrupt(
+    data: Optional[Path] = typer.Option(None, "--data", help="nuScenes-format dataroot to read (never modified)."),
+    version: str = typer.Option("v1.0-mini", "--version"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Corrupted dataroot to write (must not exist or be empty); unchanged files are hard-linked to --data."),
+    corruption: Optional[str] = typer.Option(None, "--corruption", help="Corruption name (see --list; docs/robustness.md)."),
+    severity: Optional[int] = typer.Option(None, "--severity", help="1 (light) to 5 (heavy)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Corrupt only this split's scenes (a devkit split or one of <version>/splits.json; default: every scene); the rest is linked unchanged."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (>= 0); the same seed gives byte-identical output."),
+    camera: Optional[str] = typer.Option(None, "--camera", help="Camera corruptions only: the camera to corrupt (default: all; camera_crash: the first camera lost, default CAM_FRONT)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes (0: one per core)."),
+    list_names: bool = typer.Option(False, "--list", help="Print the corruptions, one per line with their sensor, and exit."),
+) -> None:
+    """Write a corrupted copy of a dataroot (one corruption at one severity) for the robustness benchmark
+    (docs/robustness.md): corrupted sensor files written fresh, changed tables copied, everything else linked."""
+    from perception.data.corrupt import corrupt_dataroot, list_corruptions
+
+    if list_names:
+        typer.echo("\n".join(list_corruptions()))
+        return
+    if data is None or out is None or corruption is None or severity is None:
+        raise PerceptionError("data corrupt needs --data, --out, --corruption and --severity (or --list)")
+    report = corrupt_dataroot(data, version, out, corruption, severity, split=split, seed=seed, camera=camera,
+                              workers=workers, progress=True)
+    typer.echo(report.line(out))
+
+
 @bench_app.command("data")
 def bench_data(
     data: Path = typer.Option(..., "--data", help="nuScenes dataroot (1600x900 cameras for the stated figures)."),
