@@ -14,9 +14,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from perception.classes import NUSCENES, ClassList
 from perception.model.bevfusion import DecodeSettings, Prediction, outputs_to_predictions
 from perception.model.lidar_velocity import LidarVelocityConfig
-from perception.model.heads import CIRCLE_NMS_RADIUS_M
 from perception.structures import BEVGrid
 
 
@@ -29,7 +29,9 @@ class PostprocessSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"top_k": self.decode.top_k, "score_threshold": self.decode.score_threshold,
-                "max_detections": self.decode.max_detections, "circle_nms_radius_m": dict(CIRCLE_NMS_RADIUS_M),
+                "max_detections": self.decode.max_detections,
+                "circle_nms_radius_m": {c.name: c.nms_radius_m for c in self.decode.classes.classes},
+                "classes": self.decode.classes.to_json(),
                 "lidar_velocity": None if self.decode.lidar_velocity is None else asdict(self.decode.lidar_velocity),
                 "peaks": "3x3 max-pool on sigmoid(heatmap)", "boxes": "Boxes3D layout in LIDAR_TOP: x, y, z, w, l, h, yaw, vx, vy"}
 
@@ -38,9 +40,10 @@ class PostprocessSpec:
         lv = d.get("lidar_velocity")  # (absent in manifests written before the option)
         lidar_velocity = None if lv is None else LidarVelocityConfig(  # fields absent from older manifests: defaults
             **{k: tuple(v) if isinstance(v, list) else v for k, v in lv.items()})
+        classes = NUSCENES if "classes" not in d else ClassList.from_json(d["classes"])  # older manifests: nuScenes
         return PostprocessSpec(grid=grid, decode=DecodeSettings(top_k=int(d["top_k"]), score_threshold=float(d["score_threshold"]),
                                                                 max_detections=int(d["max_detections"]),
-                                                                lidar_velocity=lidar_velocity))
+                                                                lidar_velocity=lidar_velocity, classes=classes))
 
 
 class Postprocessor:

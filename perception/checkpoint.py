@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from perception.config import ExperimentConfig, config_from_dict
 from perception.errors import PerceptionError
 from perception.model.build import build_model
-from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS
+from perception.structures import MAP_CLASSES, SCENE_TAGS
 
 log = logging.getLogger(__name__)
 
@@ -284,9 +284,10 @@ def model_card(model: nn.Module) -> dict:
     (``(image_uint8 - pixel_mean) / pixel_std`` per RGB channel, uint8 units), the class lists in output order
     and the BEV and map grids (metres, `BEVGrid` fields)."""
     enc = model.camera_encoder
+    classes = model.decode.classes
     return {
         "normalization": {"pixel_mean": list(enc.pixel_mean), "pixel_std": list(enc.pixel_std)},
-        "classes": {"detection": list(DETECTION_CLASSES), "attributes": list(ATTRIBUTES), "map": list(MAP_CLASSES),
+        "classes": {"detection": list(classes.names), "attributes": list(classes.attributes), "map": list(MAP_CLASSES),
                     "scene_tags": list(SCENE_TAGS)},
         "grid": asdict(model.grid),
         "map_grid": asdict(model.map_grid),

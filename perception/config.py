@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
@@ -19,6 +20,7 @@ from typing import Annotated, Any, Literal, Optional, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from perception.classes import NUSCENES, ClassList, DetectionClass, class_list
 from perception.errors import ConfigError
 from perception.structures import BEVGrid
 
@@ -326,8 +328,59 @@ class TrainConfig(_Section):
         return self
 
 
+class ClassConfig(_Section):
+    """One detection class of a user's list (`perception.classes.DetectionClass` documents each field)."""
+
+    name: str = Field(min_length=1)
+    categories: tuple[str, ...] = Field(min_length=1, description="Dataset category names that become this class, "
+                                        "full (vehicle.car) or bare (car).")
+    eval_range_m: float = Field(50.0, gt=0)
+    nms_radius_m: float = Field(1.0, gt=0)
+    tracking_distance_m: Optional[float] = Field(None, gt=0, description="None: the class is not tracked.")
+    score_velocity: bool = True
+    score_orientation: bool = True
+    orientation_period_deg: float = Field(360.0, gt=0, le=360, description="180 for a class whose front is undefined.")
+    paste: int = Field(0, ge=0, description="GT-sampling target per sample (0: never pasted).")
+    attributes: tuple[str, ...] = ()
+    dropped_in_exclusion_boxes: bool = False
+
+
+class ClassesConfig(_Section):
+    """The detection classes: ``preset: nuscenes`` (the devkit's 10 classes and 8 attributes, the default), or
+    ``preset: null`` with ``list`` (and optional ``attributes``). `build` gives the one `ClassList` that the
+    dataset, heads, decoding, evaluation, tracking and GT sampling share."""
+
+    preset: Optional[Literal["nuscenes"]] = "nuscenes"
+    attributes: tuple[str, ...] = ()
+    list: tuple[ClassConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClassesConfig":
+        if self.preset is not None and (self.list or self.attributes):
+            raise ValueError("set classes.preset or classes.list (with classes.preset: null), not both")
+        if self.preset is None and not self.list:
+            raise ValueError("classes.preset is null: classes.list must name at least one class")
+        if self.preset is None:
+            try:
+                self.build()  # duplicate names, categories of two classes, unknown attributes
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    def build(self) -> ClassList:
+        if self.preset == "nuscenes":
+            return NUSCENES
+        return class_list([DetectionClass(
+            name=c.name, categories=c.categories, eval_range_m=c.eval_range_m, nms_radius_m=c.nms_radius_m,
+            tracking_distance_m=c.tracking_distance_m, score_velocity=c.score_velocity, paste=c.paste,
+            attributes=c.attributes, score_orientation=c.score_orientation,
+            orientation_period_rad=math.radians(c.orientation_period_deg),
+            dropped_in_exclusion_boxes=c.dropped_in_exclusion_boxes) for c in self.list], self.attributes)
+
+
 class ExperimentConfig(_Section):
     data: DataConfig = DataConfig()
+    classes: ClassesConfig = ClassesConfig()
     grid: GridConfig = GridConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()

@@ -44,7 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from perception.errors import PerceptionError
-from perception.structures import CLASS_RANGE_M
+from perception.classes import NUSCENES, ClassList
 
 # The TP errors, in the devkit's order and under its names (ATE, ASE, AOE, AVE, AAE).
 TP_ERRORS: tuple[str, ...] = ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")
@@ -86,23 +86,19 @@ class DetectionClassSpec:
         return np.array([True, True, self.scores_orientation, self.scores_velocity, self.scores_attributes])
 
 
-# The nuScenes list as the devkit scores it (detection_cvpr_2019 and `DetectionEval.evaluate`): traffic cones score
-# neither orientation, velocity nor attributes; barriers no velocity or attributes, orientation modulo pi; bicycles
-# and motorcycles in a bicycle rack (`static_object.bicycle_rack`, the exclusion boxes) are not scored.
-NUSCENES_CLASS_SPECS: tuple[DetectionClassSpec, ...] = (
-    DetectionClassSpec("car", CLASS_RANGE_M["car"]),
-    DetectionClassSpec("truck", CLASS_RANGE_M["truck"]),
-    DetectionClassSpec("bus", CLASS_RANGE_M["bus"]),
-    DetectionClassSpec("trailer", CLASS_RANGE_M["trailer"]),
-    DetectionClassSpec("construction_vehicle", CLASS_RANGE_M["construction_vehicle"]),
-    DetectionClassSpec("pedestrian", CLASS_RANGE_M["pedestrian"]),
-    DetectionClassSpec("motorcycle", CLASS_RANGE_M["motorcycle"], dropped_in_exclusion_boxes=True),
-    DetectionClassSpec("bicycle", CLASS_RANGE_M["bicycle"], dropped_in_exclusion_boxes=True),
-    DetectionClassSpec("traffic_cone", CLASS_RANGE_M["traffic_cone"], scores_orientation=False, scores_velocity=False,
-                       scores_attributes=False),
-    DetectionClassSpec("barrier", CLASS_RANGE_M["barrier"], orientation_period_rad=math.pi, scores_velocity=False,
-                       scores_attributes=False),
-)
+def class_specs(classes: ClassList) -> tuple[DetectionClassSpec, ...]:
+    """The scoring of each class of a class list (`perception.classes`): its range, which TP errors it scores (AAE
+    only for a class with attributes) and its orientation period and exclusion-box rule."""
+    return tuple(DetectionClassSpec(c.name, c.eval_range_m, orientation_period_rad=c.orientation_period_rad,
+                                    scores_orientation=c.score_orientation, scores_velocity=c.score_velocity,
+                                    scores_attributes=bool(c.attributes),
+                                    dropped_in_exclusion_boxes=c.dropped_in_exclusion_boxes)
+                 for c in classes.classes)
+
+
+# The nuScenes list as the devkit scores it (detection_cvpr_2019 and `DetectionEval.evaluate`; the preset
+# documents each rule).
+NUSCENES_CLASS_SPECS: tuple[DetectionClassSpec, ...] = class_specs(NUSCENES)
 
 
 @dataclass(frozen=True)

@@ -15,48 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# The 10 nuScenes detection classes, in the devkit's order (eval/detection/configs, detection_cvpr_2019).
-DETECTION_CLASSES: tuple[str, ...] = (
-    "car",
-    "truck",
-    "bus",
-    "trailer",
-    "construction_vehicle",
-    "pedestrian",
-    "motorcycle",
-    "bicycle",
-    "traffic_cone",
-    "barrier",
-)
+from perception.classes import NUSCENES
 
-# The 8 nuScenes attributes.
-ATTRIBUTES: tuple[str, ...] = (
-    "vehicle.moving",
-    "vehicle.stopped",
-    "vehicle.parked",
-    "cycle.with_rider",
-    "cycle.without_rider",
-    "pedestrian.moving",
-    "pedestrian.standing",
-    "pedestrian.sitting_lying_down",
-)
-
-# Which attributes a detection class may carry (devkit: eval/detection/constants.py semantics).
-CLASS_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    **{c: ATTRIBUTES[0:3] for c in ("car", "truck", "bus", "trailer", "construction_vehicle")},
-    "pedestrian": ATTRIBUTES[5:8],
-    "motorcycle": ATTRIBUTES[3:5],
-    "bicycle": ATTRIBUTES[3:5],
-    "traffic_cone": (),
-    "barrier": (),
-}
-
-# Detection range per class in metres (detection_cvpr_2019 config): the evaluation applies it; the training index
-# does not (see `perception.data.dataset.build_index`).
-CLASS_RANGE_M: dict[str, float] = {
-    "car": 50.0, "truck": 50.0, "bus": 50.0, "trailer": 50.0, "construction_vehicle": 50.0,
-    "pedestrian": 40.0, "motorcycle": 40.0, "bicycle": 40.0, "traffic_cone": 30.0, "barrier": 30.0,
-}
+# The nuScenes class list (`perception.classes.NUSCENES`), as plain tables for the code that scores with the
+# devkit, which knows only these: the 10 detection classes in the devkit's order (detection_cvpr_2019), the 8
+# attributes, which attributes each class may carry, and each class's evaluation range (m; the evaluation applies
+# it, the training index does not: see `perception.data.dataset.build_index`).
+DETECTION_CLASSES: tuple[str, ...] = NUSCENES.names
+ATTRIBUTES: tuple[str, ...] = NUSCENES.attributes
+CLASS_ATTRIBUTES: dict[str, tuple[str, ...]] = {c.name: c.attributes for c in NUSCENES.classes}
+CLASS_RANGE_M: dict[str, float] = {c.name: c.eval_range_m for c in NUSCENES.classes}
 
 # BEV map segmentation classes; `divider` is road_divider or lane_divider.
 MAP_CLASSES: tuple[str, ...] = (

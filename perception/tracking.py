@@ -24,16 +24,18 @@ from unittest import mock
 
 import numpy as np
 
+from perception.classes import NUSCENES
 from perception.errors import PerceptionError
 from perception.evaluation import load_lean_nuscenes, lean_eval_tables, split_sample_tokens, validate_submission
 
 log = logging.getLogger(__name__)
 
-# The devkit's tracking classes (tracking_nips_2019); the other detection classes are not tracked.
-TRACKING_CLASSES: tuple[str, ...] = ("bicycle", "bus", "car", "motorcycle", "pedestrian", "trailer", "truck")
-# CenterPoint's nuScenes association distances (metres) between a back-moved detection centre and a track.
-MAX_DISTANCE: Mapping[str, float] = {"bicycle": 3.0, "bus": 5.5, "car": 4.0, "motorcycle": 13.0, "pedestrian": 1.0,
-                                     "trailer": 3.0, "truck": 4.0}
+# The devkit's tracking classes (tracking_nips_2019), the nuScenes classes with a tracking distance, and
+# CenterPoint's association distances (metres) between a back-moved detection centre and a track
+# (`perception.classes.NUSCENES`). The other detection classes are not tracked.
+TRACKING_CLASSES: tuple[str, ...] = tuple(sorted(c.name for c in NUSCENES.classes if c.tracking_distance_m is not None))
+MAX_DISTANCE: Mapping[str, float] = {c.name: c.tracking_distance_m for c in NUSCENES.classes
+                                     if c.tracking_distance_m is not None}
 
 
 @dataclass(frozen=True)

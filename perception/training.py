@@ -68,7 +68,6 @@ from perception.model.temporal import TemporalState
 from perception.model.weights import prefetch_pretrained
 from perception.progress import progress_bar
 from perception.schedule import EMA, autocast_dtype, lr_lambda
-from perception.structures import DETECTION_CLASSES
 from perception.train_log import (
     VAL_SCALARS, RunningMean, bad_ranks, format_bad_step, format_losses, gather_skipped, log_scalars, log_validation,
     open_work_dir, record_skipped, write_skipped_report)
@@ -192,9 +191,14 @@ class Trainer:
     # ----------------------------------------------------------------------------------- checkpoints
 
     def _gt_sampler(self) -> GTSampler:
+        classes = self.train_set.config.classes
+        settings = GTSamplerConfig(stop_epoch=self.cfg.train.gt_sampling_stop_epoch)
+        if classes.preset != "nuscenes":  # the paste counts of the user's classes, in their order
+            settings = GTSamplerConfig(targets={c.name: c.paste for c in classes.classes if c.paste},
+                                       stop_epoch=settings.stop_epoch)
         return GTSampler(cached_gt_database(self.train_set.with_config(train=False, bev_aug=None), self.dist,
                                             fallback_dir=self.work_dir / "cache", grid=self.model.grid),
-                         GTSamplerConfig(stop_epoch=self.cfg.train.gt_sampling_stop_epoch))
+                         settings, classes)
 
     def state_dict(self) -> dict:
         """Everything `_resume` restores, and what rebuilds the model anywhere (see `perception.checkpoint`)."""
@@ -277,7 +281,7 @@ class Trainer:
             return SequenceSampler(index.scene_tokens, index.timestamps, **common,
                                    start_batch=start_batch * t.accumulate_steps)
         if self.sample_classes is not None:
-            return CBGSSampler(self.sample_classes, num_classes=len(DETECTION_CLASSES), **common,
+            return CBGSSampler(self.sample_classes, num_classes=len(self.train_set.config.classes), **common,
                                accumulate=t.accumulate_steps, start_batch=start_batch)
         return EpochSampler(len(self.train_set), **common, accumulate=t.accumulate_steps, start_batch=start_batch)
 

@@ -53,12 +53,11 @@ from perception.data.transforms import (
     transform_radar,
     warp_image,
 )
+from perception.classes import NUSCENES, ClassList
 from perception.distributed import DistInfo
 from perception.errors import ConfigError, DataError
 from perception.structures import (
-    ATTRIBUTES,
     CAMERA_CHANNELS,
-    DETECTION_CLASSES,
     LIDAR_CHANNEL,
     MAP_CLASSES,
     RADAR_CHANNELS,
@@ -88,7 +87,8 @@ class DatasetConfig:
     (the fixed grid of BEVFusion's map-segmentation protocol, `structures.BEVFUSION_MAP_GRID`).
     `map_cache`: with `train`, map masks come from each location's raster cached at construction
     (`MapRasterizer.render_cached`, ~1 ms) instead of the exact per-sample rendering (~20 ms); evaluation
-    targets are always exact.
+    targets are always exact. `classes`: the class list; an annotation whose category no class names is left out
+    (`perception data check` reports such categories).
     """
 
     grid: BEVGrid = field(default_factory=BEVGrid)
@@ -104,6 +104,7 @@ class DatasetConfig:
     skip_bad_samples: bool = False
     max_skip: int = 16
     seed: int = 0
+    classes: ClassList = NUSCENES
 
     def __post_init__(self) -> None:
         if self.lidar_sweeps < 1:
@@ -168,7 +169,7 @@ class SampleIndex:
         return self.boxes[a:b], self.labels[a:b], self.attributes[a:b]
 
     def classes_of_samples(self) -> list[set[int]]:
-        """(S,) per sample, the distinct labels (ids into DETECTION_CLASSES) of its boxes (from the index: nothing
+        """(S,) per sample, the distinct labels (ids into the class list) of its boxes (from the index: nothing
         is loaded)."""
         off = self.box_offsets
         return [set(self.labels[a:b].tolist()) for a, b in zip(off[:-1], off[1:])]
@@ -202,7 +203,8 @@ INDEX_ARRAYS = tuple(f.name for f in fields(SampleIndex) if f.name != "dataroot"
 
 def index_settings(cfg: DatasetConfig) -> dict:
     """The `DatasetConfig` fields the index depends on (`build_index` reads no others), for cache keys."""
-    return {"lidar_sweeps": cfg.lidar_sweeps, "radar_sweeps": cfg.radar_sweeps, "skip_bad_samples": cfg.skip_bad_samples}
+    return {"lidar_sweeps": cfg.lidar_sweeps, "radar_sweeps": cfg.radar_sweeps, "skip_bad_samples": cfg.skip_bad_samples,
+            "classes": cfg.classes.to_json()}
 
 
 def read_tables(dataroot: str | Path, version: str):
@@ -286,7 +288,6 @@ def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tupl
     Velocities are `nusc.box_velocity` (global, centred difference) rotated into LIDAR_TOP; NaN (a single
     annotation or a gap) becomes 0.
     """
-    from nuscenes.eval.detection.utils import category_to_detection_name  # heavy: the devkit takes ~1 s to import
     from nuscenes.utils.data_classes import Box  # heavy: the devkit takes ~1 s to import
     from nuscenes.utils.geometry_utils import points_in_box  # heavy: the devkit takes ~1 s to import
 
@@ -308,8 +309,7 @@ def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tupl
             sample = nusc.get("sample", token)
             token = sample["next"]
             try:
-                item = _index_sample(nusc, sample, cfg, attr_name, category_to_detection_name, Box, points_in_box,
-                                     Quaternion)
+                item = _index_sample(nusc, sample, cfg, attr_name, Box, points_in_box, Quaternion)
             except DataError as exc:
                 if not cfg.skip_bad_samples:
                     raise
@@ -370,7 +370,7 @@ def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tupl
     return index, bad
 
 
-def _index_sample(nusc, sample, cfg, attr_name, category_to_detection_name, Box, points_in_box, Quaternion) -> dict:
+def _index_sample(nusc, sample, cfg, attr_name, Box, points_in_box, Quaternion) -> dict:
     """One sample's rows of the index (see `build_index`). Raises DataError for bad calibration or poses."""
     tok = sample["token"]
 
@@ -431,16 +431,17 @@ def _index_sample(nusc, sample, cfg, attr_name, category_to_detection_name, Box,
     racks = [Box(a["translation"], a["size"], Quaternion(a["rotation"])) for a in anns
              if a["category_name"] == "static_object.bicycle_rack"]
     boxes, labels, attrs, box_tokens = [], [], [], []
+    classes = cfg.classes
     for a in anns:
-        name = category_to_detection_name(a["category_name"])
-        if name is None:
+        label = classes.label_of_category(a["category_name"])
+        if label is None:
             continue
         if len(a["attribute_tokens"]) > 1:
             raise DataError(f"sample_annotation {a['token']} has more than one attribute", token=tok)
         centre_g = np.asarray(a["translation"], np.float64)
         if a["num_lidar_pts"] + a["num_radar_pts"] == 0:
             continue
-        if name in ("bicycle", "motorcycle") and any(
+        if classes[label].dropped_in_exclusion_boxes and any(
                 points_in_box(r, centre_g[:, None]).any() for r in racks):
             continue
         R_box_g = pose_matrix(a["rotation"], a["translation"], what=f"sample_annotation {a['token']}",
@@ -452,9 +453,10 @@ def _index_sample(nusc, sample, cfg, attr_name, category_to_detection_name, Box,
         vel_l = global2lidar[:3, :3] @ np.array([vel_g[0], vel_g[1], 0.0])
         w, l, h = a["size"]
         boxes.append([*box2lidar[:3, 3], w, l, h, yaw, vel_l[0], vel_l[1]])
-        labels.append(DETECTION_CLASSES.index(name))
+        labels.append(label)
         box_tokens.append(a["token"])
-        attrs.append(ATTRIBUTES.index(attr_name[a["attribute_tokens"][0]]) if a["attribute_tokens"] else -1)
+        attr = attr_name[a["attribute_tokens"][0]] if a["attribute_tokens"] else None
+        attrs.append(classes.attributes.index(attr) if attr in classes[label].attributes else -1)
     out.update(boxes=boxes, labels=labels, attributes=attrs, box_tokens=box_tokens)
     return out
 
@@ -469,8 +471,8 @@ class Sample:
     img_aug: (6, 3, 3) float32, original pixels -> augmented pixels.
     points_lidar: (N, 5) float32: x, y, z (m), intensity, dt (s, >= 0).
     points_radar: (M, 7) float32: x, y, z (m), rcs (dBsm), vx_comp, vy_comp (m/s, this frame), dt (s).
-    boxes_lidar: Boxes3D (K boxes); labels: (K,) int64 into DETECTION_CLASSES; attributes: (K,) int64 into
-        ATTRIBUTES or -1.
+    boxes_lidar: Boxes3D (K boxes); labels: (K,) int64 into the class list (`DatasetConfig.classes`);
+        attributes: (K,) int64 into its attributes or -1.
     map_masks: (len(MAP_CLASSES), H_bev, W_bev) uint8 in {0, 1} on the BEVGrid.
     scene_tags: (len(SCENE_TAGS),) float32 multi-hot.
     has_map: the sample has map ground truth (else `map_masks` is zeros and is not trained or scored).

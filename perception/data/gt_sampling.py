@@ -16,9 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from perception.structures import DETECTION_CLASSES, BEVGrid, Boxes3D
+from perception.classes import NUSCENES, ClassList
+from perception.errors import ConfigError
+from perception.structures import BEVGrid, Boxes3D
 
 log = logging.getLogger(__name__)
+
+
+# The nuScenes classes in the order BEVFusion's ObjectSample lists its sample_groups, the order in which objects
+# are drawn (their counts: `perception.classes.NUSCENES`).
+BEVFUSION_PASTE_ORDER: tuple[str, ...] = ("car", "truck", "construction_vehicle", "bus", "trailer", "barrier",
+                                          "motorcycle", "bicycle", "pedestrian", "traffic_cone")
 
 
 @dataclass
@@ -96,19 +104,21 @@ class GTSamplerConfig:
     pasting from this (0-based) training epoch on (None: never stop), as BEVFusion's ``gt_paste_stop_epoch``."""
 
     targets: dict[str, int] = field(default_factory=lambda: {
-        "car": 2, "truck": 3, "construction_vehicle": 7, "bus": 4, "trailer": 6, "barrier": 2,
-        "motorcycle": 6, "bicycle": 6, "pedestrian": 2, "traffic_cone": 2})
+        n: NUSCENES[NUSCENES.index(n)].paste for n in BEVFUSION_PASTE_ORDER})
     stop_epoch: int | None = None
 
 
 class GTSampler:
     """Pastes database objects into one sample (see the module docstring)."""
 
-    def __init__(self, database: GTDatabase, config: GTSamplerConfig | None = None):
+    def __init__(self, database: GTDatabase, config: GTSamplerConfig | None = None, classes: ClassList = NUSCENES):
         self.db = database
         self.config = config or GTSamplerConfig()
-        self._by_class = {c: np.flatnonzero(database.labels == DETECTION_CLASSES.index(c))
-                          for c in self.config.targets}
+        self.classes = classes
+        unknown = [c for c in self.config.targets if c not in classes.names]
+        if unknown:
+            raise ConfigError(f"GT sampling targets {unknown} are not in the class list {list(classes.names)}")
+        self._by_class = {c: np.flatnonzero(database.labels == classes.index(c)) for c in self.config.targets}
 
     def active(self, epoch: int) -> bool:
         """Whether objects are pasted in training epoch `epoch` (before `config.stop_epoch`)."""
@@ -123,7 +133,7 @@ class GTSampler:
         new = []
         for cname, target in self.config.targets.items():
             pool = self._by_class[cname]
-            need = target - int((labels == DETECTION_CLASSES.index(cname)).sum())
+            need = target - int((labels == self.classes.index(cname)).sum())
             if need <= 0 or not len(pool):
                 continue
             for d in rng.choice(pool, size=min(len(pool), need * 2), replace=False):

@@ -17,7 +17,8 @@ import numpy as np
 from pyquaternion import Quaternion
 
 from perception.data.dataset import DatasetConfig, NuScenesDataset
-from perception.structures import ATTRIBUTES, DETECTION_CLASSES, Boxes3D
+from perception.classes import NUSCENES, ClassList
+from perception.structures import Boxes3D
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,16 @@ def submission_entries(
     attributes: Sequence[int],
     lidar2ego: np.ndarray,
     ego2global: np.ndarray,
+    classes: ClassList = NUSCENES,
 ) -> list[dict]:
     """One sample's result list for a nuScenes submission.
 
     Args:
         boxes_lidar: K boxes in the (unaugmented) keyframe LIDAR_TOP frame.
-        labels: (K,) indices into DETECTION_CLASSES. scores: (K,) in [0, 1].
-        attributes: (K,) indices into ATTRIBUTES, or -1 for "" (no attribute).
+        labels: (K,) indices into `classes`. scores: (K,) in [0, 1].
+        attributes: (K,) indices into `classes.attributes`, or -1 for "" (no attribute).
         lidar2ego, ego2global: (4, 4) float64 of the sample (`meta`).
+        classes: the class list (default: nuScenes').
 
     Returns: dicts with sample_token, translation, size (w, l, h), rotation (w, x, y, z), velocity (global
     vx, vy), detection_name, detection_score, attribute_name; all in the global frame.
@@ -69,9 +72,9 @@ def submission_entries(
             "size": [float(v) for v in g[k, 3:6]],
             "rotation": [float(v) for v in Quaternion(axis=[0.0, 0.0, 1.0], angle=float(g[k, 6])).elements],
             "velocity": [float(v) for v in g[k, 7:9]],
-            "detection_name": DETECTION_CLASSES[int(labels[k])],
+            "detection_name": classes.names[int(labels[k])],
             "detection_score": float(scores[k]),
-            "attribute_name": ATTRIBUTES[attr] if attr >= 0 else "",
+            "attribute_name": classes.attributes[attr] if attr >= 0 else "",
         })
     return out
 
@@ -92,16 +95,17 @@ def write_submission(path: str | Path, results: dict[str, list[dict]], *, use_ca
     return path
 
 
-def gt_submission(dataroot: str | Path, version: str, split: str, out: str | Path) -> Path:
-    """Write the split's ground truth, as `NuScenesDataset` loads it (LIDAR_TOP frame, eval filtering), back
-    in the global frame through `submission_entries`, with score 1. Loads no sensor files."""
-    ds = NuScenesDataset(dataroot, version, split, config=DatasetConfig(map="off"))
+def gt_submission(dataroot: str | Path, version: str, split: str, out: str | Path, classes: ClassList = NUSCENES) -> Path:
+    """Write the split's ground truth, as `NuScenesDataset` loads it (LIDAR_TOP frame, eval filtering) for the
+    class list `classes`, back in the global frame through `submission_entries`, with score 1. Loads no sensor
+    files."""
+    ds = NuScenesDataset(dataroot, version, split, config=DatasetConfig(map="off", classes=classes))
     idx = ds.index
     results = {}
     for i in range(len(idx)):
         boxes, labels, attrs = idx.boxes_of(i)
         results[str(idx.tokens[i])] = submission_entries(
             str(idx.tokens[i]), Boxes3D(boxes), labels, np.ones(len(labels)), attrs, idx.lidar2ego[i],
-            idx.ego2global[i])
+            idx.ego2global[i], classes)
     return write_submission(out, results, use_camera=False, use_lidar=False, use_radar=False, use_map=False,
                             use_external=True)

@@ -23,6 +23,7 @@ from fusion.fuser import BEVFuser, drop_modalities
 from fusion.lidar import LidarEncoder, Pillars
 from fusion.radar import RadarEncoder
 from fusion.temporal import TemporalFuser
+from perception.classes import NUSCENES, ClassList
 from perception.config import LossConfig
 from perception.data.batch import MODALITIES, Batch
 from perception.errors import ConfigError
@@ -67,12 +68,13 @@ class Prediction:
 class DecodeSettings:
     """Detection post-processing: peaks kept before NMS, score threshold, boxes kept after NMS (per sample), and
     whether box velocities are measured from the LiDAR sweeps (`perception.model.lidar_velocity`; None: the
-    head's)."""
+    head's), and the class list (its NMS radii and which attributes each class may carry)."""
 
     top_k: int = 100
     score_threshold: float = 0.1
     max_detections: int = 100
     lidar_velocity: LidarVelocityConfig | None = None
+    classes: ClassList = NUSCENES
 
 
 class BEVFusionModel(nn.Module):
@@ -406,7 +408,7 @@ def outputs_to_predictions(out: dict[str, Tensor], grid: BEVGrid, decode: Decode
     points_lidar: per sample, its (N, 5) LiDAR points (`Batch.points_lidar` layout) or None where LiDAR is missing;
         used only with `decode.lidar_velocity`, which replaces box velocities measured from them."""
     detections = decode_detections(out, grid, top_k=decode.top_k, score_threshold=decode.score_threshold,
-                                   max_detections=decode.max_detections)
+                                   max_detections=decode.max_detections, classes=decode.classes)
     map_probs = out["map"].sigmoid()
     scene_probs = out["scene"].sigmoid()
     preds = []

@@ -94,6 +94,7 @@ def build_radar_encoder(cfg: PillarConfig, grid: BEVGrid) -> RadarEncoder:
 def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
     """The fused BEV model of `cfg` (random weights except a configured camera checkpoint)."""
     grid = cfg.grid.build()
+    classes = cfg.classes.build()
     m = cfg.model
     camera_encoder = build_camera_encoder(m.camera, cfg.data.image_size)
     view_transform = build_view_transform(m.view_transform, grid, camera_encoder)
@@ -105,7 +106,8 @@ def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
                              out_channels=m.decoder.out_channels, position_channels=m.decoder.position_channels)
     map_grid = grid if m.heads.map_grid is None else m.heads.map_grid.build("model.heads.map_grid", even=False)
     heads = BEVHeads(
-        detection=CenterHead(in_channels=bev_decoder.out_channels, hidden=m.heads.det_channels),
+        detection=CenterHead(in_channels=bev_decoder.out_channels, hidden=m.heads.det_channels,
+                             num_classes=len(classes), num_attributes=max(len(classes.attributes), 1)),
         map_segmentation=MapHead(in_channels=bev_decoder.out_channels + (view_transform.out_channels if m.heads.map_camera else 0),
                                  hidden=m.heads.map_channels, feature_grid=grid,
                                  map_grid=map_grid),
@@ -116,7 +118,8 @@ def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
         radar_encoder=radar_encoder, fuser=fuser, bev_decoder=bev_decoder, heads=heads, grid=grid,
         loss_weights=cfg.loss,
         decode=DecodeSettings(top_k=m.heads.top_k, score_threshold=m.heads.score_threshold, max_detections=m.heads.max_detections,
-                              lidar_velocity=LidarVelocityConfig() if m.heads.lidar_velocity else None),
+                              lidar_velocity=LidarVelocityConfig() if m.heads.lidar_velocity else None,
+                              classes=classes),
         modality_dropout=m.fuser.modality_dropout,
         paired_drop=tuple(tuple(name in names for name in MODALITIES) for names in m.fuser.paired_drop),
         paired_weight=m.fuser.paired_weight,

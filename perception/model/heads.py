@@ -19,19 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from perception.structures import ATTRIBUTES, CLASS_ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid, wrap_angle
+from perception.classes import NUSCENES, ClassList
+from perception.structures import ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES, SCENE_TAGS, BEVGrid, wrap_angle
 
-# Circle-NMS radius per class, metres: the square roots of CenterPoint's nuScenes thresholds. CenterPoint's
-# config (configs/nusc/*: test_cfg min_radius=[4, 12, 10, 1, 0.85, 0.175] for the task groups car, truck +
-# construction_vehicle, bus + trailer, barrier, motorcycle + bicycle, pedestrian + traffic_cone) is compared with
-# the SQUARED centre distance in its circle_nms (det3d/core/utils/circle_nms_jit.py: dist = dx**2 + dy**2;
-# suppressed if dist <= thresh), so those numbers are m^2. CenterPoint suppresses within a task group, we within
-# a class. `decode_detections` reads this table at every call (`deploy.postprocess` too): the one place to
-# change the radii.
-CIRCLE_NMS_RADIUS_M: dict[str, float] = {
-    "car": 2.0, "truck": 3.4641, "construction_vehicle": 3.4641, "bus": 3.1623, "trailer": 3.1623, "barrier": 1.0,
-    "motorcycle": 0.922, "bicycle": 0.922, "pedestrian": 0.4183, "traffic_cone": 0.4183,
-}
+# Circle-NMS radius per class of the nuScenes preset, metres (`perception.classes.NUSCENES` documents where they
+# come from). Decoding reads the radii of its class list (`decode_detections(classes=...)`), not this table.
+CIRCLE_NMS_RADIUS_M: dict[str, float] = {c.name: c.nms_radius_m for c in NUSCENES.classes}
 
 # Regression target layout: box geometry (L1 weight 1), then velocity (weight `loss.velocity`, CenterPoint's
 # code_weights).
@@ -47,13 +40,9 @@ GAUSSIAN_MIN_OVERLAP = 0.1
 GAUSSIAN_MIN_RADIUS = 2
 
 
-def _allowed_attributes() -> Tensor:
-    """(len(DETECTION_CLASSES), len(ATTRIBUTES)) bool: which attributes each class may carry."""
-    allowed = torch.zeros(len(DETECTION_CLASSES), len(ATTRIBUTES), dtype=torch.bool)
-    for c, name in enumerate(DETECTION_CLASSES):
-        for attr in CLASS_ATTRIBUTES[name]:
-            allowed[c, ATTRIBUTES.index(attr)] = True
-    return allowed
+def _allowed_attributes(classes: ClassList) -> Tensor:
+    """(len(classes), len(classes.attributes)) bool: which attributes each class may carry."""
+    return torch.tensor(classes.allowed_attributes(), dtype=torch.bool).view(len(classes), len(classes.attributes))
 
 
 def _branch(cin: int, hidden: int, cout: int, bias_init: float | None = None) -> nn.Sequential:
@@ -275,15 +264,17 @@ def circle_nms(centres_xy: Tensor, scores: Tensor, labels: Tensor, radius_per_cl
 
 @torch.no_grad()
 def decode_detections(outputs: dict[str, Tensor], grid: BEVGrid, *, top_k: int, score_threshold: float,
-                      max_detections: int) -> list[Detections]:
+                      max_detections: int, classes: ClassList = NUSCENES) -> list[Detections]:
     """Boxes from the CenterHead outputs of a batch (post-processing). See the module docstring."""
     heat = outputs["heatmap"].sigmoid()  # (B, C, H, W)
     b, num_classes, h, w = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
     scores, flat = peaks.flatten(1).topk(min(top_k, num_classes * h * w), dim=1)
     labels, cells = flat // (h * w), flat % (h * w)
-    allowed = _allowed_attributes().to(heat.device)
-    radius = torch.tensor([CIRCLE_NMS_RADIUS_M[c] for c in DETECTION_CLASSES], device=heat.device)
+    if num_classes != len(classes):
+        raise ValueError(f"the heatmap has {num_classes} classes but the class list {len(classes)} ({', '.join(classes.names)})")
+    allowed = _allowed_attributes(classes).to(heat.device)
+    radius = torch.tensor([c.nms_radius_m for c in classes.classes], device=heat.device)
     results = []
     for i in range(b):
         keep = scores[i] >= score_threshold
@@ -296,8 +287,11 @@ def decode_detections(outputs: dict[str, Tensor], grid: BEVGrid, *, top_k: int, 
         size = reg[:, 3:6].clamp(max=8.0).exp()
         yaw = wrap_angle(torch.atan2(reg[:, 6], reg[:, 7]))
         boxes = torch.cat([x[:, None], y[:, None], reg[:, 2:3], size, yaw[:, None], reg[:, 8:10]], 1)
-        attr_logits = attr_logits.masked_fill(~allowed[lab], float("-inf"))
-        attributes = torch.where(allowed[lab].any(1), attr_logits.argmax(1), torch.full_like(lab, -1))
+        if allowed.shape[1]:
+            attr_logits = attr_logits.masked_fill(~allowed[lab], float("-inf"))
+            attributes = torch.where(allowed[lab].any(1), attr_logits.argmax(1), torch.full_like(lab, -1))
+        else:  # a class list without attributes
+            attributes = torch.full_like(lab, -1)
         kept = circle_nms(boxes[:, :2], s, lab, radius)[:max_detections]
         results.append(Detections(boxes=boxes[kept], scores=s[kept], labels=lab[kept], attributes=attributes[kept]))
     return results
