@@ -381,7 +381,7 @@ def _run_pass(runner: Runner, dataset, order: list[int], device: torch.device, s
         synchronize(device)
         t3 = time.perf_counter()
         meta = batch.meta[0]
-        entries = prediction_entries(runner.finish(batch, out, state)[0], meta)
+        entries = prediction_entries(runner.finish(batch, out, state)[0], meta, runner.classes)
         synchronize(device)
         t4 = time.perf_counter()
         tracked = tracker.step(meta["scene_token"], meta["timestamp"], entries)

@@ -138,6 +138,11 @@ class Runner:
         return f"Runner({self.description} on {self.device})"
 
     @property
+    def classes(self):
+        """The detection class list (`perception.classes.ClassList`) the manifest records."""
+        return self.postprocessor.spec.decode.classes
+
+    @property
     def map_grid(self):
         """The `BEVGrid` of the predicted map probabilities (as `BEVFusionModel.map_grid`)."""
         return self.manifest.map_grid

@@ -49,15 +49,16 @@ from perception.data.collate import collate_samples
 from perception.data.loader import SampleLoader
 from perception.data.dataset import split_scene_names
 from perception.data.mmdet3d_info import info_sample_tokens
+from perception.classes import NUSCENES, ClassList
 from perception.data.submission import submission_entries, write_submission
+from perception.detection_metrics import EvalSample, SampleBoxes, class_specs, evaluate_detection, yaw_from_quaternion
 from perception.distributed import pick_device
 from perception.errors import DataError, PerceptionError
 from perception.model.bevfusion import Prediction
 from perception.model.lidar_velocity import LidarVelocityConfig
 from perception.model.temporal import TemporalState
 from perception.progress import progress_bar
-from perception.structures import (ATTRIBUTES, BEVFUSION_MAP_GRID, CLASS_ATTRIBUTES, DETECTION_CLASSES, MAP_CLASSES,
-                                   SCENE_TAGS, BEVGrid)
+from perception.structures import BEVFUSION_MAP_GRID, DETECTION_CLASSES, LIDAR_CHANNEL, MAP_CLASSES, SCENE_TAGS, BEVGrid
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def check_tokens_in_tables(dataroot: str | Path, version: str, tokens: Iterable[
                         f"{missing[0]}: the detection ground truth comes from those tables", path=source)
 
 
-def validate_submission(path: str | Path, expected_tokens: set[str]) -> dict:
+def validate_submission(path: str | Path, expected_tokens: set[str], classes: ClassList = NUSCENES) -> dict:
     """Load a nuScenes detection submission and check it before any metric is computed.
 
     Rejects (PerceptionError naming the file, sample and box): unreadable JSON, missing meta keys, samples of
@@ -256,13 +257,13 @@ def validate_submission(path: str | Path, expected_tokens: set[str]) -> dict:
             if min(b["size"]) <= 0:
                 raise bad(token, k, f"size must be positive, got {b['size']}")
             name = b.get("detection_name")
-            if name not in DETECTION_CLASSES:
-                raise bad(token, k, f"unknown detection_name {name!r} (expected one of {', '.join(DETECTION_CLASSES)})")
+            if name not in classes.names:
+                raise bad(token, k, f"unknown detection_name {name!r} (expected one of {', '.join(classes.names)})")
             score = b.get("detection_score")
             if not isinstance(score, (int, float)) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
                 raise bad(token, k, f"detection_score must be a number in [0, 1], got {score!r}")
             attr = b.get("attribute_name", "")
-            if attr and (attr not in ATTRIBUTES or attr not in CLASS_ATTRIBUTES.get(name, ())):
+            if attr and attr not in classes[classes.index(name)].attributes:
                 raise bad(token, k, f"attribute_name {attr!r} is not valid for {name}")
             if b.get("sample_token") != token:
                 raise bad(token, k, f"sample_token {b.get('sample_token')!r} differs from its key")
@@ -270,8 +271,9 @@ def validate_submission(path: str | Path, expected_tokens: set[str]) -> dict:
 
 
 def detection_eval(dataroot: str | Path, version: str, split: str, submission: str | Path, out_dir: str | Path,
-                   nusc=None, sample_tokens: Iterable[str] | None = None) -> dict:
-    """Run the devkit's `DetectionEval` (detection_cvpr_2019) on a submission file.
+                   nusc=None, sample_tokens: Iterable[str] | None = None, classes: ClassList = NUSCENES) -> dict:
+    """Run the devkit's `DetectionEval` (detection_cvpr_2019) on a submission file; for a class list other than
+    the nuScenes preset, our implementation of the same metrics (`class_list_detection_eval`).
 
     Returns the devkit's serialized metrics (keys nd_score, mean_ap, mean_dist_aps, tp_errors, label_tp_errors...).
     `nusc`: an already loaded `NuScenes` (default: a `LeanNuScenes`).
@@ -280,6 +282,13 @@ def detection_eval(dataroot: str | Path, version: str, split: str, submission: s
         (`load_prediction_of_sample_tokens`, `load_gt_of_sample_tokens`), whose one lookup of the split's samples
         (`get_samples_of_custom_split`) is answered with these tokens while `DetectionEval` is built.
     """
+    if classes.preset != "nuscenes":
+        tokens = set(sample_tokens) if sample_tokens is not None else split_sample_tokens(dataroot, version, split)
+        if sample_tokens is not None:
+            check_tokens_in_tables(dataroot, version, tokens, split)
+        sub = validate_submission(submission, tokens, classes)
+        return class_list_detection_eval(nusc if nusc is not None else shared_lean_nuscenes(version, dataroot),
+                                         list(sub["results"]), sub, classes)
     import nuscenes.eval.detection.evaluate as devkit_evaluate  # heavy: the devkit takes ~1 s to import
     from nuscenes.eval.common.config import config_factory  # heavy: the devkit takes ~1 s to import
 
@@ -347,6 +356,44 @@ def _shared_gt_detection_eval(nusc, cfg, result_path: str, eval_set: str, output
     ev.pred_boxes = E.filter_eval_boxes(nusc, ev.pred_boxes, cfg.class_range, verbose=False)
     ev.sample_tokens = ev.gt_boxes.sample_tokens
     return ev
+
+
+def class_list_detection_eval(nusc, tokens: Sequence[str], submission: dict, classes: ClassList) -> dict:
+    """The nuScenes detection metrics of a validated `submission` over the samples `tokens`, for any class list
+    (`perception.detection_metrics`, equal to the devkit's `DetectionEval` on the nuScenes list). Ground truth
+    from the tables as the devkit's `load_gt` reads it, each category mapped by the class list: global centre,
+    size, yaw, velocity (`box_velocity`), attribute (when the class has it) and LiDAR + radar points; the ego
+    position is the reference LiDAR keyframe's ego pose (`add_center_dist`); bicycle racks are the exclusion
+    boxes. Returns the devkit's serialized keys (`DetectionMetricsResult.devkit_dict`)."""
+    samples = []
+    for tok in tokens:
+        sample = nusc.get("sample", tok)
+        lidar = nusc.get("sample_data", sample["data"][LIDAR_CHANNEL])
+        ego = np.asarray(nusc.get("ego_pose", lidar["ego_pose_token"])["translation"], np.float64)
+        rows, racks = [], []
+        for ann_token in sample["anns"]:
+            a = nusc.get("sample_annotation", ann_token)
+            yaw = float(yaw_from_quaternion(np.asarray(a["rotation"], np.float64)))
+            if a["category_name"] == "static_object.bicycle_rack":
+                racks.append([*a["translation"], *a["size"], yaw])
+            label = classes.label_of_category(a["category_name"])
+            if label is None:
+                continue
+            attr = nusc.get("attribute", a["attribute_tokens"][0])["name"] if len(a["attribute_tokens"]) == 1 else ""
+            rows.append((classes.names[label], a["translation"], a["size"], yaw, nusc.box_velocity(ann_token)[:2],
+                         attr if attr in classes[label].attributes else "", a["num_lidar_pts"] + a["num_radar_pts"]))
+        gt = SampleBoxes(translation=[r[1] for r in rows], size=[r[2] for r in rows], yaw=[r[3] for r in rows],
+                         velocity=[r[4] for r in rows], names=[r[0] for r in rows], attributes=[r[5] for r in rows],
+                         num_pts=[r[6] for r in rows])
+        boxes = submission["results"][tok]
+        pred = SampleBoxes(translation=[b["translation"] for b in boxes], size=[b["size"] for b in boxes],
+                           yaw=[float(yaw_from_quaternion(np.asarray(b["rotation"], np.float64))) for b in boxes],
+                           velocity=[b["velocity"] for b in boxes], names=[b["detection_name"] for b in boxes],
+                           attributes=[b.get("attribute_name", "") for b in boxes],
+                           scores=[b["detection_score"] for b in boxes])
+        samples.append(EvalSample(ego_translation=ego, gt=gt, pred=pred, exclusion_boxes=np.asarray(racks).reshape(-1, 7),
+                                  token=tok))
+    return evaluate_detection(samples, class_specs(classes)).devkit_dict()
 
 
 def summarise_detection(devkit: dict) -> dict:
@@ -471,11 +518,12 @@ class InferenceOutput:
         self.scene_tags += other.scene_tags
 
 
-def prediction_entries(pred: Prediction, meta: dict) -> list[dict]:
+def prediction_entries(pred: Prediction, meta: dict, classes: ClassList = NUSCENES) -> list[dict]:
     """One sample's `Prediction` -> its submission entries in the global frame (`submission_entries`, with the
-    sample's token and poses from its `meta`): what evaluation writes and tracking reads."""
+    sample's token and poses from its `meta`, names from the predictor's class list): what evaluation writes and
+    tracking reads."""
     return submission_entries(meta["sample_token"], pred.boxes_lidar, pred.labels.cpu(), pred.scores.cpu(),
-                              pred.attributes.cpu(), meta["lidar2ego"], meta["ego2global"])
+                              pred.attributes.cpu(), meta["lidar2ego"], meta["ego2global"], classes)
 
 
 def run_inference(model, loader: Iterable, device: torch.device, modality_mask: Sequence[bool] | None = None,
@@ -526,7 +574,7 @@ def run_inference_conditions(model, loader: Iterable, device: torch.device, tran
         for name, preds in zip(transforms, predictions):
             out = outs[name]
             for b, (pred, meta) in enumerate(zip(preds, batch.meta)):
-                out.results[meta["sample_token"]] = prediction_entries(pred, meta)
+                out.results[meta["sample_token"]] = prediction_entries(pred, meta, model.classes)
                 if bool(batch.has_map[b]):
                     out.seg.update(pred.map_probs, batch.map_masks[b])
                     if batch.map_masks_eval is not None:
@@ -560,7 +608,7 @@ def format_metrics(metrics: dict, title: str = "") -> str:
                  f"mAVE {metrics['mave']:.3f}  mAAE {metrics['maae']:.3f}")
     lines.append("")
     lines.append(f"{'class':<22}{'AP':>8}{'ATE':>8}{'ASE':>8}{'AOE':>8}{'AVE':>8}{'AAE':>8}")
-    for name in DETECTION_CLASSES:
+    for name in metrics.get("per_class_ap") or DETECTION_CLASSES:
         tp = metrics.get("per_class_tp_errors", {}).get(name, {})
         cells = [tp.get(k) for k in ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")]
         fmt = "".join(f"{v:>8.3f}" if v is not None else f"{'-':>8}" for v in cells)
@@ -593,15 +641,17 @@ def write_metrics(path: str | Path, metrics: dict) -> Path:
 
 
 def evaluate_results_file(submission: str | Path, dataroot: str | Path, version: str, split: str | None, out: str | Path,
-                          *, info: str | Path | None = None) -> dict:
+                          *, info: str | Path | None = None, classes: ClassList = NUSCENES) -> dict:
     """`perception eval --results`: score an existing submission (detection only) and write O/metrics.json.
-    `info`: score the samples of this mmdet3d info file (`split` None) instead of a devkit split."""
+    `info`: score the samples of this mmdet3d info file (`split` None) instead of a devkit split. `classes`: the
+    class list the submission names (a config's ``classes:``)."""
     t0 = time.time()
     out = Path(out)
     if info is not None:
-        devkit = detection_eval(dataroot, version, str(info), submission, out, sample_tokens=info_sample_tokens(info))
+        devkit = detection_eval(dataroot, version, str(info), submission, out, sample_tokens=info_sample_tokens(info),
+                                classes=classes)
     else:
-        devkit = detection_eval(dataroot, version, split, submission, out)
+        devkit = detection_eval(dataroot, version, split, submission, out, classes=classes)
     metrics = summarise_detection(devkit)
     metrics.update({**SegmentationStats().result(), **SegmentationStats().result_per_class_best(), "scene_map": None,
                     "submission": str(submission)})
@@ -703,12 +753,13 @@ def _score(out: InferenceOutput, dataset, dataroot, version: str, split: str, ou
         raise PerceptionError(f"evaluation: {len(missing)} samples of {split} got no prediction (e.g. {next(iter(missing))})")
     sub = write_submission(out_dir / "submission.json", out.results, use_camera=bool(use[0]), use_lidar=bool(use[1]),
                            use_radar=bool(use[2]), use_map=False)
+    classes = dataset.config.classes
     if sum(map(len, out.results.values())) == 0:
         log.warning("no boxes predicted on %s: detection metrics are zero", split)
-        devkit = _empty_detection_metrics()
+        devkit = _empty_detection_metrics(classes)
     else:
         devkit = detection_eval(dataroot, version, split, sub, out_dir, nusc=nusc,
-                                sample_tokens=expected if info is not None else None)
+                                sample_tokens=expected if info is not None else None, classes=classes)
     metrics = metrics_from(devkit, out)
     metrics["modalities"] = {"camera": bool(use[0]), "lidar": bool(use[1]), "radar": bool(use[2])}
     metrics["num_samples"] = len(out.results)
@@ -716,11 +767,11 @@ def _score(out: InferenceOutput, dataset, dataroot, version: str, split: str, ou
     return metrics
 
 
-def _empty_detection_metrics() -> dict:
+def _empty_detection_metrics(classes: ClassList = NUSCENES) -> dict:
     """The devkit's serialized metrics for a submission without any box (it refuses to evaluate one)."""
     nan_tp = {k: 1.0 for k in ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")}
-    return {"nd_score": 0.0, "mean_ap": 0.0, "tp_errors": nan_tp, "mean_dist_aps": {c: 0.0 for c in DETECTION_CLASSES},
-            "label_tp_errors": {c: dict(nan_tp) for c in DETECTION_CLASSES}}
+    return {"nd_score": 0.0, "mean_ap": 0.0, "tp_errors": nan_tp, "mean_dist_aps": {c: 0.0 for c in classes.names},
+            "label_tp_errors": {c: dict(nan_tp) for c in classes.names}}
 
 
 def evaluate_predictor(predictor, cfg, dataroot: str | Path, version: str, split: str | None, out: str | Path, *,

@@ -103,3 +103,66 @@ def test_gt_submission_names_the_user_classes(synth_root, tmp_path):
 def test_bad_class_lists_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs" / "tiny.yaml", overrides)
+
+
+def _perturbed(sub: dict, seed: int) -> dict:
+    """A plausible detector's submission: the ground truth shifted, resized, turned, rescored, some dropped and
+    some false positives added."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for tok, entries in sub["results"].items():
+        boxes = []
+        for e in entries:
+            if rng.random() < 0.2:
+                continue
+            e = dict(e)
+            e["translation"] = [v + float(rng.normal(0, 0.6)) for v in e["translation"][:2]] + [e["translation"][2]]
+            e["size"] = [v * float(rng.uniform(0.8, 1.2)) for v in e["size"]]
+            e["velocity"] = [v + float(rng.normal(0, 0.5)) for v in e["velocity"]]
+            e["detection_score"] = float(rng.uniform(0.05, 1.0))
+            boxes.append(e)
+            if rng.random() < 0.3:
+                fp = dict(e)
+                fp["translation"] = [e["translation"][0] + 6.0, e["translation"][1] - 3.0, e["translation"][2]]
+                fp["detection_score"] = float(rng.uniform(0.05, 0.5))
+                boxes.append(fp)
+        out[tok] = boxes
+    return {"meta": sub["meta"], "results": out}
+
+
+def test_our_metric_on_the_preset_equals_the_devkit_on_real_tables(synth_root, tmp_path):
+    """On the nuScenes list our class-list evaluation gives the devkit's DetectionEval numbers (1e-9)."""
+    from perception.evaluation import class_list_detection_eval, detection_eval, shared_lean_nuscenes
+
+    gt = json.loads(gt_submission(synth_root, "v1.0-mini", "mini_val", tmp_path / "gt.json").read_text())
+    path = tmp_path / "pred.json"
+    sub = _perturbed(gt, 0)
+    path.write_text(json.dumps(sub))
+    devkit = detection_eval(synth_root, "v1.0-mini", "mini_val", path, tmp_path / "devkit")
+    ours = class_list_detection_eval(shared_lean_nuscenes("v1.0-mini", synth_root), list(sub["results"]), sub, NUSCENES)
+    assert devkit["mean_ap"] > 0.05
+    for key in ("nd_score", "mean_ap"):
+        assert ours[key] == pytest.approx(devkit[key], abs=1e-9), key
+    for name, err in devkit["tp_errors"].items():
+        assert ours["tp_errors"][name] == pytest.approx(err, abs=1e-9, nan_ok=True), name
+    for cls, ap in devkit["mean_dist_aps"].items():
+        assert ours["mean_dist_aps"][cls] == pytest.approx(ap, abs=1e-9), cls
+
+
+def test_ground_truth_of_a_user_class_list_scores_nds_one(synth_root, tmp_path):
+    from perception.evaluation import evaluate_results_file
+
+    classes = load_config(ROOT / "configs" / "tiny.yaml", THREE).classes.build()
+    path = gt_submission(synth_root, "v1.0-mini", "mini_val", tmp_path / "gt.json", classes)
+    m = evaluate_results_file(path, synth_root, "v1.0-mini", "mini_val", tmp_path / "eval", classes=classes)
+    assert m["nds"] == pytest.approx(1.0) and m["map"] == pytest.approx(1.0)
+    assert set(m["per_class_ap"]) == {"vehicle", "person", "cone"}
+    assert np.isnan(m["maae"])  # the list has no attributes: not scored
+    # The devkit itself refuses these names; a nuScenes name is refused under this list.
+    sub = json.loads(path.read_text())
+    next(e for entries in sub["results"].values() for e in entries)["detection_name"] = "car"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(sub))
+    from perception.errors import PerceptionError
+    with pytest.raises(PerceptionError, match="unknown detection_name 'car'"):
+        evaluate_results_file(bad, synth_root, "v1.0-mini", "mini_val", tmp_path / "eval2", classes=classes)

@@ -185,6 +185,11 @@ class BEVFusionModel(nn.Module):
             self.__dict__["_preprocessor"] = cached
         return cached
 
+    @property
+    def classes(self) -> ClassList:
+        """The detection class list (head order)."""
+        return self.decode.classes
+
     def prepare(self, batch: Batch, modality_mask: Tensor | None = None) -> CoreInputs:
         """Pre-processing: a `Batch` -> `CoreInputs` on the batch's device (`Preprocessor`; in training mode the
         rig-geometry cache is skipped, augmentation makes every rig new).
