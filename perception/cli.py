@@ -93,11 +93,15 @@ def data_check(
     version: str = typer.Option("v1.0-mini", "--version"),
     max_files: Optional[int] = typer.Option(None, "--max-files", help="Decode at most this many keyframe files per channel (default: all; every file is still checked for presence)."),
     report_path: Optional[Path] = typer.Option(None, "--report", help="Also write every finding to this JSON file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Count annotations by this config's classes: and report the categories it does not map (default: the nuScenes classes)."),
 ) -> None:
     """Load a dataroot through the devkit, print a summary and every inconsistency found (exit 1 on errors)."""
+    from perception.classes import NUSCENES
+    from perception.config import load_config
     from perception.data.check import check_dataroot, write_report_json
 
-    report = check_dataroot(dataroot, version, max_files_per_channel=max_files)
+    classes = NUSCENES if config is None else load_config(config).classes.build()
+    report = check_dataroot(dataroot, version, max_files_per_channel=max_files, classes=classes)
     report.print()
     if report_path is not None:
         write_report_json(report, report_path)
@@ -138,11 +142,14 @@ def data_gt_submission(
     version: str = typer.Option("v1.0-mini", "--version"),
     split: str = typer.Option("mini_val", "--split", help="Split whose ground truth to write (e.g. mini_val, val)."),
     out: Path = typer.Option(..., "--out", help="Submission JSON to write."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Map categories by this config's classes: (default: the nuScenes classes)."),
 ) -> None:
     """Write a split's ground truth, as the data pipeline loads it, as a global-frame nuScenes submission."""
+    from perception.classes import NUSCENES
+    from perception.config import load_config
     from perception.data.submission import gt_submission
 
-    gt_submission(data, version, split, out)
+    gt_submission(data, version, split, out, NUSCENES if config is None else load_config(config).classes.build())
 
 
 @data_app.command("frames")
@@ -306,16 +313,24 @@ def eval_cmd(
     workers: int = typer.Option(2, "--workers", min=0),
     info: Optional[Path] = typer.Option(None, "--info", help=INFO_HELP + "; the ground truth still comes from the --data tables, which must hold every sample."),
     lidar_velocity: Optional[bool] = typer.Option(None, "--lidar-velocity/--head-velocity", help="Box velocities measured from the LiDAR sweeps' motion blur, or the head's (default: as the checkpoint's model.heads.lidar_velocity; torch backend)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="With --results: the config whose classes: the submission names (default: the nuScenes classes)."),
 ) -> None:
-    """Official nuScenes metrics (the devkit's DetectionEval), map segmentation IoU and scene-tag mAP."""
+    """Official nuScenes metrics (the devkit's DetectionEval; our equal implementation for other class lists), map
+    segmentation IoU and scene-tag mAP."""
     from perception.evaluation import evaluate_checkpoint, evaluate_results_file, format_metrics
 
     if (checkpoint is None) == (results is None):
         raise typer.BadParameter("give exactly one of --checkpoint and --results")
     if (split is None) == (info is None):
         raise typer.BadParameter("give exactly one of --split and --info")
+    if config is not None and results is None:
+        raise typer.BadParameter("--config goes with --results (a checkpoint carries its class list)")
     if results is not None:
-        metrics = evaluate_results_file(results, data, version, split, out, info=info)
+        from perception.classes import NUSCENES
+        from perception.config import load_config
+
+        classes = NUSCENES if config is None else load_config(config).classes.build()
+        metrics = evaluate_results_file(results, data, version, split, out, info=info, classes=classes)
     else:
         common = dict(device=device, modalities=_parse_modalities(modalities), batch_size=batch_size, workers=workers,
                       info=info)

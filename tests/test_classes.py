@@ -166,3 +166,26 @@ def test_ground_truth_of_a_user_class_list_scores_nds_one(synth_root, tmp_path):
     from perception.errors import PerceptionError
     with pytest.raises(PerceptionError, match="unknown detection_name 'car'"):
         evaluate_results_file(bad, synth_root, "v1.0-mini", "mini_val", tmp_path / "eval2", classes=classes)
+
+
+def test_data_check_reports_what_a_user_list_leaves_unmapped(synth_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from perception.cli import app
+    from perception.data.check import check_dataroot
+
+    cfg = tmp_path / "three.yaml"
+    raw = {"classes": {"preset": None, "list": [
+        {"name": "vehicle", "categories": ["vehicle.car", "vehicle.truck"]},
+        {"name": "person", "categories": ["human.pedestrian.adult", "human.pedestrian.child"]}]}}
+    import yaml
+    cfg.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["data", "check", str(synth_root), "--max-files", "1", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "unmapped_category" in res.output and "vehicle.bus.rigid" in res.output
+    # The preset lists its unmapped categories in the summary without a warning per category.
+    report = check_dataroot(synth_root, "v1.0-mini", max_files_per_channel=1, progress=False)
+    assert not [w for w in report.warnings if w.kind == "unmapped_category"]
+    assert "vehicle.construction" not in report.summary["unmapped_categories"]
+    counted = sum(n for _, n in report.summary["annotations_per_class"].values())
+    assert counted == len(json.loads((synth_root / "v1.0-mini" / "sample_annotation.json").read_text()))

@@ -34,6 +34,7 @@ from PIL import Image
 
 from perception.data.synth.generate import SYNTH_CONFIG, is_tables_only
 from perception.data.world_summary import format_world, world_summary
+from perception.classes import NUSCENES, ClassList
 from perception.errors import PerceptionError
 from perception.progress import progress_bar
 from perception.structures import SCENE_TAGS, parse_scene_tags
@@ -88,6 +89,9 @@ class Report:
             lines.append("  annotations per detection class (with >= 1 point / all):")
             for name, (with_pts, total) in s["annotations_per_class"].items():
                 lines.append(f"    {name:<20} {with_pts:>7} / {total:<7}")
+        if s.get("unmapped_categories"):
+            lines.append("  categories no class maps (annotations): "
+                         + ", ".join(f"{k} {v}" for k, v in s["unmapped_categories"].items()))
         if "map_layers" in s:
             lines.append("  map expansion layers (records):")
             for loc, layers in s["map_layers"].items():
@@ -136,11 +140,14 @@ class Report:
         }
 
 
-def check_dataroot(dataroot: str | Path, version: str = "v1.0-mini", max_files_per_channel: int | None = None, progress: bool = True) -> Report:
+def check_dataroot(dataroot: str | Path, version: str = "v1.0-mini", max_files_per_channel: int | None = None,
+                   progress: bool = True, classes: ClassList = NUSCENES) -> Report:
     """Check a nuScenes dataroot. Returns the report; raises only if `dataroot` itself does not exist.
 
     max_files_per_channel: decode at most this many keyframe files per channel (None: all). Every file is
     still checked for presence and size.
+    classes: the class list annotations are counted by; categories it does not map are listed in the summary
+    (``unmapped_categories``) and, for a list other than the nuScenes preset, warned about (`unmapped_category`).
     """
     root = Path(dataroot)
     if not root.is_dir():
@@ -150,7 +157,7 @@ def check_dataroot(dataroot: str | Path, version: str = "v1.0-mini", max_files_p
     if tables is None:
         return report
     _check_tables(root, version, tables, report)
-    _summarise(tables, version, report)
+    _summarise(tables, version, report, classes)
     if not report.errors:
         _check_devkit(root, version, report)
     _check_maps(root, tables, report)
@@ -322,8 +329,7 @@ def _check_tables(root: Path, version: str, t: dict[str, list[dict]], report: Re
             report.error("broken_link", f"{vdir}scene.json {sc['token']}", f"nbr_samples = {sc['nbr_samples']} but its chain has {n} samples")
 
 
-def _summarise(t: dict[str, list[dict]], version: str, report: Report) -> None:
-    from nuscenes.eval.detection.utils import category_to_detection_name  # heavy: the devkit takes ~1 s to import
+def _summarise(t: dict[str, list[dict]], version: str, report: Report, classes: ClassList = NUSCENES) -> None:
     from nuscenes.utils.splits import create_splits_scenes  # heavy: the devkit takes ~1 s to import
 
     s = report.summary
@@ -343,12 +349,23 @@ def _summarise(t: dict[str, list[dict]], version: str, report: Report) -> None:
     cats = {r["token"]: r["name"] for r in t["category"]}
     inst_cat = {r["token"]: cats.get(r.get("category_token"), "?") for r in t["instance"]}
     per_class: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    unmapped: dict[str, int] = defaultdict(int)
     for a in t["sample_annotation"]:
-        name = category_to_detection_name(inst_cat.get(a.get("instance_token"), "")) or "(not evaluated)"
+        category = inst_cat.get(a.get("instance_token"), "")
+        label = classes.label_of_category(category)
+        if label is None:
+            unmapped[category] += 1
+        name = "(not evaluated)" if label is None else classes.names[label]
         per_class[name][1] += 1
         if a.get("num_lidar_pts", 0) + a.get("num_radar_pts", 0) > 0:
             per_class[name][0] += 1
     s["annotations_per_class"] = {k: tuple(v) for k, v in sorted(per_class.items())}
+    s["unmapped_categories"] = dict(sorted(unmapped.items()))
+    if classes.preset != "nuscenes":
+        for category, n in sorted(unmapped.items()):
+            report.warn("unmapped_category", f"{version}/category.json {category}",
+                        f"{n} annotations of this category map to no class of the class list: they are neither "
+                        "trained nor scored (add it to a class's categories)")
     names = {r.get("name") for r in t["scene"]}
     splits = create_splits_scenes()
     wanted = ("mini_train", "mini_val") if version.endswith("mini") else ("train", "val", "test")
