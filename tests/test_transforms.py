@@ -16,6 +16,7 @@ from perception.data.transforms import (
     bev_aug_matrix,
     image_aug_matrix,
     sample_bev_aug,
+    sample_image_aug,
     transform_boxes,
     transform_points,
     transform_radar,
@@ -179,3 +180,19 @@ def test_map_masks_follow_bev_aug(aug_pair):
             warped = p.map_masks[c].numpy()[r[ok], j[ok]]
             got = a.map_masks[c].numpy().ravel()[ok]
             assert (warped == got).mean() > 0.95, (i, c, (warped == got).mean())
+
+
+@pytest.mark.parametrize("rng", [None, 0])
+def test_fit_width_resizes_each_camera_by_its_own_width(rng):
+    """A rig of mixed image sizes: with `fit_width` each camera's full width lands on the same output columns
+    (closed form: the scale is final_W / W0 times the relative resize), whatever its own width."""
+    cfg = ImageAugConfig(final_hw=(64, 176), resize_lim=(1.0, 1.0), rot_lim_deg=(0.0, 0.0), flip=False, fit_width=True)
+    for wh in ((1600, 900), (800, 450), (1920, 1208)):
+        gen = None if rng is None else np.random.default_rng(rng)
+        aug, resize = sample_image_aug(gen, wh, cfg)
+        assert resize == pytest.approx(176 / wh[0])
+        # The image's left and right edges, x = 0 and W0 in `image_aug_matrix`'s scaling convention.
+        left, right = aug @ np.array([0.0, wh[1] / 2, 1.0]), aug @ np.array([float(wh[0]), wh[1] / 2, 1.0])
+        assert left[0] == pytest.approx(0.0, abs=1e-6) and right[0] == pytest.approx(176.0, abs=1e-6)
+    absolute = ImageAugConfig(final_hw=(64, 176), resize_lim=(0.11, 0.11), rot_lim_deg=(0.0, 0.0), flip=False)
+    assert sample_image_aug(None, (800, 450), absolute)[1] == pytest.approx(0.11)

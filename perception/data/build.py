@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 
 from perception.config import ExperimentConfig
 from perception.errors import PerceptionError
@@ -61,8 +60,9 @@ def build_dataset(cfg: ExperimentConfig, data: str | Path, version: str, split: 
                   map_grid=None, index=None, info: str | Path | None = None, dist_info: DistInfo | None = None):
     """The `NuScenesDataset` the experiment config describes (training augmentation when `train`).
 
-    Image resize limits in the config are relative to the scale that fits the camera width to
-    ``data.image_size``, so one config serves 1600x900 nuScenes and smaller synthetic images alike.
+    Image resize limits in the config are relative to the scale that fits each camera's width to
+    ``data.image_size``, so one config serves 1600x900 nuScenes, smaller synthetic images and rigs of mixed
+    camera sizes alike.
     `info`: the samples of this mmdet3d v2 info file (paths relative to `data`) instead of the split's.
     `dist_info`: under torchrun, every rank calls this together and rank 0 alone parses the tables when the
     index cache misses (`perception.data.dataset.cached_sample_index`).
@@ -74,10 +74,9 @@ def build_dataset(cfg: ExperimentConfig, data: str | Path, version: str, split: 
     ds = NuScenesDataset(data, version, split, config=base, index=index, dist_info=dist_info)
     if len(ds) == 0:
         raise PerceptionError(f"{info}: no samples" if info is not None else f"{data}: split {split!r} of {version} has no samples")
-    src_w = float(np.median(ds.index.cam_wh[..., 0]))
-    fit = d.image_size[1] / src_w
-    image = ImageAugConfig(final_hw=tuple(d.image_size), resize_lim=(fit * d.resize_lim[0], fit * d.resize_lim[1]),
-                           bot_pct_lim=tuple(d.bot_pct_lim), rot_lim_deg=tuple(d.rot_lim_deg), flip=d.image_flip)
+    # Each camera is resized by its own width (`ImageAugConfig.fit_width`): mixed image sizes get the same view.
+    image = ImageAugConfig(final_hw=tuple(d.image_size), resize_lim=tuple(d.resize_lim), bot_pct_lim=tuple(d.bot_pct_lim),
+                           rot_lim_deg=tuple(d.rot_lim_deg), flip=d.image_flip, fit_width=True)
     bev = None
     if train and d.bev_aug:
         bev = BEVAugConfig(rot_lim_deg=tuple(d.bev_rot_lim_deg), scale_lim=tuple(d.bev_scale_lim),

@@ -31,6 +31,10 @@ class ImageAugConfig:
 
     At evaluation the resize is the middle of `resize_lim`, the crop is horizontally centred with the bottom
     fraction the middle of `bot_pct_lim`, and there is no flip or rotation.
+
+    `fit_width`: `resize_lim` is relative to the scale that fits each camera's own width to the final width
+    (``final_hw[1] / W0`` of that camera), so a rig of mixed image sizes gives every camera the same field of
+    view in the model's input; else it is the absolute scale.
     """
 
     final_hw: tuple[int, int] = (256, 704)
@@ -38,6 +42,7 @@ class ImageAugConfig:
     bot_pct_lim: tuple[float, float] = (0.0, 0.0)
     rot_lim_deg: tuple[float, float] = (-5.4, 5.4)
     flip: bool = True
+    fit_width: bool = False
 
     def __post_init__(self) -> None:
         if min(self.final_hw) < 1:
@@ -97,12 +102,13 @@ def sample_image_aug(
     """
     W0, H0 = in_wh
     H, W = cfg.final_hw
+    fit = W / W0 if cfg.fit_width else 1.0
     if rng is None:
-        resize = float(np.mean(cfg.resize_lim))
+        resize = fit * float(np.mean(cfg.resize_lim))
         bot = float(np.mean(cfg.bot_pct_lim))
         flip, rot = False, 0.0
     else:
-        resize = float(rng.uniform(*cfg.resize_lim))
+        resize = fit * float(rng.uniform(*cfg.resize_lim))
         bot = float(rng.uniform(*cfg.bot_pct_lim))
         flip = bool(cfg.flip and rng.random() < 0.5)
         rot = float(rng.uniform(*cfg.rot_lim_deg))
