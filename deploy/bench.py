@@ -126,7 +126,8 @@ def _bench_batch(cfg: ExperimentConfig, model: BEVFusionModel, batch_size: int, 
                  version: str, split: str | None, info: Path | None = None) -> Batch:
     if data is None:
         return make_synthetic_batch(batch_size=batch_size, image_size=cfg.data.image_size, grid=model.grid,
-                                    boxes_per_sample=20, background_points=points, seed=0)
+                                    boxes_per_sample=20, background_points=points, seed=0,
+                                    num_cameras=len(model.rig.cameras))
     dataset = build_dataset(cfg, data, version, split or default_splits(version)[1], train=False, map_grid=model.map_grid,
                             info=info)
     return collate_samples([dataset[i % len(dataset)] for i in range(batch_size)])

@@ -107,9 +107,11 @@ def _dynamic_ranges(feeds: dict[str, Tensor], spec: PreprocessSpec, max_batch: i
 
 
 def example_batch(model: BEVFusionModel, batch_size: int = 1, seed: int = 0) -> Batch:
-    """A synthetic batch with the nuScenes-like rig of `perception.model.synthetic` at the model's image size."""
+    """A synthetic batch with a surround rig of the model's camera count (`perception.model.synthetic`) at the
+    model's image size."""
     return make_synthetic_batch(batch_size=batch_size, image_size=model.camera_encoder.image_size, grid=model.grid,
-                                boxes_per_sample=8, background_points=30000, seed=seed)
+                                boxes_per_sample=8, background_points=30000, seed=seed,
+                                num_cameras=len(model.rig.cameras))
 
 
 def export_onnx(module: torch.nn.Module, args: Sequence[Tensor], path: Path, input_names: Sequence[str],

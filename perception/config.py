@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from perception.classes import NUSCENES, ClassList, DetectionClass, class_list
 from perception.errors import ConfigError
+from perception.rig import NUSCENES as NUSCENES_RIG, CameraSpec, Rig
 from perception.structures import BEVGrid
 
 
@@ -378,8 +379,47 @@ class ClassesConfig(_Section):
             dropped_in_exclusion_boxes=c.dropped_in_exclusion_boxes) for c in self.list], self.attributes)
 
 
+class RigCameraConfig(_Section):
+    """One camera of a user's rig."""
+
+    name: str = Field(min_length=1)
+    width: int = Field(gt=0, description="Recorded image width, pixels.")
+    height: int = Field(gt=0, description="Recorded image height, pixels.")
+
+
+class RigConfig(_Section):
+    """The sensors: ``preset: nuscenes`` (six cameras, LIDAR_TOP, five radars; the default), or ``preset: null``
+    with ``cameras`` (in tensor and export order), ``lidars`` (the first is the reference frame) and ``radars``
+    (empty: no radar). `build` gives the one `Rig` the dataset, model export and runners share."""
+
+    preset: Optional[Literal["nuscenes"]] = "nuscenes"
+    cameras: tuple[RigCameraConfig, ...] = ()
+    lidars: tuple[str, ...] = ()
+    radars: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RigConfig":
+        if self.preset is not None and (self.cameras or self.lidars or self.radars):
+            raise ValueError("set rig.preset or the rig's sensors (with rig.preset: null), not both")
+        if self.preset is None:
+            if not self.lidars:
+                raise ValueError("rig.preset is null: rig.lidars must name the reference LiDAR")
+            try:
+                self.build()
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    def build(self) -> Rig:
+        if self.preset == "nuscenes":
+            return NUSCENES_RIG
+        return Rig(cameras=tuple(CameraSpec(c.name, c.width, c.height) for c in self.cameras), lidars=self.lidars,
+                   radars=self.radars)
+
+
 class ExperimentConfig(_Section):
     data: DataConfig = DataConfig()
+    rig: RigConfig = RigConfig()
     classes: ClassesConfig = ClassesConfig()
     grid: GridConfig = GridConfig()
     model: ModelConfig = ModelConfig()

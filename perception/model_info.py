@@ -75,7 +75,7 @@ def compute_model_info(cfg: ExperimentConfig, name: str = "config") -> ModelInfo
     model = build_model(cfg).eval()
     grid = cfg.grid.build()
     batch = make_synthetic_batch(batch_size=1, image_size=cfg.data.image_size, grid=grid, boxes_per_sample=8,
-                                 background_points=20000, seed=0)
+                                 background_points=20000, seed=0, num_cameras=len(model.rig.cameras))
     inputs = model.prepare(batch)
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
     with torch.no_grad(), counter:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from perception.classes import NUSCENES
+from perception.rig import NUSCENES as NUSCENES_RIG
 
 # The nuScenes class list (`perception.classes.NUSCENES`), as plain tables for the code that scores with the
 # devkit, which knows only these: the 10 detection classes in the devkit's order (detection_cvpr_2019), the 8
@@ -62,22 +63,10 @@ SCENE_TAG_KEYWORDS: dict[str, tuple[str, ...]] = {
 }
 assert tuple(SCENE_TAG_KEYWORDS) == SCENE_TAGS
 
-CAMERA_CHANNELS: tuple[str, ...] = (
-    "CAM_FRONT",
-    "CAM_FRONT_RIGHT",
-    "CAM_FRONT_LEFT",
-    "CAM_BACK",
-    "CAM_BACK_LEFT",
-    "CAM_BACK_RIGHT",
-)
-LIDAR_CHANNEL = "LIDAR_TOP"
-RADAR_CHANNELS: tuple[str, ...] = (
-    "RADAR_FRONT",
-    "RADAR_FRONT_LEFT",
-    "RADAR_FRONT_RIGHT",
-    "RADAR_BACK_LEFT",
-    "RADAR_BACK_RIGHT",
-)
+# The nuScenes rig's channels (`perception.rig.NUSCENES`); the data pipeline reads a config's rig instead.
+CAMERA_CHANNELS: tuple[str, ...] = NUSCENES_RIG.camera_names
+LIDAR_CHANNEL: str = NUSCENES_RIG.reference_lidar
+RADAR_CHANNELS: tuple[str, ...] = NUSCENES_RIG.radars
 
 
 def _keyword_pattern(words: Sequence[str]) -> "re.Pattern[str]":

@@ -47,13 +47,18 @@ def test_absent_camera_gives_the_bev_of_the_rig_without_it(transform):
     mask = torch.ones(2, len(CAMERA_CHANNELS), dtype=torch.bool)
     mask[0, 1] = False  # sample 0 lacks camera 1; sample 1 has all six
     masked = replace(batch, camera_mask=mask)
+    without = _without_camera(batch, 1)  # a 5-camera rig: its inputs made directly (the model's rig has six)
+    pre = model.preprocessor
     with torch.no_grad():
         bev_masked, _ = model.encode_camera(*model.prepare(masked).as_args()[:2])
-        bev_without, _ = model.encode_camera(*model.prepare(_without_camera(batch, 1)).as_args()[:2])
+        bev_without, _ = model.encode_camera(pre.normalize(without.images),
+                                             model.view_transform.rig_geometry(without.cam2img, without.cam2lidar))
         bev_full, _ = model.encode_camera(*model.prepare(batch).as_args()[:2])
     torch.testing.assert_close(bev_masked[0], bev_without[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bev_masked[1], bev_full[1], rtol=0, atol=0)
     assert not torch.allclose(bev_masked[0], bev_full[0])  # camera 1 did contribute when present
+    with pytest.raises(Exception, match="5 cameras but the model's rig has 6"):
+        model.prepare(without)
     # What the absent camera's image holds does not matter.
     images = batch.images.clone()
     images[0, 1] = torch.randint(0, 256, images[0, 1].shape, dtype=torch.uint8)

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("perception", "fusion", "deploy")
 # Files whose imports are lazy on purpose: the CLI imports each command's modules when it runs (start-up time).
 LAZY_BY_DESIGN = ("perception/cli.py",)
-# All that `perception.data` may import besides itself: the names, class lists, config, errors, caches and
+# All that `perception.data` may import besides itself: the names, class lists, rig, config, errors, caches and
 # processes below it (never evaluation, checkpoints, the model or the trainer above it).
-BELOW_DATA = {"perception.structures", "perception.classes", "perception.config", "perception.errors", "perception.cache",
+BELOW_DATA = {"perception.structures", "perception.classes", "perception.rig", "perception.config", "perception.errors", "perception.cache",
               "perception.distributed", "perception.progress"}
 
 

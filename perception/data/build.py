@@ -28,7 +28,8 @@ def base_dataset_config(cfg: ExperimentConfig, *, train: bool, map_grid=None) ->
     # The dataset counts the keyframe sweep too (the devkit's nsweeps); the config counts the sweeps before it.
     return DatasetConfig(grid=grid, lidar_sweeps=d.lidar_sweeps + 1, radar_sweeps=d.radar_sweeps + 1,
                          skip_bad_samples=d.skip_bad_samples, seed=cfg.train.seed, map=d.map, map_cache=d.map_cache,
-                         eval_map_grid=None if train else BEVFUSION_MAP_GRID, classes=cfg.classes.build())
+                         eval_map_grid=None if train else BEVFUSION_MAP_GRID, classes=cfg.classes.build(),
+                         rig=cfg.rig.build())
 
 
 def index_splits(cfg: ExperimentConfig, data: str | Path, version: str, splits: list[str]) -> list[dict]:

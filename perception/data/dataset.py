@@ -55,12 +55,10 @@ from perception.data.transforms import (
 )
 from perception.classes import NUSCENES, ClassList
 from perception.distributed import DistInfo
+from perception.rig import NUSCENES as NUSCENES_RIG, Rig
 from perception.errors import ConfigError, DataError
 from perception.structures import (
-    CAMERA_CHANNELS,
-    LIDAR_CHANNEL,
     MAP_CLASSES,
-    RADAR_CHANNELS,
     SCENE_TAGS,
     BEVGrid,
     Boxes3D,
@@ -88,7 +86,8 @@ class DatasetConfig:
     `map_cache`: with `train`, map masks come from each location's raster cached at construction
     (`MapRasterizer.render_cached`, ~1 ms) instead of the exact per-sample rendering (~20 ms); evaluation
     targets are always exact. `classes`: the class list; an annotation whose category no class names is left out
-    (`perception data check` reports such categories).
+    (`perception data check` reports such categories). `rig`: the channels read (cameras in order, the reference
+    LiDAR, the radars); a camera a sample lacks is masked (`Sample.camera_mask`).
     """
 
     grid: BEVGrid = field(default_factory=BEVGrid)
@@ -105,6 +104,7 @@ class DatasetConfig:
     max_skip: int = 16
     seed: int = 0
     classes: ClassList = NUSCENES
+    rig: Rig = NUSCENES_RIG
 
     def __post_init__(self) -> None:
         if self.lidar_sweeps < 1:
@@ -204,7 +204,7 @@ INDEX_ARRAYS = tuple(f.name for f in fields(SampleIndex) if f.name != "dataroot"
 def index_settings(cfg: DatasetConfig) -> dict:
     """The `DatasetConfig` fields the index depends on (`build_index` reads no others), for cache keys."""
     return {"lidar_sweeps": cfg.lidar_sweeps, "radar_sweeps": cfg.radar_sweeps, "skip_bad_samples": cfg.skip_bad_samples,
-            "classes": cfg.classes.to_json()}
+            "classes": cfg.classes.to_json(), "rig": cfg.rig.to_json()}
 
 
 def read_tables(dataroot: str | Path, version: str):
@@ -347,10 +347,10 @@ def build_index(nusc, split_scenes: set[str] | None, cfg: DatasetConfig) -> tupl
         locations=_str_array(rows["locations"]),
         lidar2ego=np.asarray(rows["lidar2ego"], np.float64).reshape(S, 4, 4),
         ego2global=np.asarray(rows["ego2global"], np.float64).reshape(S, 4, 4),
-        cam_paths=np.array(rows["cam_paths"], dtype=str).reshape(S, len(CAMERA_CHANNELS)),
-        cam_wh=np.asarray(rows["cam_wh"], np.int64).reshape(S, len(CAMERA_CHANNELS), 2),
-        cam_intrinsics=np.asarray(rows["cam_intrinsics"], np.float64).reshape(S, len(CAMERA_CHANNELS), 3, 3),
-        cam2lidar=np.asarray(rows["cam2lidar"], np.float64).reshape(S, len(CAMERA_CHANNELS), 4, 4),
+        cam_paths=np.array(rows["cam_paths"], dtype=str).reshape(S, len(cfg.rig.cameras)),
+        cam_wh=np.asarray(rows["cam_wh"], np.int64).reshape(S, len(cfg.rig.cameras), 2),
+        cam_intrinsics=np.asarray(rows["cam_intrinsics"], np.float64).reshape(S, len(cfg.rig.cameras), 3, 3),
+        cam2lidar=np.asarray(rows["cam2lidar"], np.float64).reshape(S, len(cfg.rig.cameras), 4, 4),
         lidar_offsets=offsets(rows["lidar_count"]),
         lidar_paths=_str_array(flat["lidar_paths"]),
         lidar_sweep2lidar=np.asarray(flat["lidar_sweep2lidar"], np.float64).reshape(-1, 4, 4),
@@ -384,15 +384,16 @@ def _index_sample(nusc, sample, cfg, attr_name, Box, points_in_box, Quaternion) 
                           path=sd["filename"], token=tok)
         return s2e, e2g, sd
 
-    if LIDAR_CHANNEL not in sample["data"]:
-        raise DataError(f"sample has no {LIDAR_CHANNEL} keyframe", token=tok)
-    lidar2ego, ego2global, lidar_sd = sensor_pose(sample["data"][LIDAR_CHANNEL])
+    rig = cfg.rig
+    if rig.reference_lidar not in sample["data"]:
+        raise DataError(f"sample has no {rig.reference_lidar} keyframe", token=tok)
+    lidar2ego, ego2global, lidar_sd = sensor_pose(sample["data"][rig.reference_lidar])
     global2lidar = invert_rigid(lidar2ego) @ invert_rigid(ego2global)
     ref_time = lidar_sd["timestamp"]
 
     out: dict[str, Any] = {"lidar2ego": lidar2ego, "ego2global": ego2global}
     cam_paths, cam_wh, cam_K, cam2lidar = [], [], [], []
-    for ch in CAMERA_CHANNELS:
+    for ch in rig.camera_names:
         if ch not in sample["data"]:  # the camera is absent from this sample (masked in the model)
             cam_paths.append("")
             cam_wh.append((0, 0))
@@ -411,8 +412,8 @@ def _index_sample(nusc, sample, cfg, attr_name, Box, points_in_box, Quaternion) 
         cam2lidar.append(global2lidar @ e2g @ s2e)
     out.update(cam_paths=cam_paths, cam_wh=cam_wh, cam_intrinsics=cam_K, cam2lidar=cam2lidar)
 
-    for prefix, channels, nsweeps in (("lidar", (LIDAR_CHANNEL,), cfg.lidar_sweeps),
-                                      ("radar", RADAR_CHANNELS, cfg.radar_sweeps)):
+    for prefix, channels, nsweeps in (("lidar", (rig.reference_lidar,), cfg.lidar_sweeps),
+                                      ("radar", rig.radars, cfg.radar_sweeps)):
         paths, mats, dts = [], [], []
         for ch in channels:
             sd_token = sample["data"].get(ch, "")
@@ -465,7 +466,7 @@ def _index_sample(nusc, sample, cfg, attr_name, Box, points_in_box, Quaternion) 
 class Sample:
     """One item. Frame: the keyframe's LIDAR_TOP after `meta["lidar_aug"]` (x right, y forward, z up; m).
 
-    images: (6, 3, H, W) uint8 RGB, cameras in CAMERA_CHANNELS order.
+    images: (N, 3, H, W) uint8 RGB, the rig's N cameras in its order (`DatasetConfig.rig`).
     cam2img: (6, 3, 3) float32, camera frame -> augmented pixels (`img_aug @ K`).
     cam2lidar: (6, 4, 4) float32, camera frame -> this frame (a similarity when the BEV aug scales/flips).
     img_aug: (6, 3, 3) float32, original pixels -> augmented pixels.
@@ -478,7 +479,7 @@ class Sample:
     has_map: the sample has map ground truth (else `map_masks` is zeros and is not trained or scored).
     has_scene_tags: the scene tags are known (else `scene_tags` is zeros and is not trained or scored).
     map_masks_eval: (len(MAP_CLASSES), H_e, W_e) uint8 on `DatasetConfig.eval_map_grid`, or None.
-    camera_mask: (6,) bool, the cameras the sample has (an absent one's image is zeros), or None: all six.
+    camera_mask: (N,) bool, the cameras the sample has (an absent one's image is zeros), or None: all of them.
     meta: sample_token, timestamp (us), lidar2ego, ego2global, lidar_aug ((4, 4) float64 numpy), location,
         scene_token and prev_token (the scene's previous keyframe; "" when first or unknown), skipped (tokens
         skipped before this one with skip_bad_samples).
@@ -651,10 +652,11 @@ class NuScenesDataset(Dataset):
         """
         idx, tok, cfg = self.index, str(self.index.tokens[i]), self.config.image
         H, W = cfg.final_hw
-        images = output_array((len(CAMERA_CHANNELS), 3, H, W), np.uint8)
-        cam2img = np.empty((len(CAMERA_CHANNELS), 3, 3))
-        img_aug = np.empty((len(CAMERA_CHANNELS), 3, 3))
-        for c in range(len(CAMERA_CHANNELS)):
+        n = idx.cam_paths.shape[1]
+        images = output_array((n, 3, H, W), np.uint8)
+        cam2img = np.empty((n, 3, 3))
+        img_aug = np.empty((n, 3, 3))
+        for c in range(n):
             if not idx.cam_paths[i, c]:  # absent: zeros, never seen by the model (`Sample.camera_mask`)
                 images[c] = 0
                 img_aug[c] = np.eye(3)

@@ -24,6 +24,7 @@ from fusion.lidar import LidarEncoder, Pillars
 from fusion.radar import RadarEncoder
 from fusion.temporal import TemporalFuser
 from perception.classes import NUSCENES, ClassList
+from perception.rig import NUSCENES as NUSCENES_RIG, Rig
 from perception.config import LossConfig
 from perception.data.batch import MODALITIES, Batch
 from perception.errors import ConfigError
@@ -100,6 +101,7 @@ class BEVFusionModel(nn.Module):
             `loss` and `predict` then take a `TemporalState` that carries the history between calls.
         map_camera: the map head also takes the camera BEV (masked like the fuser's input) next to the decoder's
             output; its `MapHead` must have been built for decoder + view-transform channels.
+        rig: the sensors (`perception.rig.Rig`): the camera axis of the images is its camera count, in its order.
     """
 
     def __init__(self, *, camera_encoder: CameraEncoder, view_transform: ViewTransform, lidar_encoder: LidarEncoder,
@@ -107,7 +109,7 @@ class BEVFusionModel(nn.Module):
                  loss_weights: LossConfig, decode: DecodeSettings,
                  modality_dropout: float | tuple[float, float, float] = 0.0,
                  paired_drop: tuple[tuple[bool, bool, bool], ...] = (), paired_weight: float = 1.0,
-                 temporal: TemporalFuser | None = None, map_camera: bool = False):
+                 temporal: TemporalFuser | None = None, map_camera: bool = False, rig: Rig = NUSCENES_RIG):
         super().__init__()
         for name, part in (("view_transform", view_transform), ("lidar_encoder", lidar_encoder), ("radar_encoder", radar_encoder)):
             if part.grid != grid:
@@ -122,6 +124,7 @@ class BEVFusionModel(nn.Module):
         self.bev_decoder = bev_decoder
         self.heads = heads
         self.grid = grid
+        self.rig = rig
         self.loss_weights = loss_weights
         self.decode = decode
         self.modality_dropout = modality_dropout
@@ -173,7 +176,7 @@ class BEVFusionModel(nn.Module):
         enc = self.camera_encoder
         return PreprocessSpec(image_size=tuple(enc.image_size), pixel_mean=enc.pixel_mean, pixel_std=enc.pixel_std,
                               grid=self.grid, lidar=self.lidar_encoder.voxelizer, radar=self.radar_encoder.voxelizer,
-                              geometry=self.view_transform.rig_geometry)
+                              geometry=self.view_transform.rig_geometry, rig=self.rig)
 
     @property
     def preprocessor(self) -> Preprocessor:

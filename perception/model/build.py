@@ -125,6 +125,7 @@ def build_model(cfg: ExperimentConfig) -> BEVFusionModel:
         paired_weight=m.fuser.paired_weight,
         map_camera=m.heads.map_camera,
         temporal=TemporalFuser(m.fuser.out_channels, grid) if m.temporal.frames else None,
+        rig=cfg.rig.build(),
     )
     logger.info("built %s with %s view transform: %.2fM parameters", m.camera.backbone, type(view_transform).__name__,
                 sum(p.numel() for p in model.parameters()) / 1e6)

@@ -23,7 +23,9 @@ from torch import Tensor
 
 from fusion.lidar import Pillars, PillarVoxelizer
 from perception.data.batch import Batch
+from perception.errors import PerceptionError
 from perception.model.view_transform import RigGeometry
+from perception.rig import NUSCENES as NUSCENES_RIG, Rig
 from perception.structures import BEVGrid
 
 PILLAR_INPUTS: tuple[str, ...] = ("features", "point_mask", "bev_index")
@@ -37,7 +39,7 @@ def core_input_names(geometry_names: tuple[str, ...]) -> tuple[str, ...]:
 
 @dataclass
 class CoreInputs:
-    """The tensors `BEVFusionModel.forward` takes (B samples, N = 6 cameras).
+    """The tensors `BEVFusionModel.forward` takes (B samples, the rig's N cameras).
 
     Attributes:
         images: (B, N, 3, H, W) float32, normalised with the backbone's mean/std.
@@ -93,6 +95,7 @@ class PreprocessSpec:
     lidar: PillarVoxelizer
     radar: PillarVoxelizer
     geometry: RigGeometry
+    rig: Rig = NUSCENES_RIG
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -100,7 +103,8 @@ class PreprocessSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "image_size": list(self.image_size), "image_layout": "RGB, (B, 6, 3, H, W), cameras in CAMERA_CHANNELS order",
+            "image_size": list(self.image_size), "image_layout": "RGB, (B, N, 3, H, W), the rig's N cameras in its order",
+            "rig": self.rig.to_json(),
             "pixel_mean": list(self.pixel_mean), "pixel_std": list(self.pixel_std),
             "normalization": "float32(image_uint8 - pixel_mean) / pixel_std",
             "grid": asdict(self.grid), "lidar": self.lidar.to_json(), "radar": self.radar.to_json(),
@@ -118,6 +122,7 @@ class PreprocessSpec:
             image_size=image_size, pixel_mean=tuple(d["pixel_mean"]), pixel_std=tuple(d["pixel_std"]), grid=grid,
             lidar=PillarVoxelizer.from_json(d["lidar"], grid), radar=PillarVoxelizer.from_json(d["radar"], grid),
             geometry=read_geometry(d["view_transform"], grid, image_size),
+            rig=Rig.from_json(d["rig"]) if "rig" in d else NUSCENES_RIG,  # manifests before the rig: nuScenes
         )
 
 
@@ -169,6 +174,9 @@ class Preprocessor:
         Runs in float32 whatever the caller's autocast (frustum points and pillar decorations in metres)."""
         if tuple(batch.images.shape[-2:]) != tuple(self.spec.image_size):
             raise ValueError(f"images are {tuple(batch.images.shape[-2:])} (H, W) but the core takes {self.spec.image_size}")
+        if batch.images.shape[1] != len(self.spec.rig.cameras):
+            raise PerceptionError(f"the batch has {batch.images.shape[1]} cameras but the model's rig has "
+                                  f"{len(self.spec.rig.cameras)} ({', '.join(self.spec.rig.camera_names)})")
         with torch.autocast(batch.images.device.type, enabled=False):
             return self._prepare(batch, modality_mask, cache)
 

@@ -31,26 +31,30 @@ CLASS_SIZE_M: dict[str, tuple[float, float, float]] = {
 GROUND_Z_LIDAR = -1.8  # ground height in LIDAR_TOP, metres
 
 
-def camera_rig(image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A surround rig of the six CAMERA_CHANNELS for images resized to width W and cropped from the top to H.
+def camera_rig(image_size: tuple[int, int], num_cameras: int = len(CAMERA_CHANNELS)
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A surround rig for images resized to width W and cropped from the top to H: the six CAMERA_CHANNELS at their
+    nuScenes headings, or `num_cameras` others evenly spaced in heading.
 
-    Returns: cam2img (6, 3, 3), cam2lidar (6, 4, 4), img_aug (6, 3, 3), float32.
+    Returns: cam2img (N, 3, 3), cam2lidar (N, 4, 4), img_aug (N, 3, 3), float32.
     """
     h, w = image_size
     scale = w / ORIGINAL_SIZE[1]
     crop_top = max(ORIGINAL_SIZE[0] * scale - h, 0.0)
     intrinsics = torch.tensor([[FOCAL_PX, 0, ORIGINAL_SIZE[1] / 2], [0, FOCAL_PX, ORIGINAL_SIZE[0] / 2], [0, 0, 1]])
     img_aug = torch.tensor([[scale, 0, 0], [0, scale, -crop_top], [0, 0, 1]])
-    cam2lidar = torch.zeros(len(CAMERA_CHANNELS), 4, 4)
-    for i, name in enumerate(CAMERA_CHANNELS):
-        yaw = math.radians(CAMERA_YAW_DEG[name])
+    yaws_deg = ([CAMERA_YAW_DEG[name] for name in CAMERA_CHANNELS] if num_cameras == len(CAMERA_CHANNELS)
+                else [360.0 * i / num_cameras for i in range(num_cameras)])
+    cam2lidar = torch.zeros(num_cameras, 4, 4)
+    for i, yaw_deg in enumerate(yaws_deg):
+        yaw = math.radians(yaw_deg)
         forward = torch.tensor([-math.sin(yaw), math.cos(yaw), 0.0])
         right = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
         down = torch.tensor([0.0, 0.0, -1.0])
         cam2lidar[i, :3, :3] = torch.stack([right, down, forward], 1)
         cam2lidar[i, :3, 3] = 0.8 * forward + torch.tensor([0.0, 0.0, -0.3])
         cam2lidar[i, 3, 3] = 1.0
-    img_aug = img_aug.expand(len(CAMERA_CHANNELS), 3, 3).clone()
+    img_aug = img_aug.expand(num_cameras, 3, 3).clone()
     return img_aug @ intrinsics, cam2lidar, img_aug
 
 
@@ -88,6 +92,7 @@ def make_synthetic_batch(
     modality_mask: Sequence[bool] | torch.Tensor = (True, True, True),
     map_grid: BEVGrid | None = None,
     seed: int = 0,
+    num_cameras: int = len(CAMERA_CHANNELS),
 ) -> Batch:
     """A random `Batch` with a plausible camera rig.
 
@@ -103,13 +108,14 @@ def make_synthetic_batch(
         modality_mask: (3,) for all samples or (B, 3) bool.
         map_grid: grid of the random map masks (None: `grid`).
         seed: RNG seed; the same seed gives the same batch.
+        num_cameras: N, the camera axis (`camera_rig`).
     """
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     counts = [boxes_per_sample] * batch_size if isinstance(boxes_per_sample, int) else list(boxes_per_sample)
     extent = min(grid.x_max, -grid.x_min, grid.y_max, -grid.y_min)
-    cam2img, cam2lidar, img_aug = camera_rig(image_size)
-    n_cam = len(CAMERA_CHANNELS)
+    cam2img, cam2lidar, img_aug = camera_rig(image_size, num_cameras)
+    n_cam = num_cameras
 
     boxes_all, labels_all, attrs_all, lidar_all, radar_all = [], [], [], [], []
     num_lidar, num_radar = [], []
