@@ -399,26 +399,93 @@ def viz_cmd(
 
 @app.command("robustness")
 def robustness_cmd(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Training checkpoint (.pt)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Training checkpoint (.pt)."),
     data: Path = typer.Option(..., "--data", help="nuScenes dataroot."),
-    split: Optional[str] = typer.Option(None, "--split", help="e.g. mini_val, val (or --info)."),
-    out: Path = typer.Option(..., "--out", help="Folder for robustness.md/.json/.png and per-condition metrics."),
+    split: Optional[str] = typer.Option(None, "--split", help="e.g. mini_val, val (or --info; --suite needs --split)."),
+    out: Path = typer.Option(..., "--out", help="Folder for robustness.md/.json/.png and per-condition (per-row) metrics."),
     version: str = typer.Option("v1.0-mini", "--version"),
-    conditions: Optional[str] = typer.Option(None, "--conditions", help="Comma-separated subset of the conditions (default: all)."),
+    conditions: Optional[str] = typer.Option(None, "--conditions", help="Comma-separated subset of the conditions (default: all; not with --suite)."),
     device: Optional[str] = typer.Option(None, "--device"),
     batch_size: int = typer.Option(2, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),
-    info: Optional[Path] = typer.Option(None, "--info", help=INFO_HELP + "; scored against the --data tables."),
+    info: Optional[Path] = typer.Option(None, "--info", help=INFO_HELP + "; scored against the --data tables (not with --suite)."),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="Run the benchmark over corrupted copies of --data: a YAML list of {corruption, severities[, camera]} entries (configs/robustness/default_suite.yaml: every corruption at 1, 3, 5; docs/robustness.md)."),
+    export: Optional[Path] = typer.Option(None, "--export", help="--suite: an export directory (perception export) to benchmark with --backend, instead of --checkpoint."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="--suite with --export: onnx (default) or tensorrt."),
+    results_dir: Optional[Path] = typer.Option(None, "--results-dir", help="--suite: score precomputed submissions of any model instead: DIR/clean.json and DIR/<corruption>_s<severity>.json (DIR/<corruption>_<CAMERA>_s<severity>.json for an entry with a camera)."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="--results-dir: skip the rows whose submission is missing (listed in robustness.json) instead of failing."),
+    config: Optional[Path] = typer.Option(None, "--config", help="--results-dir: the config whose classes: the submissions name (default: the nuScenes classes)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="--suite: the NDS table of a reference model for CE and mCE: an earlier run's robustness.json, or {corruption: {severity: NDS}}."),
+    seed: int = typer.Option(0, "--seed", min=0, help="--suite: seed of the corruptions (part of each copy's cache key)."),
+    corrupt_workers: int = typer.Option(0, "--corrupt-workers", min=0, help="--suite: processes writing a corrupted copy (0: one per core)."),
+    copies_only: bool = typer.Option(False, "--copies-only", help="--suite: only write (or reuse) the corrupted copies and list them in OUT/copies.json, e.g. to run another model on them."),
 ) -> None:
-    """Evaluate one model under sensor failures and corruptions; NDS, mAP, seg mIoU and resilience ratio each."""
-    from perception.robustness import format_robustness, run_robustness
+    """Evaluate one model under sensor failures and corruptions; NDS, mAP, seg mIoU and resilience ratio each.
+    Without --suite: fast in-memory conditions on --checkpoint. With --suite: corrupted copies of --data (written to
+    the cache once), any model (--checkpoint, --export, or --results-dir), RR/mRR and CE/mCE (docs/robustness.md)."""
+    if suite is None:
+        from perception.robustness import format_robustness, run_robustness
 
-    if (split is None) == (info is None):
-        raise typer.BadParameter("give exactly one of --split and --info")
-    names = [c.strip() for c in conditions.split(",")] if conditions else None
-    results = run_robustness(checkpoint, data, version, split, out, conditions=names, device=device,
-                             batch_size=batch_size, workers=workers, info=info)
-    typer.echo(format_robustness(results, checkpoint, split or str(info)))
+        suite_only = {"--export": export, "--backend": backend, "--results-dir": results_dir, "--config": config,
+                      "--reference": reference, "--allow-missing": allow_missing or None,
+                      "--copies-only": copies_only or None}
+        given = [k for k, v in suite_only.items() if v is not None]
+        if given:
+            raise typer.BadParameter(f"{given[0]} goes with --suite")
+        if checkpoint is None:
+            raise typer.BadParameter("give --checkpoint (or --suite FILE for the benchmark over corrupted copies)")
+        if (split is None) == (info is None):
+            raise typer.BadParameter("give exactly one of --split and --info")
+        names = [c.strip() for c in conditions.split(",")] if conditions else None
+        results = run_robustness(checkpoint, data, version, split, out, conditions=names, device=device,
+                                 batch_size=batch_size, workers=workers, info=info)
+        typer.echo(format_robustness(results, checkpoint, split or str(info)))
+        return
+
+    from perception import robustness_suite as rs
+
+    if info is not None or conditions is not None:
+        raise typer.BadParameter("--suite runs on --split (not --info) and its own rows (not --conditions)")
+    if split is None:
+        raise typer.BadParameter("--suite needs --split (the scenes that are corrupted and scored)")
+    rows = rs.load_suite(suite)
+    if copies_only:
+        paths = rs.copies_only(rows, data, version, split, out, seed=seed, suite_path=suite,
+                               corrupt_workers=corrupt_workers)
+        for name, path in paths.items():
+            typer.echo(f"{name}  {path}")
+        typer.echo(f"wrote {out / 'copies.json'}")
+        return
+    if sum(x is not None for x in (checkpoint, export, results_dir)) != 1:
+        raise typer.BadParameter("--suite: give exactly one of --checkpoint, --export and --results-dir")
+    if backend is not None and export is None:
+        raise typer.BadParameter("--backend goes with --export (onnx or tensorrt)")
+    if (config is not None or allow_missing) and results_dir is None:
+        raise typer.BadParameter("--config and --allow-missing go with --results-dir")
+    if checkpoint is not None:
+        predictor = rs.checkpoint_predictor(checkpoint, device=device)
+    elif export is not None:
+        backend = backend or "onnx"
+        if backend not in ("onnx", "tensorrt"):
+            raise typer.BadParameter(f"--backend {backend!r}: an export runs on onnx or tensorrt")
+
+        def load_export():
+            from deploy.runners import load_runner  # lazy: onnxruntime and TensorRT load only for exports
+
+            runner = load_runner(backend, export, device=device)
+            return runner, runner.manifest.experiment_config(), runner.device
+
+        predictor = rs.Predictor("export", export, load_export, backend=backend)
+    else:
+        from perception.classes import NUSCENES
+        from perception.config import load_config
+
+        predictor = rs.results_predictor(results_dir, NUSCENES if config is None else load_config(config).classes.build())
+    report = rs.run_suite(rows, predictor, data, version, split, out, seed=seed, reference=reference,
+                          suite_path=suite, allow_missing=allow_missing, batch_size=batch_size, workers=workers,
+                          corrupt_workers=corrupt_workers)
+    typer.echo(rs.format_suite(report))
+    typer.echo(f"wrote {out / 'robustness.json'}, {out / 'robustness.md'}, {out / 'robustness.png'}")
 
 
 @app.command("demo")
